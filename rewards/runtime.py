@@ -1,0 +1,165 @@
+"""Runs reward functions in isolated worker processes with a hard wall-clock timeout per call.
+
+Why processes: a reward is user code or sympy, and either can hang for hours (`9^{9^{9^{9}}}`) or
+crash the interpreter. A call that outlives `timeout_s` has its worker killed (SIGKILL) and replaced;
+a call that raises is recorded as `error` with its message. Training never sees an exception from a
+reward, only a value (0.0 for error/timeout) and a status per component:
+
+- `ok`: returned a value > 0;   `wrong`: returned a value <= 0;
+- `n/a`: returned None (not applicable: left out of the weighted total);
+- `error`: raised, or its worker died;   `timeout`: killed after `timeout_s`.
+
+Identical (reward, completion, sample) calls within one `score` are run once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+STATUS_ORDER = ("ok", "n/a", "wrong", "error", "timeout")  # worst last; a total takes its worst part
+
+
+@dataclass
+class Outcome:
+    value: float | None
+    status: str
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Scored:
+    """One completion's weighted total and its components, keyed by reward name."""
+
+    reward: float
+    status: str
+    components: dict[str, Outcome] = field(default_factory=dict)
+
+
+def _serve(specs: list[str], conn: Connection) -> None:
+    """Worker loop: resolve the rewards once, then answer `(index, completion, sample)` requests."""
+    from grpo.rewards.registry import resolve
+
+    functions = [resolve(spec) for spec in specs]
+    while True:
+        try:
+            index, completion, sample = conn.recv()
+        except EOFError:
+            return
+        start = time.perf_counter()
+        try:
+            value = functions[index](completion, sample)
+            value = None if value is None else float(value)
+            status = "n/a" if value is None else "ok" if value > 0 else "wrong"
+            reply = (value, status, "")
+        except Exception as error:  # noqa: BLE001 - user code: every failure becomes a status
+            reply = (None, "error", f"{type(error).__name__}: {error}"[:500])
+        conn.send((*reply, time.perf_counter() - start))
+
+
+class _Worker:
+    def __init__(self, context, specs: list[str]):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(specs, child), daemon=True)
+        self.process.start()
+        child.close()
+        self.job: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class RewardRuntime:
+    """`score(completions, samples)` -> one `Scored` per completion. Use as a context manager."""
+
+    def __init__(
+        self,
+        rewards: Sequence[tuple[str, str, float]],
+        workers: int = 2,
+        timeout_s: float = 10.0,
+    ):
+        """`rewards`: (name shown in metrics, spec for `registry.resolve`, weight)."""
+        from grpo.rewards.registry import resolve
+
+        for _, spec, _ in rewards:
+            resolve(spec)  # fail fast in the caller's process, with the spec in the message
+        self.names = [name for name, _, _ in rewards]
+        self.specs = [spec for _, spec, _ in rewards]
+        self.weights = [weight for _, _, weight in rewards]
+        self.timeout_s = timeout_s
+        self._context = mp.get_context("spawn")
+        self._workers = [_Worker(self._context, self.specs) for _ in range(workers)]
+
+    def __enter__(self) -> RewardRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.kill()
+        self._workers = []
+
+    def score(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> list[Scored]:
+        assert len(completions) == len(samples)
+        keys, jobs = [], {}
+        for completion, sample in zip(completions, samples):
+            sample_key = json.dumps(sample, sort_keys=True, default=str)
+            row = []
+            for index in range(len(self.specs)):
+                key = (index, completion, sample_key)
+                jobs.setdefault(key, (index, completion, dict(sample)))
+                row.append(key)
+            keys.append(row)
+        outcomes = self._run(list(jobs.values()))
+        by_key = dict(zip(jobs, outcomes))
+        return [self._combine([by_key[key] for key in row]) for row in keys]
+
+    def _combine(self, parts: list[Outcome]) -> Scored:
+        total = sum(w * o.value for w, o in zip(self.weights, parts) if o.value is not None)
+        status = max((o.status for o in parts), key=STATUS_ORDER.index, default="n/a")
+        return Scored(reward=total, status=status, components=dict(zip(self.names, parts)))
+
+    def _run(self, jobs: list[tuple[int, str, dict]]) -> list[Outcome]:
+        results: list[Outcome | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))[::-1]
+        while pending or any(w.job is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.job is None and pending:
+                    worker.job = pending.pop()
+                    worker.deadline = time.monotonic() + self.timeout_s
+                    worker.conn.send(jobs[worker.job])
+            busy = [w for w in self._workers if w.job is not None]
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = wait([w.conn for w in busy], timeout=wait_s)
+            for worker in busy:
+                if worker.conn in ready:
+                    try:
+                        value, status, message, seconds = worker.conn.recv()
+                        results[worker.job] = Outcome(value, status, message, seconds)
+                        worker.job = None
+                        continue
+                    except EOFError:
+                        outcome = Outcome(None, "error", "reward worker died")
+                elif time.monotonic() >= worker.deadline:
+                    outcome = Outcome(None, "timeout", f"killed after {self.timeout_s:g} s")
+                else:
+                    continue
+                outcome.seconds = self.timeout_s if outcome.status == "timeout" else 0.0
+                results[worker.job] = outcome
+                self._replace(worker)
+        return [r for r in results if r is not None]
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker(self._context, self.specs)
