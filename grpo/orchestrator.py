@@ -107,22 +107,30 @@ def reward_metrics(scored: list[Scored], names: list[str]) -> dict[str, float]:
     return metrics
 
 
-def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float] | None, tolerance: float, step: int):
-    """Push weights to every engine, then compare each engine's logprobs with the trainer's."""
+def parity(actors: Actors, parity_ids: list[int], tolerance: float, when: str) -> tuple[list[float], float]:
+    """Each engine's logprobs of a fixed sequence against the trainer's; stops the run on a mismatch."""
     import ray
 
-    manifest = ray.get(actors.trainer.publish_weights.remote())
-    ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
     trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
     engine_lps = [torch.tensor(lp[0]) for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])]
     diff = max(float((lp - trainer_lp).abs().max()) for lp in engine_lps)
     if diff > tolerance:
         raise ParityError(
-            f"weight sync parity failed at step {step}: vLLM and trainer logprobs differ by up to "
+            f"weight sync parity failed {when}: vLLM and trainer logprobs differ by up to "
             f"{diff:.2e} per token (train.parity_tolerance is {tolerance:.0e})"
         )
-    shift = float((engine_lps[0] - torch.tensor(previous)).abs().mean()) if previous is not None else 0.0
-    return engine_lps[0].tolist(), {"sync/parity_max_abs_diff": diff, "sync/logprob_shift": shift, "sync/weights_version": manifest.version}
+    return engine_lps[0].tolist(), diff
+
+
+def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float], tolerance: float, step: int):
+    """Push weights to every engine, check parity, and measure how far vLLM's logprobs moved."""
+    import ray
+
+    manifest = ray.get(actors.trainer.publish_weights.remote())
+    ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
+    current, diff = parity(actors, parity_ids, tolerance, f"at step {step}")
+    shift = float((torch.tensor(current) - torch.tensor(previous)).abs().mean())
+    return current, {"sync/parity_max_abs_diff": diff, "sync/logprob_shift": shift, "sync/weights_version": manifest.version}
 
 
 def build_batch(groups, prompt_ids, advantages_BG, keep_B) -> RolloutBatch:
@@ -169,7 +177,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
             parity_prompt = tokenizer(parity_row["prompt"])["input_ids"]
             first = rollout(actors.engines, [parity_prompt], SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0))
             parity_ids = parity_prompt + first[0][0].token_ids
-            vllm_lp = None
+            vllm_lp, _ = parity(actors, parity_ids, recipe.train.parity_tolerance, "before training (engine and trainer loaded different weights)")
             bar = tqdm(range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True)
             for step in bar:
                 t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def split_of(expression: str) -> str:
     return "eval" if zlib.crc32(expression.encode()) % EVAL_SHARE == 0 else "train"
 
 
-def random_expression(rng: random.Random, min_operands: int = 2, max_operands: int = 4) -> str:
+def random_expression(rng: random.Random, min_operands: int = 2, max_operands: int = 3) -> str:
     count = rng.randint(min_operands, max_operands)
     parts = [str(rng.randint(1, 9))]
     for _ in range(count - 1):

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo.config import RecipeError, load_recipe, recipe_from_dict
+
+RECIPES = sorted(Path("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    load_recipe(path)
+
+
+def test_an_unknown_key_is_rejected_by_name():
+    with pytest.raises(RecipeError, match=r"^recipe: algorithm\.bogus: unknown key$"):
+        recipe_from_dict({"model": {"path": "m"}, "algorithm": {"bogus": 1}})
+
+
+def test_a_group_size_below_two_is_rejected():
+    with pytest.raises(RecipeError, match=r"rollout\.group_size: Input should be greater than or equal to 2"):
+        recipe_from_dict({"model": {"path": "m"}, "rollout": {"group_size": 1}})
+
+
+def test_a_wrong_type_is_rejected():
+    with pytest.raises(RecipeError, match=r"train\.steps: Input should be a valid integer"):
+        recipe_from_dict({"model": {"path": "m"}, "train": {"steps": "many"}})
+
+
+def test_an_unknown_advantage_names_the_choices():
+    with pytest.raises(RecipeError, match=r"advantage: unknown 'ppo', use one of \['dr_grpo', 'grpo', 'rloo'\]"):
+        recipe_from_dict({"model": {"path": "m"}, "algorithm": {"advantage": "ppo"}})
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\n")
+    recipe = load_recipe(path, ["train.steps=3", "rollout.temperature=0.5", "algorithm.drop_tied_groups=true"])
+    assert (recipe.train.steps, recipe.rollout.temperature, recipe.algorithm.drop_tied_groups) == (3, 0.5, True)
+
+
+def test_an_override_of_an_unknown_key_is_rejected(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\n")
+    with pytest.raises(RecipeError, match=r"train\.stpes: unknown key"):
+        load_recipe(path, ["train.stpes=3"])
+
+
+def test_a_missing_recipe_file_is_named():
+    with pytest.raises(RecipeError, match=r"recipe not found: nope\.yaml"):
+        load_recipe("nope.yaml")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_exits_2_with_one_line_on_a_bad_recipe_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\nrollout: {group_size: 1}\n")
+    result = _cli("train", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"grpo train: error: {path}: rollout.group_size: Input should be greater than or equal to 2"
+    ]
+
+
+def test_the_cli_exits_2_on_a_missing_recipe():
+    result = _cli("train", "missing.yaml")
+    assert (result.returncode, result.stderr.strip()) == (2, "grpo train: error: recipe not found: missing.yaml")
