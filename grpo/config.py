@@ -36,6 +36,11 @@ class ModelConfig(Section):
     """A Hugging Face folder, or `tiny:deepseek_v3` for the embedded tiny DeepSeek-V3 (random init)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training and rollout dtype. float32 on CPU keeps vLLM and trainer logprobs equal to ~1e-6."""
+    fp8: bool = False
+    """Train with FP8 GEMMs (DeepSeek-V3 recipe, `grpo.models.fp8`): every linear layer but the
+    embedding, output head, router gate and norms. The master weights (and what vLLM receives) stay
+    in `dtype`, so trainer and vLLM logprobs then differ by FP8 rounding: raise
+    `train.parity_tolerance` accordingly."""
 
 
 class DataConfig(Section):
@@ -109,6 +114,8 @@ class RewardSpec(Section):
     name: str
     """Registry name (`math`), import path `pkg.module:fn`, or file path `path/to/file.py:fn`."""
     weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments bound to the function, e.g. `{max_tokens: 1024, buffer: 256}` for `overlong`."""
 
 
 class RewardRuntimeConfig(Section):
@@ -120,7 +127,9 @@ class EvalConfig(Section):
     prompts: int = Field(200, ge=0)
     """Held-out prompts scored before and after training (0 skips)."""
     temperature: float = Field(0.0, ge=0.0)
-    """0 is greedy decoding."""
+    """0 is greedy decoding; above 0, greedy accuracy is reported as well."""
+    samples: int = Field(1, ge=1)
+    """Completions per held-out prompt; accuracy is their mean (mean@k)."""
     max_tokens: int = Field(64, ge=1)
 
 

@@ -69,7 +69,10 @@ def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
     """The first `count` held-out rows (deterministic)."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
-        unique = {row["prompt"]: row for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)}
+        unique = {
+            row["prompt"]: row
+            for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
+        }
         return list(unique.values())[:count]
     return _format(_load_rows(source, config.eval_split), config)[:count]
 

@@ -20,7 +20,7 @@ from grpo.config import Recipe, dump_recipe
 from grpo.data import eval_prompts, train_prompts
 from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import load_tokenizer, materialize
-from grpo.rewards.runtime import RewardRuntime, Scored
+from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
 from grpo.rollout.vllm_engine import Completion, SamplingSpec, VllmEngine
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -42,22 +42,29 @@ def start_ray(address: str | None, cpus_needed: float) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         # Logical CPUs only: on a 2-core machine the trainer and the engine take turns anyway.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
 
 
 def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
     import ray
 
     threads = str(os.cpu_count() or 1)
+    # Idle OpenMP threads sleep instead of spinning: the engine and the trainer take turns on the
+    # same cores, and a spinning neighbour steals half of them.
+    common_env = {"OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     engine_env = {
-        "OMP_NUM_THREADS": threads,
+        **common_env,
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     gpus = 1 if torch.cuda.is_available() else 0
     trainer = (
         ray.remote(PolicyTrainer)
-        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
+        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": common_env})
         .remote(model_path, recipe.model_dump(mode="json"), pad_id)
     )
     engines = [
@@ -83,17 +90,36 @@ def rollout(engines: list, prompt_ids: list[list[int]], spec: SamplingSpec) -> l
 
 
 def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, rewards: RewardRuntime, out: Path):
-    """Held-out accuracy: share of completions whose first reward says `ok`. Writes the completions."""
-    spec = SamplingSpec(n=1, max_tokens=recipe.eval.max_tokens, temperature=recipe.eval.temperature, seed=recipe.run.seed)
-    groups = rollout(actors.engines, [tokenizer(r["prompt"])["input_ids"] for r in rows], spec)
-    texts = [group[0].text for group in groups]
-    scored = rewards.score(texts, rows)
-    primary = rewards.names[0]
-    correct = [s.components[primary].status == "ok" for s in scored]
-    with out.open("w") as handle:
-        for row, text, s, ok in zip(rows, texts, scored, correct):
-            handle.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "completion": text, "reward": s.reward, "correct": ok}) + "\n")
-    return {"accuracy": sum(correct) / max(1, len(correct)), "reward": statistics.fmean(s.reward for s in scored) if scored else 0.0}
+    """Held-out accuracy: share of completions whose first reward says `ok`, over `eval.samples`
+    completions per prompt at `eval.temperature`; plus greedy accuracy when sampling. Writes them all."""
+    prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    config, primary = recipe.eval, rewards.names[0]
+    modes = {"": (config.temperature, config.samples)}
+    if config.temperature > 0:
+        modes["_greedy"] = (0.0, 1)
+    results, records = {}, []
+    for suffix, (temperature, n) in modes.items():
+        spec = SamplingSpec(n=n, max_tokens=config.max_tokens, temperature=temperature, seed=recipe.run.seed)
+        groups = rollout(actors.engines, prompt_ids, spec)
+        texts = [c.text for group in groups for c in group]
+        samples = [row for row, group in zip(rows, groups) for _ in group]
+        scored = rewards.score(texts, samples)
+        correct = [s.components[primary].status == "ok" for s in scored]
+        results[f"accuracy{suffix}"] = sum(correct) / max(1, len(correct))
+        results[f"reward{suffix}"] = statistics.fmean(s.reward for s in scored) if scored else 0.0
+        records += [
+            {
+                "prompt": row["prompt"],
+                "answer": row["answer"],
+                "temperature": temperature,
+                "completion": text,
+                "reward": s.reward,
+                "correct": ok,
+            }
+            for row, text, s, ok in zip(samples, texts, scored, correct)
+        ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return results
 
 
 def reward_metrics(scored: list[Scored], names: list[str]) -> dict[str, float]:
@@ -112,7 +138,10 @@ def parity(actors: Actors, parity_ids: list[int], tolerance: float, when: str) -
     import ray
 
     trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
-    engine_lps = [torch.tensor(lp[0]) for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])]
+    engine_lps = [
+        torch.tensor(lp[0])
+        for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])
+    ]
     diff = max(float((lp - trainer_lp).abs().max()) for lp in engine_lps)
     if diff > tolerance:
         raise ParityError(
@@ -130,7 +159,11 @@ def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float], t
     ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
     current, diff = parity(actors, parity_ids, tolerance, f"at step {step}")
     shift = float((torch.tensor(current) - torch.tensor(previous)).abs().mean())
-    return current, {"sync/parity_max_abs_diff": diff, "sync/logprob_shift": shift, "sync/weights_version": manifest.version}
+    return current, {
+        "sync/parity_max_abs_diff": diff,
+        "sync/logprob_shift": shift,
+        "sync/weights_version": manifest.version,
+    }
 
 
 def build_batch(groups, prompt_ids, advantages_BG, keep_B) -> RolloutBatch:
@@ -158,7 +191,10 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     tokenizer = load_tokenizer(model_path)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
     prompts = train_prompts(recipe.data, recipe.run.seed)
-    reward_specs = [(spec.name.rpartition(":")[2] or spec.name, spec.name, spec.weight) for spec in recipe.rewards]
+    reward_specs = [
+        RewardEntry(spec.name.rpartition(":")[2], spec.name, spec.weight, spec.kwargs)
+        for spec in recipe.rewards
+    ]
     log = MetricsLog(run_dir)
     spec = SamplingSpec(
         n=recipe.rollout.group_size,
@@ -169,26 +205,53 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     advantage_fn = ADVANTAGES[recipe.algorithm.advantage]
     start_ray(ray_address, 1 + recipe.rollout.engines * recipe.rollout.cpus_per_engine)
     try:
-        with RewardRuntime(reward_specs, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s) as rewards:
+        with RewardRuntime(
+            reward_specs, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
+        ) as rewards:
             actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
-            ray.get([engine.__ray_ready__.remote() for engine in actors.engines] + [actors.trainer.__ray_ready__.remote()])
-            before = evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_before.jsonl") if eval_rows else {}
+            ray.get(
+                [engine.__ray_ready__.remote() for engine in actors.engines]
+                + [actors.trainer.__ray_ready__.remote()]
+            )
+            before = (
+                evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_before.jsonl")
+                if eval_rows
+                else {}
+            )
             parity_row = eval_rows[0] if eval_rows else next(prompts)
             parity_prompt = tokenizer(parity_row["prompt"])["input_ids"]
-            first = rollout(actors.engines, [parity_prompt], SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0))
+            first = rollout(
+                actors.engines,
+                [parity_prompt],
+                SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0),
+            )
             parity_ids = parity_prompt + first[0][0].token_ids
-            vllm_lp, _ = parity(actors, parity_ids, recipe.train.parity_tolerance, "before training (engine and trainer loaded different weights)")
-            bar = tqdm(range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True)
+            vllm_lp, _ = parity(
+                actors,
+                parity_ids,
+                recipe.train.parity_tolerance,
+                "before training (engine and trainer loaded different weights)",
+            )
+            bar = tqdm(
+                range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True
+            )
             for step in bar:
                 t0 = time.perf_counter()
                 rows = [next(prompts) for _ in range(recipe.train.prompts_per_step)]
                 prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
                 groups = rollout(actors.engines, prompt_ids, spec)
                 t1 = time.perf_counter()
-                flat_rows = [row for row in rows for _ in range(spec.n)]
-                scored = rewards.score([c.text for group in groups for c in group], flat_rows)
+                # rewards see the dataset row plus the completion's length in tokens (for `overlong`)
+                samples = [
+                    {**row, "completion_tokens": len(c.token_ids)}
+                    for row, group in zip(rows, groups)
+                    for c in group
+                ]
+                scored = rewards.score([c.text for group in groups for c in group], samples)
                 t2 = time.perf_counter()
-                rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(rows), spec.n)
+                rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(
+                    len(rows), spec.n
+                )
                 tied_B = tied_groups(rewards_BG)
                 keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
                 batch = build_batch(groups, prompt_ids, advantage_fn(rewards_BG), keep_B)
@@ -196,7 +259,9 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                 t3 = time.perf_counter()
                 sync_metrics = {}
                 if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
-                    vllm_lp, sync_metrics = sync_weights(actors, parity_ids, vllm_lp, recipe.train.parity_tolerance, step)
+                    vllm_lp, sync_metrics = sync_weights(
+                        actors, parity_ids, vllm_lp, recipe.train.parity_tolerance, step
+                    )
                 t4 = time.perf_counter()
                 lengths = [len(c.token_ids) for group in groups for c in group]
                 primary = rewards.names[0]
@@ -222,8 +287,14 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                 log.write(record)
                 bar.write(console_line(record)) if show_progress else None
                 if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
-                    ray.get(actors.trainer.save.remote(str(run_dir / "checkpoints" / f"step-{step}"), model_path))
-            after = evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_after.jsonl") if eval_rows else {}
+                    ray.get(
+                        actors.trainer.save.remote(str(run_dir / "checkpoints" / f"step-{step}"), model_path)
+                    )
+            after = (
+                evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_after.jsonl")
+                if eval_rows
+                else {}
+            )
             final = ray.get(actors.trainer.save.remote(str(run_dir / "checkpoints" / "final"), model_path))
             ray.get(actors.trainer.close.remote())
     finally:
@@ -236,6 +307,10 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         "eval_accuracy_after": after.get("accuracy"),
         "eval_reward_before": before.get("reward"),
         "eval_reward_after": after.get("reward"),
+        "eval_greedy_accuracy_before": before.get("accuracy_greedy"),
+        "eval_greedy_accuracy_after": after.get("accuracy_greedy"),
+        "eval_temperature": recipe.eval.temperature,
+        "eval_samples_per_prompt": recipe.eval.samples,
         "final_checkpoint": final,
         "wall_time_s": time.perf_counter() - started,
     }
@@ -245,10 +320,21 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
 
 
 def before_after_table(summary: dict) -> str:
-    rows = [("held-out accuracy", "eval_accuracy_before", "eval_accuracy_after"), ("held-out mean reward", "eval_reward_before", "eval_reward_after")]
-    lines = [f"{'':24}{'before':>10}{'after':>10}"]
+    sampled = (
+        f"T={summary['eval_temperature']:g}, {summary['eval_samples_per_prompt']}/prompt"
+        if summary["eval_temperature"]
+        else "greedy"
+    )
+    rows = [
+        (f"held-out accuracy ({sampled})", "eval_accuracy_before", "eval_accuracy_after"),
+        ("held-out accuracy (greedy)", "eval_greedy_accuracy_before", "eval_greedy_accuracy_after"),
+        ("held-out mean reward", "eval_reward_before", "eval_reward_after"),
+    ]
+    lines = [f"{'':36}{'before':>8}{'after':>8}"]
     for label, before, after in rows:
         if summary.get(before) is not None:
-            lines.append(f"{label:24}{summary[before]:>10.3f}{summary[after]:>10.3f}")
-    lines.append(f"{summary['steps']} GRPO steps in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}")
+            lines.append(f"{label:36}{summary[before]:>8.3f}{summary[after]:>8.3f}")
+    lines.append(
+        f"{summary['steps']} GRPO steps in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}"
+    )
     return "\n".join(lines)

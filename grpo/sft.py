@@ -15,7 +15,7 @@ import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe
 from grpo.data import TASK_PREFIX, train_prompts
-from grpo.models.build import load_policy, load_tokenizer, materialize
+from grpo.models.build import converters_for, load_policy, load_tokenizer, materialize
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.policy_trainer import pack, token_logprobs
 
@@ -46,9 +46,11 @@ def sft(recipe: Recipe, log=print) -> dict:
     model_path = materialize(recipe.model.path, run_dir / "init", seed=recipe.run.seed)
     tokenizer = load_tokenizer(model_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = load_policy(model_path, recipe.model.dtype)
+    model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rows = sft_rows(recipe, config)
@@ -66,13 +68,21 @@ def sft(recipe: Recipe, log=print) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == config.steps:
-            log(f"sft step {step:>4}/{config.steps} | loss {statistics_mean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s")
+            log(
+                f"sft step {step:>4}/{config.steps} | loss {statistics_mean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s"
+            )
     final = run_dir / "final"
     accelerator.unwrap_model(model).save_pretrained(final)
     tokenizer.save_pretrained(final)
-    summary = {"run": recipe.run.name, "steps": config.steps, "final_loss": statistics_mean(losses[-20:]), "checkpoint": str(final), "wall_time_s": time.perf_counter() - started}
+    summary = {
+        "run": recipe.run.name,
+        "steps": config.steps,
+        "final_loss": statistics_mean(losses[-20:]),
+        "checkpoint": str(final),
+        "wall_time_s": time.perf_counter() - started,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 BOXED = "\\boxed{"
 
 
@@ -25,3 +27,34 @@ def last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[begin:i].strip()
     return None
+
+
+_GSM8K = re.compile(r"####\s*([^\n]+)")
+_THE_ANSWER_IS = re.compile(
+    r"the (?:final )?answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE
+)
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a completion: the last `\\boxed{}`, else GSM8K's `#### N`, else the
+    last "the answer is X" sentence.
+
+    >>> final_answer("so #### 1,234")
+    '1,234'
+    >>> final_answer("Thus the answer is 7.")
+    '7'
+    """
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    for pattern in (_GSM8K, _THE_ANSWER_IS):
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip()
+    return None
+
+
+def gold_answer(gold: str) -> str:
+    """Gold answers come as MATH LaTeX, plain numbers, or a GSM8K solution ending in `#### N`."""
+    found = _GSM8K.findall(gold)
+    return found[-1].strip() if found else gold.strip()

@@ -6,13 +6,14 @@ Each input line holds `completion` plus the sample's fields; each output line is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from grpo.rewards.runtime import RewardRuntime
+from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -35,21 +36,35 @@ def read_jsonl(path: Path) -> list[dict]:
 def score_file(name: str, input_path: Path, output: str, workers: int, timeout_s: float) -> None:
     rows = read_jsonl(input_path)
     started = time.perf_counter()
-    with RewardRuntime([(name, name, 1.0)], workers=workers, timeout_s=timeout_s) as runtime:
-        scored = runtime.score([r["completion"] for r in rows], [{k: v for k, v in r.items() if k != "completion"} for r in rows])
+    with RewardRuntime([RewardEntry(name, name)], workers=workers, timeout_s=timeout_s) as runtime:
+        scored = runtime.score(
+            [r["completion"] for r in rows], [{k: v for k, v in r.items() if k != "completion"} for r in rows]
+        )
     elapsed = time.perf_counter() - started
-    handle = sys.stdout if output == "-" else open(output, "w")
-    try:
+    with contextlib.nullcontext(sys.stdout) if output == "-" else open(output, "w") as handle:
         for row, s in zip(rows, scored):
-            components = {k: {"value": o.value, "status": o.status, "message": o.message} for k, o in s.components.items()}
-            handle.write(json.dumps({**row, "reward": s.reward, "status": s.status, "components": components}) + "\n")
-    finally:
-        if handle is not sys.stdout:
-            handle.close()
+            components = {
+                k: {"value": o.value, "status": o.status, "message": o.message}
+                for k, o in s.components.items()
+            }
+            handle.write(
+                json.dumps({**row, "reward": s.reward, "status": s.status, "components": components}) + "\n"
+            )
     latencies = sorted(o.seconds for s in scored for o in s.components.values())
-    counts = {status: sum(s.status == status for s in scored) for status in ("ok", "wrong", "n/a", "error", "timeout")}
+    counts = {
+        status: sum(s.status == status for s in scored)
+        for status in ("ok", "wrong", "n/a", "error", "timeout")
+    }
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
     print(
-        json.dumps({"completions": len(rows), **counts, "calls_per_s": len(rows) / elapsed, "p50_s": statistics.median(latencies) if latencies else 0.0, "p99_s": p99}),
+        json.dumps(
+            {
+                "completions": len(rows),
+                **counts,
+                "calls_per_s": len(rows) / elapsed,
+                "p50_s": statistics.median(latencies) if latencies else 0.0,
+                "p99_s": p99,
+            }
+        ),
         file=sys.stderr,
     )

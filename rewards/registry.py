@@ -8,12 +8,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from grpo.rewards.math import boxed_math
+from grpo.rewards.format import has_boxed, overlong_penalty, think_format
+from grpo.rewards.lean import lean_proof
+from grpo.rewards.math import boxed_math, math_answer
 
 RewardFn = Callable[[str, Mapping[str, Any]], "float | None"]
 
 REGISTRY: dict[str, RewardFn] = {
-    "math": boxed_math,
+    "math": math_answer,
+    "math_boxed": boxed_math,
+    "lean": lean_proof,
+    "think_format": think_format,
+    "has_boxed": has_boxed,
+    "overlong": overlong_penalty,
 }
 
 

@@ -5,6 +5,9 @@ crash the interpreter. A call that outlives `timeout_s` has its worker killed (S
 a call that raises is recorded as `error` with its message. Training never sees an exception from a
 reward, only a value (0.0 for error/timeout) and a status per component:
 
+A reward returns a float, None, or `(float, note)`; the note is kept as the component's message
+(the Lean reward says why a proof was rejected).
+
 - `ok`: returned a value > 0;   `wrong`: returned a value <= 0;
 - `n/a`: returned None (not applicable: left out of the weighted total);
 - `error`: raised, or its worker died;   `timeout`: killed after `timeout_s`.
@@ -25,6 +28,16 @@ from typing import Any
 STATUS_ORDER = ("ok", "n/a", "wrong", "error", "timeout")  # worst last; a total takes its worst part
 
 
+@dataclass(frozen=True)
+class RewardEntry:
+    name: str
+    """Shown in metrics (`reward/<name>/mean`)."""
+    spec: str
+    """For `registry.resolve`: a registry name, `pkg.module:fn` or `file.py:fn`."""
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
 @dataclass
 class Outcome:
     value: float | None
@@ -42,35 +55,38 @@ class Scored:
     components: dict[str, Outcome] = field(default_factory=dict)
 
 
-def _serve(specs: list[str], conn: Connection) -> None:
+def _serve(specs: list[tuple[str, dict]], conn: Connection) -> None:
     """Worker loop: resolve the rewards once, then answer `(index, completion, sample)` requests."""
+    from functools import partial
+
     from grpo.rewards.registry import resolve
 
-    functions = [resolve(spec) for spec in specs]
+    functions = [partial(resolve(spec), **kwargs) for spec, kwargs in specs]
     while True:
         try:
             index, completion, sample = conn.recv()
         except EOFError:
             return
-        start = time.perf_counter()
         try:
-            value = functions[index](completion, sample)
+            value, note = functions[index](completion, sample), ""
+            if isinstance(value, tuple):
+                value, note = value
             value = None if value is None else float(value)
             status = "n/a" if value is None else "ok" if value > 0 else "wrong"
-            reply = (value, status, "")
+            reply = (value, status, str(note)[:500])
         except Exception as error:  # noqa: BLE001 - user code: every failure becomes a status
             reply = (None, "error", f"{type(error).__name__}: {error}"[:500])
-        conn.send((*reply, time.perf_counter() - start))
+        conn.send(reply)
 
 
 class _Worker:
-    def __init__(self, context, specs: list[str]):
+    def __init__(self, context, specs: list[tuple[str, dict]]):
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(specs, child), daemon=True)
         self.process.start()
         child.close()
         self.job: int | None = None
-        self.deadline = 0.0
+        self.started = 0.0
 
     def kill(self) -> None:
         self.process.kill()
@@ -83,18 +99,21 @@ class RewardRuntime:
 
     def __init__(
         self,
-        rewards: Sequence[tuple[str, str, float]],
+        rewards: Sequence[RewardEntry],
         workers: int = 2,
         timeout_s: float = 10.0,
     ):
-        """`rewards`: (name shown in metrics, spec for `registry.resolve`, weight)."""
+        """`rewards`: what to run, each named as it appears in the metrics."""
         from grpo.rewards.registry import resolve
 
-        for _, spec, _ in rewards:
-            resolve(spec)  # fail fast in the caller's process, with the spec in the message
-        self.names = [name for name, _, _ in rewards]
-        self.specs = [spec for _, spec, _ in rewards]
-        self.weights = [weight for _, _, weight in rewards]
+        for entry in rewards:
+            # fail fast in the caller's process, with the spec in the message
+            problem = getattr(resolve(entry.spec), "setup_problem", lambda: None)()
+            if problem:
+                raise ValueError(f"reward {entry.spec}: {problem}")
+        self.names = [entry.name for entry in rewards]
+        self.specs = [(entry.spec, entry.kwargs) for entry in rewards]
+        self.weights = [entry.weight for entry in rewards]
         self.timeout_s = timeout_s
         self._context = mp.get_context("spawn")
         self._workers = [_Worker(self._context, self.specs) for _ in range(workers)]
@@ -137,29 +156,28 @@ class RewardRuntime:
             for worker in self._workers:
                 if worker.job is None and pending:
                     worker.job = pending.pop()
-                    worker.deadline = time.monotonic() + self.timeout_s
+                    worker.started = time.monotonic()
                     worker.conn.send(jobs[worker.job])
             busy = [w for w in self._workers if w.job is not None]
-            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            wait_s = max(0.0, min(w.started for w in busy) + self.timeout_s - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)
             for worker in busy:
                 if worker.conn in ready:
                     try:
-                        value, status, message, seconds = worker.conn.recv()
-                        results[worker.job] = Outcome(value, status, message, seconds)
+                        value, status, message = worker.conn.recv()
+                        results[worker.job] = Outcome(
+                            value, status, message, time.monotonic() - worker.started
+                        )
                         worker.job = None
                         continue
                     except EOFError:
                         outcome = Outcome(None, "error", "reward worker died")
-                elif time.monotonic() >= worker.deadline:
+                elif time.monotonic() >= worker.started + self.timeout_s:
                     outcome = Outcome(None, "timeout", f"killed after {self.timeout_s:g} s")
                 else:
                     continue
-                outcome.seconds = self.timeout_s if outcome.status == "timeout" else 0.0
+                worker.kill()  # the call's time includes the kill
+                outcome.seconds = time.monotonic() - worker.started
                 results[worker.job] = outcome
-                self._replace(worker)
+                self._workers[self._workers.index(worker)] = _Worker(self._context, self.specs)
         return [r for r in results if r is not None]
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._context, self.specs)

@@ -24,6 +24,10 @@ def test_train_and_eval_problems_never_share_an_expression():
     assert all(split_of(e) == "eval" for e in held_out)
 
 
+def test_single_operations_are_never_held_out():
+    assert {split_of(f"{a}{op}{b}") for a in range(1, 10) for b in range(1, 10) for op in "+-*"} == {"train"}
+
+
 def test_problem_answers_are_the_final_reduction():
     row = next(problems("train", 0))
     assert row["answer"] == reduction_steps(row["expression"])[-1]

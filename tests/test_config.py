@@ -30,15 +30,23 @@ def test_a_wrong_type_is_rejected():
 
 
 def test_an_unknown_advantage_names_the_choices():
-    with pytest.raises(RecipeError, match=r"advantage: unknown 'ppo', use one of \['dr_grpo', 'grpo', 'rloo'\]"):
+    with pytest.raises(
+        RecipeError, match=r"advantage: unknown 'ppo', use one of \['dr_grpo', 'grpo', 'rloo'\]"
+    ):
         recipe_from_dict({"model": {"path": "m"}, "algorithm": {"advantage": "ppo"}})
 
 
 def test_overrides_are_parsed_as_yaml_values(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\n")
-    recipe = load_recipe(path, ["train.steps=3", "rollout.temperature=0.5", "algorithm.drop_tied_groups=true"])
-    assert (recipe.train.steps, recipe.rollout.temperature, recipe.algorithm.drop_tied_groups) == (3, 0.5, True)
+    recipe = load_recipe(
+        path, ["train.steps=3", "rollout.temperature=0.5", "algorithm.drop_tied_groups=true"]
+    )
+    assert (recipe.train.steps, recipe.rollout.temperature, recipe.algorithm.drop_tied_groups) == (
+        3,
+        0.5,
+        True,
+    )
 
 
 def test_an_override_of_an_unknown_key_is_rejected(tmp_path):
@@ -54,7 +62,9 @@ def test_a_missing_recipe_file_is_named():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_cli_exits_2_with_one_line_on_a_bad_recipe_key(tmp_path):
@@ -69,4 +79,18 @@ def test_the_cli_exits_2_with_one_line_on_a_bad_recipe_key(tmp_path):
 
 def test_the_cli_exits_2_on_a_missing_recipe():
     result = _cli("train", "missing.yaml")
-    assert (result.returncode, result.stderr.strip()) == (2, "grpo train: error: recipe not found: missing.yaml")
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: recipe not found: missing.yaml",
+    )
+
+
+def test_the_cli_exits_2_on_a_missing_model(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: {tmp_path}/no-such-model}}\nrun: {{output_dir: {tmp_path}}}\n")
+    result = _cli("train", str(path))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"grpo train: error: model.path: {tmp_path}/no-such-model is neither a folder nor a loadable model id"
+    )

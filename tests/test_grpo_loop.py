@@ -49,13 +49,28 @@ def run(tmp_path_factory):
 
 def test_two_steps_write_the_run_folder(run):
     run_dir, summary = run
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "checkpoints",
+    }
     assert summary["steps"] == 2 and summary["eval_prompts"] == 4
     assert 0.0 <= summary["eval_accuracy_before"] <= 1.0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert "reward/digits/mean" in records[0] and "reward/math/ok" in records[0]
-    for key in ("reward/mean", "kl", "entropy", "clip_fraction", "tied_groups", "time/rollout_s", "time/sync_s", "rollout_tokens_per_s"):
+    for key in (
+        "reward/mean",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "tied_groups",
+        "time/rollout_s",
+        "time/sync_s",
+        "rollout_tokens_per_s",
+    ):
         assert key in records[0]
 
 
@@ -65,7 +80,10 @@ def test_parameters_changed(run):
     assert before.keys() == after.keys()
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert "model.layers.1.self_attn.kv_b_proj.weight" in changed
-    assert "model.layers.1.mlp.experts.3.down_proj.weight" in changed or "model.layers.1.mlp.experts.0.down_proj.weight" in changed
+    assert (
+        "model.layers.1.mlp.experts.3.down_proj.weight" in changed
+        or "model.layers.1.mlp.experts.0.down_proj.weight" in changed
+    )
 
 
 def test_vllm_logprobs_moved_after_each_sync_and_match_the_trainer(run):

@@ -65,8 +65,16 @@ def test_grpo_loss_at_ratio_one_is_minus_the_advantage_and_reports_metrics():
     mask = torch.ones(2, 2)
     totals = BatchTotals(sequences=2, tokens=4, max_completion_tokens=2)
     loss, metrics = grpo_loss(
-        logp, logp.detach(), logp.detach(), advantages, mask, totals,
-        eps_low=0.2, eps_high=0.2, beta=0.1, aggregate=seq_mean_token_mean,
+        logp,
+        logp.detach(),
+        logp.detach(),
+        advantages,
+        mask,
+        totals,
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.1,
+        aggregate=seq_mean_token_mean,
     )
     assert loss.item() == 0.0  # (-1 + 1) / 2, KL is zero
     assert metrics["kl"].item() == 0.0 and metrics["clip_fraction"].item() == 0.0
@@ -78,4 +86,15 @@ def test_grpo_loss_at_ratio_one_is_minus_the_advantage_and_reports_metrics():
 def test_grpo_loss_refuses_a_reference_when_beta_is_zero():
     x = torch.zeros(1, 1)
     with pytest.raises(AssertionError):
-        grpo_loss(x, x, x, torch.zeros(1), torch.ones(1, 1), TOTALS, eps_low=0.2, eps_high=0.2, beta=0.0, aggregate=token_mean)
+        grpo_loss(
+            x,
+            x,
+            x,
+            torch.zeros(1),
+            torch.ones(1, 1),
+            TOTALS,
+            eps_low=0.2,
+            eps_high=0.2,
+            beta=0.0,
+            aggregate=token_mean,
+        )

@@ -1,5 +1,4 @@
 import pytest
-
 from grpo.rewards.extract import last_boxed
 from grpo.rewards.math import boxed_math
 
@@ -35,3 +34,20 @@ def test_boxed_math_is_not_applicable_without_a_gold_answer():
 
 def test_an_absurdly_long_boxed_answer_scores_zero_without_parsing():
     assert boxed_math("\\boxed{" + "9" * 5000 + "}", {"answer": "9"}) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected"),
+    [
+        ("She has 18 left.\n#### 18", "Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", 1.0),
+        ("So the answer is $x = 3$.", "3", 1.0),
+        (r"\boxed{[1,2)}", "[1, 2)", 1.0),
+        (r"\boxed{\{2, 1\}}", r"\{1,2\}", 1.0),
+        (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0),
+        ("I think it is 7", "7", 0.0),
+    ],
+)
+def test_math_takes_boxed_then_gsm8k_then_the_answer_is(completion, gold, expected):
+    from grpo.rewards.math import math_answer
+
+    assert math_answer(completion, {"answer": gold}) == expected

@@ -5,10 +5,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 import grpo.eval
 import grpo.rewards
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +26,18 @@ def test_no_top_level_rewards_or_eval_package_is_installed():
 @pytest.mark.slow
 def test_the_built_wheel_holds_only_the_grpo_root(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     [wheel] = tmp_path.glob("grpo-*.whl")

@@ -2,14 +2,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from grpo.rewards.registry import resolve
-from grpo.rewards.runtime import RewardRuntime
+from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
-USER_REWARDS = '''
+USER_REWARDS = """
 import os, time
 
 def length_bonus(completion, sample):
@@ -26,7 +24,7 @@ def dies(completion, sample):
 
 def not_applicable(completion, sample):
     return None
-'''
+"""
 
 
 @pytest.fixture
@@ -37,7 +35,8 @@ def user_file(tmp_path):
 
 
 def test_resolve_finds_registry_names_import_paths_and_files(user_file):
-    assert resolve("math").__name__ == "boxed_math"
+    assert resolve("math").__name__ == "math_answer"
+    assert resolve("math_boxed").__name__ == "boxed_math"
     assert resolve("grpo.rewards.math:boxed_math").__name__ == "boxed_math"
     assert resolve(f"{user_file}:length_bonus")("abcde", {}) == 0.5
 
@@ -56,13 +55,22 @@ def test_resolve_names_what_is_wrong(spec, message):
 
 
 def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_file):
-    specs = [(name, f"{user_file}:{name}", 1.0) for name in ("hangs", "raises", "dies", "not_applicable", "length_bonus")]
+    specs = [
+        RewardEntry(name, f"{user_file}:{name}")
+        for name in ("hangs", "raises", "dies", "not_applicable", "length_bonus")
+    ]
     with RewardRuntime(specs, workers=2, timeout_s=1.0) as runtime:
         started = time.monotonic()
         [scored] = runtime.score(["abcdefghij"], [{}])
         elapsed = time.monotonic() - started
         statuses = {name: outcome.status for name, outcome in scored.components.items()}
-        assert statuses == {"hangs": "timeout", "raises": "error", "dies": "error", "not_applicable": "n/a", "length_bonus": "ok"}
+        assert statuses == {
+            "hangs": "timeout",
+            "raises": "error",
+            "dies": "error",
+            "not_applicable": "n/a",
+            "length_bonus": "ok",
+        }
         assert scored.components["raises"].message == "RuntimeError: bad reward"
         assert scored.reward == 1.0 and scored.status == "timeout"
         assert elapsed < 3.0
@@ -74,9 +82,13 @@ def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_fil
 def test_identical_calls_in_a_batch_are_scored_once(user_file, tmp_path):
     counter = tmp_path / "calls.txt"
     path = tmp_path / "counting.py"
-    path.write_text(f"def count(completion, sample):\n    open({str(counter)!r}, 'a').write('x')\n    return 1.0\n")
-    with RewardRuntime([("count", f"{path}:count", 1.0)], workers=1) as runtime:
-        runtime.score(["a", "a", "b", "a"], [{"answer": "1"}, {"answer": "1"}, {"answer": "1"}, {"answer": "2"}])
+    path.write_text(
+        f"def count(completion, sample):\n    open({str(counter)!r}, 'a').write('x')\n    return 1.0\n"
+    )
+    with RewardRuntime([RewardEntry("count", f"{path}:count")], workers=1) as runtime:
+        runtime.score(
+            ["a", "a", "b", "a"], [{"answer": "1"}, {"answer": "1"}, {"answer": "1"}, {"answer": "2"}]
+        )
     assert counter.read_text() == "xxx"
 
 
@@ -84,7 +96,12 @@ def test_grpo_reward_scores_a_jsonl_file(tmp_path):
     rows = [{"completion": r"\boxed{4}", "answer": "4"}, {"completion": "four", "answer": "4"}]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "-m", "grpo.cli", "reward", "math", "--input", str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "reward", "math", "--input", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     out = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(o["reward"], o["status"]) for o in out] == [(1.0, "ok"), (0.0, "wrong")]
@@ -93,5 +110,13 @@ def test_grpo_reward_scores_a_jsonl_file(tmp_path):
 
 
 def test_grpo_reward_exits_2_on_a_missing_input():
-    result = subprocess.run([sys.executable, "-m", "grpo.cli", "reward", "math", "--input", "nope.jsonl"], capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stderr.strip()) == (2, "grpo reward: error: input file not found: nope.jsonl")
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "reward", "math", "--input", "nope.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo reward: error: input file not found: nope.jsonl",
+    )

@@ -23,8 +23,18 @@ def materialize(path: str, scratch: Path, seed: int = 0) -> str:
         from grpo.models.tiny import save_tiny_checkpoint
 
         return str(save_tiny_checkpoint(scratch, seed=seed))
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise RecipeError(f"model.path: {path} has no config.json (not a Hugging Face folder)")
+    if Path(path).exists():
+        if not (Path(path) / "config.json").is_file():
+            raise RecipeError(f"model.path: {path} has no config.json (not a Hugging Face folder)")
+        return path
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)  # a hub id: resolves from the local cache or the hub
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"model.path: {path} is neither a folder nor a loadable model id ({str(error).splitlines()[0][:120]})"
+        ) from None
     return path
 
 
@@ -35,6 +45,16 @@ def load_policy(path: str, dtype: str, converters: Sequence[Converter] = ()) -> 
     for convert in converters:
         convert(model)
     return model
+
+
+def converters_for(model_config) -> list[Converter]:
+    """The converters a recipe's `model` section asks for, in the order they apply."""
+    converters: list[Converter] = []
+    if model_config.fp8:
+        from grpo.models.fp8 import convert_to_fp8
+
+        converters.append(convert_to_fp8)
+    return converters
 
 
 def load_tokenizer(path: str):

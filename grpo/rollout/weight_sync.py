@@ -59,7 +59,7 @@ class SharedWeightsWriter:
         entries, numel, dtype = self._layout
         assert [name for name, _ in tensors] == [e[0] for e in entries], "weight names changed"
         assert self._flat is not None
-        for (name, shape, offset), (_, tensor) in zip(entries, tensors):
+        for (_, _, offset), (_, tensor) in zip(entries, tensors):
             self._flat[offset : offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
         self.version += 1
         return Manifest(self.path, dtype, numel, entries, self.version)
@@ -85,9 +85,17 @@ def _find_isa(module: torch.nn.Module, depth: int = 6) -> str | None:
         for obj in frontier:
             if isinstance(obj, CPUUnquantizedExperts):
                 return obj.isa
-            values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+            values = (
+                obj.values()
+                if isinstance(obj, dict)
+                else obj
+                if isinstance(obj, (list, tuple))
+                else getattr(obj, "__dict__", {}).values()
+            )
             for value in values:
-                if id(value) not in seen and (hasattr(value, "__dict__") or isinstance(value, (dict, list, tuple))):
+                if id(value) not in seen and (
+                    hasattr(value, "__dict__") or isinstance(value, (dict, list, tuple))
+                ):
                     seen.add(id(value))
                     children.append(value)
         frontier = children
@@ -110,7 +118,10 @@ def repack_cpu_experts(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
             continue
         prefix = name.removesuffix(".routed_experts")
         experts = range(module.w13_weight.shape[0])
-        gate_up = [torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]]) for e in experts]
+        gate_up = [
+            torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]])
+            for e in experts
+        ]
         down = [tensors[f"{prefix}.{e}.down_proj.weight"] for e in experts]
         isa = _find_isa(module)
         assert isa is not None, f"no CPU MoE kernel found under {name}"

@@ -7,7 +7,9 @@ The worked solution reduces it one operation at a time, then states the answer:
     A: 7+3*4-2 = 7+12-2 = 19-2 = 17. \\boxed{17}
 
 Held-out prompts are disjoint from training prompts by construction: the split of an expression is a
-function of its text (a stable hash), so no seed can leak an eval problem into training.
+function of its text (a stable hash), so no seed can leak an eval problem into training. Only
+expressions of three or more operands are held out: every single operation (`7*8`) stays in training,
+so a held-out problem asks for an unseen *composition* of known steps, not for a fact never taught.
 
 For the supervised warm-up, `boxed_fraction` of the solutions end in `\\boxed{N}` and the rest in a
 plain `= N.`, like a base model that has not settled on an answer format: the math reward scores only
@@ -30,6 +32,9 @@ def prompt_text(expression: str) -> str:
 
 
 def split_of(expression: str) -> str:
+    """`eval` for one in `EVAL_SHARE` expressions of three or more operands, else `train`."""
+    if len(expression) < 5:  # a single operation such as "7*8"
+        return "train"
     return "eval" if zlib.crc32(expression.encode()) % EVAL_SHARE == 0 else "train"
 
 

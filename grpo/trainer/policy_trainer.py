@@ -16,7 +16,7 @@ import torch
 
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
-from grpo.models.build import load_policy
+from grpo.models.build import converters_for, load_policy
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
 
 
@@ -76,10 +76,13 @@ class PolicyTrainer:
         set_seed(self.recipe.run.seed)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.pad_id = pad_id
-        model = load_policy(model_path, self.recipe.model.dtype)
+        converters = converters_for(self.recipe.model)
+        model = load_policy(model_path, self.recipe.model.dtype, converters)
         self.reference = None
         if self.recipe.algorithm.beta > 0:
-            self.reference = load_policy(model_path, self.recipe.model.dtype).eval().requires_grad_(False)
+            self.reference = (
+                load_policy(model_path, self.recipe.model.dtype, converters).eval().requires_grad_(False)
+            )
             self.reference.to(self.accelerator.device)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
@@ -107,7 +110,9 @@ class PolicyTrainer:
         out = []
         for ids in sequences:
             packed = pack([ids[:1]], [ids[1:]], self.pad_id)
-            logp_BL1, _ = token_logprobs(self.model, Packed(*(t.to(self.accelerator.device) for t in vars(packed).values())))
+            logp_BL1, _ = token_logprobs(
+                self.model, Packed(*(t.to(self.accelerator.device) for t in vars(packed).values()))
+            )
             out.append(logp_BL1[0].tolist())
         return out
 
@@ -149,10 +154,14 @@ class PolicyTrainer:
                 mask = packed.completion_mask_BL1
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
-                metrics["sampler_logprob_diff"] = self._sampler_gap(batch, rows, old_BL1, mask) / totals.tokens
+                metrics["sampler_logprob_diff"] = (
+                    self._sampler_gap(batch, rows, old_BL1, mask) / totals.tokens
+                )
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.train.max_grad_norm)
+            grad_norm = self.accelerator.clip_grad_norm_(
+                self.model.parameters(), self.recipe.train.max_grad_norm
+            )
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -162,7 +171,9 @@ class PolicyTrainer:
         return sums
 
     @staticmethod
-    def _sampler_gap(batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor, mask_BL1: torch.Tensor) -> float:
+    def _sampler_gap(
+        batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor, mask_BL1: torch.Tensor
+    ) -> float:
         """Sum over tokens of |old-policy logprob - vLLM sampler logprob| (rollout/train mismatch)."""
         total = 0.0
         for row, (prompt, sampler) in enumerate(zip(batch.prompt_ids[rows], batch.sampler_logprobs[rows])):

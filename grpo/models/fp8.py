@@ -1,0 +1,166 @@
+"""FP8 (E4M3) training linear layer in the DeepSeek-V3 recipe, and the converter that installs it.
+
+Shape legend: M = tokens, K = input features (the reduction of the forward GEMM), N = output
+features; `T` = 128, the tile/block edge. Scales are stored as DeepSeek's `scale_inv`: the factor that
+turns FP8 values back into real ones (`x ~= q * scale_inv`).
+
+- Activations are quantized per 1 x 128 tile along the reduction dimension, weights per 128 x 128
+  block, with online scales `amax / 448` (optionally rounded up to a power of two).
+- All three GEMMs (forward, input gradient, weight gradient) take FP8 operands and accumulate in
+  FP32; each is a sum over 128-wide reduction blocks of row/column-scaled `torch._scaled_mm` calls,
+  which run on CPU too, so every property is testable here. The output is in the input's dtype.
+- Dimensions that are not multiples of 128 are zero-padded inside the quantizers (zeros change
+  neither the amax of a tile nor any product).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+T = 128
+
+
+def _pad_to(x: torch.Tensor, dim: int, multiple: int = T) -> torch.Tensor:
+    pad = (-x.shape[dim]) % multiple
+    if pad == 0:
+        return x
+    widths = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, pad]
+    return torch.nn.functional.pad(x, widths)
+
+
+def _scale_inv(amax: torch.Tensor, power_of_two: bool) -> torch.Tensor:
+    scale_inv = amax.float().clamp(min=1e-12) / E4M3_MAX
+    if power_of_two:
+        scale_inv = torch.exp2(torch.ceil(torch.log2(scale_inv)))
+    return scale_inv
+
+
+def quantize_tiles(x_MK: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 1 x 128 tile along K: `(q_MK' e4m3, scale_inv_MJ fp32)`, K' = K padded, J = K' / 128."""
+    x_MK = _pad_to(x_MK, 1)
+    tiles_MJT = x_MK.float().unflatten(1, (-1, T))
+    scale_inv_MJ = _scale_inv(tiles_MJT.abs().amax(dim=2), power_of_two)
+    q_MJT = (tiles_MJT / scale_inv_MJ.unsqueeze(2)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q_MJT.flatten(1), scale_inv_MJ
+
+
+def dequantize_tiles(q_MK: torch.Tensor, scale_inv_MJ: torch.Tensor) -> torch.Tensor:
+    return (q_MK.float().unflatten(1, (-1, T)) * scale_inv_MJ.unsqueeze(2)).flatten(1)
+
+
+def quantize_blocks(w_NK: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 128 x 128 block: `(q_NK' e4m3, scale_inv_IJ fp32)`, I = N' / 128, J = K' / 128."""
+    w_NK = _pad_to(_pad_to(w_NK, 0), 1)
+    n, k = w_NK.shape
+    blocks_ITJT = w_NK.float().view(n // T, T, k // T, T)
+    scale_inv_IJ = _scale_inv(blocks_ITJT.abs().amax(dim=(1, 3)), power_of_two)
+    q = (blocks_ITJT / scale_inv_IJ[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q.view(n, k), scale_inv_IJ
+
+
+def dequantize_blocks(q_NK: torch.Tensor, scale_inv_IJ: torch.Tensor) -> torch.Tensor:
+    n, k = q_NK.shape
+    return (q_NK.float().view(n // T, T, k // T, T) * scale_inv_IJ[:, None, :, None]).view(n, k)
+
+
+def fp8_gemm(
+    a_MK: torch.Tensor, a_scale_MJ: torch.Tensor, b_NK: torch.Tensor, b_scale_NJ: torch.Tensor
+) -> torch.Tensor:
+    """`a @ b.T` in FP32 from FP8 operands whose scales vary per row and per 128-wide K block.
+
+    Each K block is one row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32); blocks are summed in
+    FP32, which is the "promote to FP32 every 128 elements" accumulation of DeepSeek-V3.
+    """
+    out_MN = None
+    for j in range(a_MK.shape[1] // T):
+        block = slice(j * T, (j + 1) * T)
+        part = torch._scaled_mm(
+            a_MK[:, block],
+            b_NK[:, block].t(),
+            scale_a=a_scale_MJ[:, j : j + 1].contiguous(),
+            scale_b=b_scale_NJ[:, j : j + 1].t().contiguous(),
+            out_dtype=torch.float32,
+        )
+        out_MN = part if out_MN is None else out_MN + part
+    assert out_MN is not None
+    return out_MN
+
+
+def _rows(scale_inv_IJ: torch.Tensor) -> torch.Tensor:
+    """Block scales as one scale per row: each block row covers 128 rows."""
+    return scale_inv_IJ.repeat_interleave(T, dim=0)
+
+
+class Fp8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, power_of_two: bool):
+        m, k = x_MK.shape
+        n = w_NK.shape[0]
+        xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
+        wq_NK, ws_IJ = quantize_blocks(w_NK, power_of_two)
+        y_MN = fp8_gemm(xq_MK, xs_MJ, wq_NK, _rows(ws_IJ))[:, :n]
+        ctx.save_for_backward(x_MK, wq_NK, ws_IJ)
+        ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
+        return y_MN.to(x_MK.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, wq_NK, ws_IJ = ctx.saved_tensors
+        m, k, n = ctx.shape
+        p2 = ctx.power_of_two
+        # input gradient: grad (M x N) @ w (N x K); reduce over N: grad tiles along N, the weight
+        # blocks transposed (a 128 x 128 block is its own transpose's block)
+        gq_MN, gs_MI = quantize_tiles(grad_MN, p2)
+        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_NK.t().contiguous(), _rows(ws_IJ.t()))[:, :k]
+        # weight gradient: grad.T (N x M) @ x (M x K); reduce over M: both quantized along M
+        gq_NM, gs_NL = quantize_tiles(grad_MN.t(), p2)
+        xq_KM, xs_KL = quantize_tiles(x_MK.t(), p2)
+        grad_w_NK = fp8_gemm(gq_NM, gs_NL, xq_KM, xs_KL)[:n, :k]
+        return grad_x_MK.to(x_MK.dtype), grad_w_NK.to(x_MK.dtype), None
+
+
+class Fp8Linear(nn.Linear):
+    """`nn.Linear` whose three GEMMs run in FP8; the master weight stays in its own dtype."""
+
+    power_of_two_scales = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.power_of_two_scales)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+HIGH_PRECISION = ("embed", "lm_head", "mlp.gate", "norm")
+
+
+def default_fp8_filter(name: str, module: nn.Module) -> bool:
+    """DeepSeek-V3 keeps embedding, output head, router gate and norms in high precision."""
+    return (
+        isinstance(module, nn.Linear)
+        and not any(part in name for part in HIGH_PRECISION)
+        and not name.endswith(".gate")
+    )
+
+
+def convert_to_fp8(
+    model: nn.Module, module_filter: Callable[[str, nn.Module], bool] = default_fp8_filter
+) -> list[str]:
+    """Swap the selected `nn.Linear` modules for `Fp8Linear` in place (weights are shared, not
+    copied); returns the converted names."""
+    converted = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module_filter(name, module):
+            module.__class__ = Fp8Linear
+            converted.append(name)
+    return converted
+
+
+def fp8_relative_error_bound() -> float:
+    """E4M3 keeps 3 mantissa bits: round-to-nearest is within 2^-4 of a normal value."""
+    return math.ldexp(1.0, -4)

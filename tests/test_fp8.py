@@ -1,0 +1,119 @@
+import pytest
+import torch
+from torch import nn
+
+from grpo.models.fp8 import (
+    E4M3,
+    Fp8Linear,
+    Fp8LinearFunction,
+    convert_to_fp8,
+    dequantize_blocks,
+    dequantize_tiles,
+    fp8_gemm,
+    quantize_blocks,
+    quantize_tiles,
+)
+
+
+def test_a_tile_whose_amax_is_448_round_trips_exactly():
+    tile = torch.zeros(1, 128)
+    tile[0, :5] = torch.tensor([448.0, -256.0, 1.5, 0.25, -0.875])
+    q, scale_inv = quantize_tiles(tile)
+    assert q.dtype == E4M3 and scale_inv.tolist() == [[1.0]]
+    assert torch.equal(dequantize_tiles(q, scale_inv), tile)
+
+
+def test_power_of_two_scales_round_up():
+    tile = torch.full((1, 128), 96.0)
+    q, scale_inv = quantize_tiles(tile, power_of_two=True)
+    assert scale_inv.item() == 0.25  # 96/448 = 0.214 -> 2^-2
+    assert torch.equal(dequantize_tiles(q, scale_inv), tile)  # 96 / 0.25 = 384 is an e4m3 value
+
+
+def test_ragged_shapes_are_zero_padded_to_whole_tiles_and_blocks():
+    q, scale_inv = quantize_tiles(torch.ones(3, 130))
+    assert (q.shape, scale_inv.shape) == ((3, 256), (3, 2))
+    q, scale_inv = quantize_blocks(torch.ones(130, 200))
+    assert (q.shape, scale_inv.shape) == ((256, 256), (2, 2))
+    assert dequantize_blocks(q, scale_inv)[130:].abs().sum() == 0
+
+
+def test_quantization_error_is_within_e4m3_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(16, 256) * torch.logspace(-3, 3, 16).unsqueeze(1)
+    q, scale_inv = quantize_tiles(x)
+    error = (dequantize_tiles(q, scale_inv) - x).abs()
+    # half an ulp of a 3-bit mantissa, or half the smallest subnormal step (2^-9) of the tile's scale
+    bound = x.abs() * 2.0**-4 + scale_inv.repeat_interleave(128, dim=1) * 2.0**-10
+    assert (error <= bound).all()
+
+
+def test_the_blockwise_gemm_equals_the_product_of_the_dequantized_operands():
+    torch.manual_seed(1)
+    xq, xs = quantize_tiles(torch.randn(8, 384))
+    wq, ws = quantize_blocks(torch.randn(256, 384))
+    expected = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
+    got = fp8_gemm(xq, xs, wq, ws.repeat_interleave(128, dim=0))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_linear_forward_and_gradients_follow_the_high_precision_ones():
+    torch.manual_seed(2)
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(192, 256, requires_grad=True)
+    y = Fp8LinearFunction.apply(x, w, False)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(y, x @ w.t()) < 0.06
+    assert rel(x.grad, grad @ w) < 0.06
+    assert rel(w.grad, grad.t() @ x) < 0.06
+
+
+def test_the_converter_keeps_embedding_head_and_router_in_high_precision():
+    model = nn.ModuleDict(
+        {
+            "embed_tokens": nn.Embedding(10, 128),
+            "q_proj": nn.Linear(128, 128, bias=False),
+            "mlp": nn.ModuleDict({"gate": nn.Linear(128, 8), "up_proj": nn.Linear(128, 256)}),
+            "lm_head": nn.Linear(128, 10),
+        }
+    )
+    weight = model["q_proj"].weight
+    assert convert_to_fp8(model) == ["q_proj", "mlp.up_proj"]
+    assert type(model["q_proj"]) is Fp8Linear and model["q_proj"].weight is weight
+    assert type(model["lm_head"]) is nn.Linear and type(model["mlp"]["gate"]) is nn.Linear
+
+
+def _fit(layer: nn.Linear, steps: int = 60) -> list[float]:
+    torch.manual_seed(3)
+    target, x = torch.randn(128, 128), torch.randn(256, 128)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = (layer(x) - x @ target.t()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_a_converted_layer_learns_like_the_high_precision_one():
+    torch.manual_seed(4)
+    reference = nn.Linear(128, 128)
+    converted = nn.Linear(128, 128)
+    converted.load_state_dict(reference.state_dict())
+    convert_to_fp8(nn.ModuleDict({"proj": converted}))
+    high, low = _fit(reference), _fit(converted)
+    assert low[-1] < 0.5 * low[0]
+    assert abs(low[-1] - high[-1]) / high[-1] < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_output_keeps_the_input_dtype(dtype):
+    layer = Fp8Linear(128, 128, bias=False).to(dtype)
+    assert layer(torch.randn(2, 3, 128, dtype=dtype)).dtype == dtype
