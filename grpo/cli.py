@@ -36,11 +36,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from grpo.errors import ParityError
+
     try:
         return _dispatch(args)
     except ValueError as error:  # RecipeError and every other user-facing ValueError
         print(f"grpo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ParityError as error:  # the run stopped itself: broken weight sync, not a user error
+        print(f"grpo {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:

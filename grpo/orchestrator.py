@@ -18,15 +18,12 @@ import torch
 from grpo.algorithms.advantages import ADVANTAGES, tied_groups
 from grpo.config import Recipe, dump_recipe
 from grpo.data import eval_prompts, train_prompts
+from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
 from grpo.rollout.vllm_engine import Completion, SamplingSpec, VllmEngine
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
-
-
-class ParityError(RuntimeError):
-    """vLLM and the trainer disagree on logprobs after a weight sync: the sync is broken."""
 
 
 @dataclass
@@ -179,6 +176,99 @@ def build_batch(groups, prompt_ids, advantages_BG, keep_B) -> RolloutBatch:
     return batch
 
 
+@dataclass
+class Session:
+    """What one run holds between steps."""
+
+    recipe: Recipe
+    actors: Actors
+    tokenizer: object
+    rewards: RewardRuntime
+    parity_ids: list[int]
+    vllm_logprobs: list[float]
+
+
+def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
+    """Sample, score, update, sync: one GRPO step. Returns its metrics record."""
+    import ray
+
+    recipe, actors = session.recipe, session.actors
+    spec = SamplingSpec(
+        n=recipe.rollout.group_size,
+        max_tokens=recipe.rollout.max_tokens,
+        temperature=recipe.rollout.temperature,
+        top_p=recipe.rollout.top_p,
+    )
+    t0 = time.perf_counter()
+    prompt_ids = [session.tokenizer(r["prompt"])["input_ids"] for r in rows]
+    groups = rollout(actors.engines, prompt_ids, spec)
+    completions = [c for group in groups for c in group]
+    t1 = time.perf_counter()
+    # rewards see the dataset row plus the completion's length in tokens (for `overlong`)
+    samples = [
+        {**row, "completion_tokens": len(c.token_ids)} for row, group in zip(rows, groups) for c in group
+    ]
+    scored = session.rewards.score([c.text for c in completions], samples)
+    t2 = time.perf_counter()
+    rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(rows), spec.n)
+    tied_B = tied_groups(rewards_BG)
+    keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
+    advantages_BG = ADVANTAGES[recipe.algorithm.advantage](rewards_BG)
+    batch = build_batch(groups, prompt_ids, advantages_BG, keep_B)
+    train_metrics = ray.get(actors.trainer.train_step.remote(batch)) if batch.prompt_ids else {}
+    t3 = time.perf_counter()
+    sync_metrics = {}
+    if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
+        session.vllm_logprobs, sync_metrics = sync_weights(
+            actors, session.parity_ids, session.vllm_logprobs, recipe.train.parity_tolerance, step
+        )
+    t4 = time.perf_counter()
+    lengths = [len(c.token_ids) for c in completions]
+    primary = session.rewards.names[0]
+    return {
+        "step": step,
+        "reward/mean": float(rewards_BG.mean()),
+        "reward/std": float(rewards_BG.std()),
+        "accuracy": statistics.fmean(s.components[primary].status == "ok" for s in scored),
+        **reward_metrics(scored, session.rewards.names),
+        **train_metrics,
+        "response_tokens/mean": statistics.fmean(lengths),
+        "response_tokens/max": max(lengths),
+        "tied_groups": int(tied_B.sum()),
+        "dropped_groups": int((~keep_B).sum()),
+        "rollout_tokens_per_s": sum(lengths) / (t1 - t0),
+        "time/rollout_s": t1 - t0,
+        "time/reward_s": t2 - t1,
+        "time/train_s": t3 - t2,
+        "time/sync_s": t4 - t3,
+        "time/step_s": t4 - t0,
+        **sync_metrics,
+    }
+
+
+def start_session(
+    recipe: Recipe, model_path: str, tokenizer, rewards: RewardRuntime, parity_row: dict
+) -> Session:
+    """Start the actors, then fix the parity sequence (a prompt and the initial policy's greedy
+    answer) and check that engines and trainer start from the same weights."""
+    import ray
+
+    actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
+    ray.get(
+        [engine.__ray_ready__.remote() for engine in actors.engines] + [actors.trainer.__ray_ready__.remote()]
+    )
+    prompt = tokenizer(parity_row["prompt"])["input_ids"]
+    greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
+    parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids
+    logprobs, _ = parity(
+        actors,
+        parity_ids,
+        recipe.train.parity_tolerance,
+        "before training (engine and trainer loaded different weights)",
+    )
+    return Session(recipe, actors, tokenizer, rewards, parity_ids, logprobs)
+
+
 def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = True) -> dict:
     import ray
     from tqdm import tqdm
@@ -191,112 +281,46 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     tokenizer = load_tokenizer(model_path)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
     prompts = train_prompts(recipe.data, recipe.run.seed)
-    reward_specs = [
-        RewardEntry(spec.name.rpartition(":")[2], spec.name, spec.weight, spec.kwargs)
-        for spec in recipe.rewards
+    reward_entries = [
+        RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
     log = MetricsLog(run_dir)
-    spec = SamplingSpec(
-        n=recipe.rollout.group_size,
-        max_tokens=recipe.rollout.max_tokens,
-        temperature=recipe.rollout.temperature,
-        top_p=recipe.rollout.top_p,
-    )
-    advantage_fn = ADVANTAGES[recipe.algorithm.advantage]
     start_ray(ray_address, 1 + recipe.rollout.engines * recipe.rollout.cpus_per_engine)
     try:
         with RewardRuntime(
-            reward_specs, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
+            reward_entries, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
         ) as rewards:
-            actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
-            ray.get(
-                [engine.__ray_ready__.remote() for engine in actors.engines]
-                + [actors.trainer.__ray_ready__.remote()]
+            session = start_session(
+                recipe, model_path, tokenizer, rewards, eval_rows[0] if eval_rows else next(prompts)
             )
-            before = (
-                evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_before.jsonl")
-                if eval_rows
-                else {}
-            )
-            parity_row = eval_rows[0] if eval_rows else next(prompts)
-            parity_prompt = tokenizer(parity_row["prompt"])["input_ids"]
-            first = rollout(
-                actors.engines,
-                [parity_prompt],
-                SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0),
-            )
-            parity_ids = parity_prompt + first[0][0].token_ids
-            vllm_lp, _ = parity(
-                actors,
-                parity_ids,
-                recipe.train.parity_tolerance,
-                "before training (engine and trainer loaded different weights)",
-            )
+
+            def run_eval(name: str) -> dict:
+                if not eval_rows:
+                    return {}
+                return evaluate(session.actors, tokenizer, eval_rows, recipe, rewards, run_dir / name)
+
+            before = run_eval("eval_before.jsonl")
             bar = tqdm(
                 range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True
             )
             for step in bar:
-                t0 = time.perf_counter()
-                rows = [next(prompts) for _ in range(recipe.train.prompts_per_step)]
-                prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
-                groups = rollout(actors.engines, prompt_ids, spec)
-                t1 = time.perf_counter()
-                # rewards see the dataset row plus the completion's length in tokens (for `overlong`)
-                samples = [
-                    {**row, "completion_tokens": len(c.token_ids)}
-                    for row, group in zip(rows, groups)
-                    for c in group
-                ]
-                scored = rewards.score([c.text for group in groups for c in group], samples)
-                t2 = time.perf_counter()
-                rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(
-                    len(rows), spec.n
+                record = grpo_step(
+                    session, step, [next(prompts) for _ in range(recipe.train.prompts_per_step)]
                 )
-                tied_B = tied_groups(rewards_BG)
-                keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
-                batch = build_batch(groups, prompt_ids, advantage_fn(rewards_BG), keep_B)
-                train_metrics = ray.get(actors.trainer.train_step.remote(batch)) if batch.prompt_ids else {}
-                t3 = time.perf_counter()
-                sync_metrics = {}
-                if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
-                    vllm_lp, sync_metrics = sync_weights(
-                        actors, parity_ids, vllm_lp, recipe.train.parity_tolerance, step
-                    )
-                t4 = time.perf_counter()
-                lengths = [len(c.token_ids) for group in groups for c in group]
-                primary = rewards.names[0]
-                record = {
-                    "step": step,
-                    "reward/mean": float(rewards_BG.mean()),
-                    "reward/std": float(rewards_BG.std()),
-                    "accuracy": statistics.fmean(s.components[primary].status == "ok" for s in scored),
-                    **reward_metrics(scored, rewards.names),
-                    **train_metrics,
-                    "response_tokens/mean": statistics.fmean(lengths),
-                    "response_tokens/max": max(lengths),
-                    "tied_groups": int(tied_B.sum()),
-                    "dropped_groups": int((~keep_B).sum()),
-                    "rollout_tokens_per_s": sum(lengths) / (t1 - t0),
-                    "time/rollout_s": t1 - t0,
-                    "time/reward_s": t2 - t1,
-                    "time/train_s": t3 - t2,
-                    "time/sync_s": t4 - t3,
-                    "time/step_s": t4 - t0,
-                    **sync_metrics,
-                }
                 log.write(record)
-                bar.write(console_line(record)) if show_progress else None
+                if show_progress:
+                    bar.write(console_line(record))
                 if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
                     ray.get(
-                        actors.trainer.save.remote(str(run_dir / "checkpoints" / f"step-{step}"), model_path)
+                        session.actors.trainer.save.remote(
+                            str(run_dir / "checkpoints" / f"step-{step}"), model_path
+                        )
                     )
-            after = (
-                evaluate(actors, tokenizer, eval_rows, recipe, rewards, run_dir / "eval_after.jsonl")
-                if eval_rows
-                else {}
+            after = run_eval("eval_after.jsonl")
+            final = ray.get(
+                session.actors.trainer.save.remote(str(run_dir / "checkpoints" / "final"), model_path)
             )
-            final = ray.get(actors.trainer.save.remote(str(run_dir / "checkpoints" / "final"), model_path))
-            ray.get(actors.trainer.close.remote())
+            ray.get(session.actors.trainer.close.remote())
     finally:
         ray.shutdown()
     summary = {

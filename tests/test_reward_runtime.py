@@ -120,3 +120,24 @@ def test_grpo_reward_exits_2_on_a_missing_input():
         2,
         "grpo reward: error: input file not found: nope.jsonl",
     )
+
+
+def test_grpo_reward_lean_without_lean_exits_2_with_a_setup_hint(tmp_path, monkeypatch):
+    for name in ("GRPO_LEAN_PROJECT", "GRPO_LEAN_REPL", "GRPO_KIMINA_URL"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        json.dumps(
+            {"completion": "  rfl\n```", "formal_statement": "theorem t : 1 = 1 := by\n", "header": ""}
+        )
+        + "\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "reward", "lean", "--input", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("grpo reward: error: reward lean: Lean is not set up: set GRPO_LEAN_PROJECT")
