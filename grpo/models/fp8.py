@@ -43,7 +43,7 @@ def _scale_inv(amax: torch.Tensor, power_of_two: bool) -> torch.Tensor:
 
 def quantize_tiles(x_MK: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per 1 x 128 tile along K: `(q_MK' e4m3, scale_inv_MJ fp32)`, K' = K padded, J = K' / 128."""
-    x_MK = _pad_to(x_MK, 1)
+    x_MK = _pad_to(x_MK.contiguous(), 1)  # row-major: cuBLASLt wants the left operand so
     tiles_MJT = x_MK.float().unflatten(1, (-1, T))
     scale_inv_MJ = _scale_inv(tiles_MJT.abs().amax(dim=2), power_of_two)
     q_MJT = (tiles_MJT / scale_inv_MJ.unsqueeze(2)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
@@ -56,7 +56,7 @@ def dequantize_tiles(q_MK: torch.Tensor, scale_inv_MJ: torch.Tensor) -> torch.Te
 
 def quantize_blocks(w_NK: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per 128 x 128 block: `(q_NK' e4m3, scale_inv_IJ fp32)`, I = N' / 128, J = K' / 128."""
-    w_NK = _pad_to(_pad_to(w_NK, 0), 1)
+    w_NK = _pad_to(_pad_to(w_NK.contiguous(), 0), 1)
     n, k = w_NK.shape
     blocks_ITJT = w_NK.float().view(n // T, T, k // T, T)
     scale_inv_IJ = _scale_inv(blocks_ITJT.abs().amax(dim=(1, 3)), power_of_two)
@@ -70,13 +70,28 @@ def dequantize_blocks(q_NK: torch.Tensor, scale_inv_IJ: torch.Tensor) -> torch.T
 
 
 def fp8_gemm(
-    a_MK: torch.Tensor, a_scale_MJ: torch.Tensor, b_NK: torch.Tensor, b_scale_NJ: torch.Tensor
+    a_MK: torch.Tensor,
+    a_scale_MJ: torch.Tensor,
+    b_NK: torch.Tensor,
+    b_scale_IJ: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """`a @ b.T` in FP32 from FP8 operands whose scales vary per row and per 128-wide K block.
+    """`a @ b.T` from FP8 operands: `a` scaled per 1 x 128 tile, `b` per 128 x 128 block; FP32 accumulation.
 
-    Each K block is one row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32); blocks are summed in
-    FP32, which is the "promote to FP32 every 128 elements" accumulation of DeepSeek-V3.
+    On CUDA this is one blockwise-scaled `torch._scaled_mm` (cuBLASLt wants the tile scales
+    column-major and the block scales as a transposed view). Elsewhere each 128-wide K block is one
+    row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32) and the blocks are summed in FP32, the
+    "promote to FP32 every 128 elements" accumulation of DeepSeek-V3.
     """
+    if a_MK.is_cuda:
+        return torch._scaled_mm(
+            a_MK,
+            b_NK.t(),
+            scale_a=a_scale_MJ.t().contiguous().t(),
+            scale_b=b_scale_IJ.t(),
+            out_dtype=out_dtype,
+        )
+    b_scale_NJ = b_scale_IJ.repeat_interleave(T, dim=0)
     out_MN = None
     for j in range(a_MK.shape[1] // T):
         block = slice(j * T, (j + 1) * T)
@@ -89,12 +104,18 @@ def fp8_gemm(
         )
         out_MN = part if out_MN is None else out_MN + part
     assert out_MN is not None
-    return out_MN
+    return out_MN.to(out_dtype)
 
 
-def _rows(scale_inv_IJ: torch.Tensor) -> torch.Tensor:
-    """Block scales as one scale per row: each block row covers 128 rows."""
-    return scale_inv_IJ.repeat_interleave(T, dim=0)
+def _fused_on_cuda(quantize):
+    """Quantizers in eager PyTorch cost as much as the GEMM on a GPU; compiled they run near the
+    copy ceiling. CPU calls stay eager."""
+    compiled = torch.compile(quantize, dynamic=False)
+    return lambda x, power_of_two=False: (compiled if x.is_cuda else quantize)(x, power_of_two)
+
+
+_tiles = _fused_on_cuda(quantize_tiles)
+_blocks = _fused_on_cuda(quantize_blocks)
 
 
 class Fp8LinearFunction(torch.autograd.Function):
@@ -102,27 +123,28 @@ class Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx, x_MK, w_NK, power_of_two: bool):
         m, k = x_MK.shape
         n = w_NK.shape[0]
-        xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
-        wq_NK, ws_IJ = quantize_blocks(w_NK, power_of_two)
-        y_MN = fp8_gemm(xq_MK, xs_MJ, wq_NK, _rows(ws_IJ))[:, :n]
+        xq_MK, xs_MJ = _tiles(x_MK, power_of_two)
+        wq_NK, ws_IJ = _blocks(w_NK, power_of_two)
+        y_MN = fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[:, :n]
         ctx.save_for_backward(x_MK, wq_NK, ws_IJ)
         ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
-        return y_MN.to(x_MK.dtype)
+        return y_MN
 
     @staticmethod
     def backward(ctx, grad_MN):
         x_MK, wq_NK, ws_IJ = ctx.saved_tensors
         m, k, n = ctx.shape
-        p2 = ctx.power_of_two
-        # input gradient: grad (M x N) @ w (N x K); reduce over N: grad tiles along N, the weight
-        # blocks transposed (a 128 x 128 block is its own transpose's block)
-        gq_MN, gs_MI = quantize_tiles(grad_MN, p2)
-        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_NK.t().contiguous(), _rows(ws_IJ.t()))[:, :k]
-        # weight gradient: grad.T (N x M) @ x (M x K); reduce over M: both quantized along M
-        gq_NM, gs_NL = quantize_tiles(grad_MN.t(), p2)
-        xq_KM, xs_KL = quantize_tiles(x_MK.t(), p2)
-        grad_w_NK = fp8_gemm(gq_NM, gs_NL, xq_KM, xs_KL)[:n, :k]
-        return grad_x_MK.to(x_MK.dtype), grad_w_NK.to(x_MK.dtype), None
+        p2, dtype = ctx.power_of_two, x_MK.dtype
+        # input gradient: grad (M x N) @ w (N x K), reducing over N: grad in tiles along N, the
+        # weight's 128 x 128 blocks transposed (a block of w.T is the transpose of a block of w)
+        gq_MN, gs_MI = _tiles(grad_MN.to(dtype), p2)
+        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_NK.t().contiguous(), ws_IJ.t().contiguous(), dtype)[:, :k]
+        # weight gradient: grad.T (N x M) @ x (M x K), reducing over the tokens: grad.T in tiles
+        # along M, x.T in 128 x 128 blocks
+        gq_NM, gs_NL = _tiles(grad_MN.t().to(dtype), p2)
+        xq_KM, xs_PL = _blocks(x_MK.t(), p2)
+        grad_w_NK = fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype)[:n, :k]
+        return grad_x_MK, grad_w_NK, None
 
 
 class Fp8Linear(nn.Linear):
