@@ -29,6 +29,27 @@ def _parser() -> argparse.ArgumentParser:
     reward.add_argument("--timeout", type=float, default=10.0)
     reward.add_argument("--workers", type=int, default=2)
 
+    evaluate = commands.add_parser("eval", help="pass@k on miniF2F, ProofNet, MATH-500 or GSM8K")
+    evaluate.add_argument("benchmark", help="minif2f | proofnet | math500 | gsm8k")
+    evaluate.add_argument("--model", required=True, help="Hugging Face folder or hub id")
+    evaluate.add_argument(
+        "--data", help="a .jsonl/.json/.parquet file or dataset id (default: the shared data folder)"
+    )
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--n", type=int, default=32, help="samples per problem")
+    evaluate.add_argument("--k", default="1,8,32", help="comma-separated k for pass@k")
+    evaluate.add_argument("--limit", type=int, help="first N problems only")
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--max-tokens", type=int, default=2048)
+    evaluate.add_argument("--prompt", default="noncot", help="noncot | cot (Lean benchmarks)")
+    evaluate.add_argument("--out", help="output folder (default runs/eval-BENCHMARK); re-running resumes")
+    evaluate.add_argument(
+        "--dry-run", action="store_true", help="Lean: write the files to check, verify nothing"
+    )
+    evaluate.add_argument("--engines", type=int, default=1)
+    evaluate.add_argument("--ray-address", default=None)
+
     report = commands.add_parser("report", help="plot a run's curves")
     report.add_argument("run_dir")
     return parser
@@ -49,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    import json
     from pathlib import Path
 
     if args.command == "train":
@@ -67,6 +89,18 @@ def _dispatch(args) -> int:
         from grpo.rewards.offline import score_file
 
         score_file(args.name, Path(args.input), args.output, args.workers, args.timeout)
+    elif args.command == "eval":
+        from grpo.eval.run import EvalArgs, evaluate_benchmark
+
+        try:
+            ks = tuple(int(k) for k in args.k.split(","))
+        except ValueError:
+            raise ValueError(f"--k {args.k!r}: expected comma-separated integers such as 1,8,32") from None
+        options = {key: value for key, value in vars(args).items() if key not in ("command", "k")}
+        report = evaluate_benchmark(EvalArgs(**options, k=ks))
+        print(
+            json.dumps({key: report[key] for key in report if key.startswith("pass@") or key == "problems"})
+        )
     elif args.command == "report":
         from grpo.metrics import plot_run
 

@@ -17,7 +17,7 @@ TASK_PREFIX = "task:"
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _load_rows(source: str, split: str) -> list[dict]:
+def load_rows(source: str, split: str) -> list[dict]:
     import datasets
 
     path = Path(source)
@@ -52,7 +52,7 @@ def train_prompts(config: DataConfig, seed: int):
     """Endless iterator of training rows, shuffled once per pass."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
-    rows = _format(_load_rows(config.source, config.split), config)
+    rows = _format(load_rows(config.source, config.split), config)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
     rng = random.Random(seed)
@@ -74,7 +74,7 @@ def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
             for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
         }
         return list(unique.values())[:count]
-    return _format(_load_rows(source, config.eval_split), config)[:count]
+    return _format(load_rows(source, config.eval_split), config)[:count]
 
 
 def _task(source: str):

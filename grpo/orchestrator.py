@@ -7,7 +7,6 @@ rewards run in their own worker processes (`grpo.rewards.runtime`), off the trai
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
-from grpo.rollout.vllm_engine import Completion, SamplingSpec, VllmEngine
+from grpo.rollout.engines import THREAD_ENV, rollout, start_engines, start_ray
+from grpo.rollout.vllm_engine import SamplingSpec
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
 
@@ -32,58 +32,26 @@ class Actors:
     engines: list
 
 
-def start_ray(address: str | None, cpus_needed: float) -> None:
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # Logical CPUs only: on a 2-core machine the trainer and the engine take turns anyway.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-
-
 def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
     import ray
 
-    threads = str(os.cpu_count() or 1)
-    # Idle OpenMP threads sleep instead of spinning: the engine and the trainer take turns on the
-    # same cores, and a spinning neighbour steals half of them.
-    common_env = {"OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
-    engine_env = {
-        **common_env,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
-    gpus = 1 if torch.cuda.is_available() else 0
     trainer = (
         ray.remote(PolicyTrainer)
-        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": common_env})
+        .options(
+            num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0, runtime_env={"env_vars": THREAD_ENV}
+        )
         .remote(model_path, recipe.model_dump(mode="json"), pad_id)
     )
-    engines = [
-        ray.remote(VllmEngine)
-        .options(num_cpus=recipe.rollout.cpus_per_engine, num_gpus=gpus, runtime_env={"env_vars": engine_env})
-        .remote(model_path, recipe.model.dtype, recipe.run.seed + i, recipe.rollout.engine_kwargs)
-        for i in range(recipe.rollout.engines)
-    ]
+    rollout_config = recipe.rollout
+    engines = start_engines(
+        model_path,
+        recipe.model.dtype,
+        recipe.run.seed,
+        rollout_config.engines,
+        rollout_config.cpus_per_engine,
+        rollout_config.engine_kwargs,
+    )
     return Actors(trainer, engines)
-
-
-def rollout(engines: list, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
-    """Spread prompts over the engines (contiguous shards) and gather the groups in order."""
-    import ray
-
-    shard = -(-len(prompt_ids) // len(engines))
-    futures = [
-        engine.generate.remote(prompt_ids[i * shard : (i + 1) * shard], spec)
-        for i, engine in enumerate(engines)
-        if prompt_ids[i * shard : (i + 1) * shard]
-    ]
-    return [group for part in ray.get(futures) for group in part]
 
 
 def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, rewards: RewardRuntime, out: Path):
@@ -254,9 +222,7 @@ def start_session(
     import ray
 
     actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
-    ray.get(
-        [engine.__ray_ready__.remote() for engine in actors.engines] + [actors.trainer.__ray_ready__.remote()]
-    )
+    ray.get(actors.trainer.__ray_ready__.remote())  # the engines are up already
     prompt = tokenizer(parity_row["prompt"])["input_ids"]
     greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
     parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids

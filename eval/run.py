@@ -1,0 +1,211 @@
+"""`grpo eval BENCHMARK --model PATH ...`: sample n completions per problem with the vLLM engines,
+score them (math reward or Lean verifier), and report unbiased pass@k.
+
+Outputs in `--out`: `problems.jsonl` (one line per finished problem: completions, verdicts, pass@k),
+`report.json` and `report.md`. A problem is written only once it is fully sampled and verified, so
+re-running into the same folder resumes: finished problems are neither sampled nor verified again.
+With `--dry-run` (Lean benchmarks) nothing is verified; the exact Lean files that would be checked
+are written under `lean/` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo.eval.benchmarks import BENCHMARKS, Benchmark, default_data_dir
+from grpo.eval.passk import pass_at_k
+
+CHUNK = 16  # problems sampled and verified together, then appended to problems.jsonl
+
+
+@dataclass
+class EvalArgs:
+    benchmark: str
+    model: str
+    data: str | None = None
+    split: str = "test"
+    n: int = 32
+    k: tuple[int, ...] = (1, 8, 32)
+    limit: int | None = None
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_tokens: int = 2048
+    prompt: str = "noncot"
+    out: str | None = None
+    dry_run: bool = False
+    engines: int = 1
+    seed: int = 0
+    ray_address: str | None = None
+    timeout_s: float = 60.0
+    reward_workers: int = 2
+
+
+def load_rows(benchmark: Benchmark, data: str | None, split: str) -> list[dict]:
+    from grpo.data import load_rows as load
+
+    source = data or str(default_data_dir() / benchmark.default_file)
+    if data is None and not Path(source).is_file():
+        raise ValueError(f"no data for {benchmark.name}: pass --data PATH_OR_ID (looked for {source})")
+    rows = load(source, split)
+    if not rows:
+        raise ValueError(f"no {split!r} rows in {source}")
+    return rows
+
+
+def problem_id(benchmark: Benchmark, row: dict, index: int) -> str:
+    return str(row.get(benchmark.id_field) or index) if benchmark.id_field else str(index)
+
+
+def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
+    if bad := [k for k in args.k if k > args.n or k < 1]:
+        raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
+    if args.prompt not in ("noncot", "cot"):
+        raise ValueError(f"--prompt {args.prompt!r}: use noncot or cot")
+    if benchmark.kind == "lean" and not args.dry_run:
+        from grpo.rewards.lean import setup_problem
+
+        if problem := setup_problem():
+            raise ValueError(f"{problem}; or pass --dry-run to write the Lean files without checking them")
+
+
+def write_lean_files(folder: Path, pid: str, row: dict, sample: dict, completions: list[str]) -> list[str]:
+    """The exact files the verifier would check (header + code + `#print axioms`)."""
+    from grpo.rewards.lean_checks import assemble, static_verdict, theorem_name
+
+    folder.mkdir(parents=True, exist_ok=True)
+    verdicts = []
+    for i, completion in enumerate(completions):
+        code = assemble(completion, sample["formal_statement"])
+        rejected = static_verdict(code, sample["formal_statement"])
+        if rejected is None:
+            text = f"{sample['header']}{code}\n\n#print axioms {theorem_name(sample['formal_statement'])}\n"
+            (folder / f"{pid.replace('/', '_')}_{i}.lean").write_text(text)
+        verdicts.append("dry_run" if rejected is None else rejected.reason)
+    return verdicts
+
+
+def evaluate_benchmark(args: EvalArgs) -> dict:
+    import ray
+    from grpo.rewards.runtime import RewardEntry, RewardRuntime
+
+    from grpo.models.build import load_tokenizer, materialize
+    from grpo.rollout.engines import rollout, start_engines, start_ray
+    from grpo.rollout.vllm_engine import SamplingSpec
+
+    if args.benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.benchmark!r}: use one of {sorted(BENCHMARKS)}")
+    benchmark = BENCHMARKS[args.benchmark]
+    check_args(args, benchmark)
+    out = Path(args.out or f"runs/eval-{benchmark.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(benchmark, args.data, args.split)[: args.limit]
+    results_path = out / "problems.jsonl"
+    done = (
+        {json.loads(line)["id"] for line in results_path.read_text().splitlines()}
+        if results_path.exists()
+        else set()
+    )
+    todo = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
+    todo = [(pid, r) for pid, r in todo if pid not in done]
+    model_path = materialize(args.model, out / "model")
+    tokenizer = load_tokenizer(model_path)
+    spec = SamplingSpec(
+        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    started, sampled = time.perf_counter(), 0
+    if todo:
+        reward = "lean" if benchmark.kind == "lean" else "math"
+        start_ray(args.ray_address, args.engines)
+        try:
+            engines = start_engines(model_path, "float32", args.seed, args.engines, 1.0, {})
+            runtime = (
+                None
+                if args.dry_run
+                else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
+            )
+            for start in range(0, len(todo), CHUNK):
+                chunk = todo[start : start + CHUNK]
+                prompts = [tokenizer(benchmark.prompt(r, args.prompt))["input_ids"] for _, r in chunk]
+                groups = rollout(engines, prompts, spec)
+                sampled += len(chunk)
+                with results_path.open("a") as handle:
+                    for (pid, row), group in zip(chunk, groups):
+                        texts, sample = [c.text for c in group], benchmark.sample(row)
+                        if runtime is None:
+                            verdicts, seconds = write_lean_files(out / "lean", pid, row, sample, texts), []
+                            correct = 0
+                        else:
+                            scored = runtime.score(texts, [sample] * len(texts))
+                            parts = [s.components[reward] for s in scored]
+                            verdicts = [p.message or p.status for p in parts]
+                            seconds = [p.seconds for p in parts]
+                            correct = sum(p.status == "ok" for p in parts)
+                        record = {
+                            "id": pid,
+                            "n": len(texts),
+                            "correct": correct,
+                            **{f"pass@{k}": pass_at_k(len(texts), correct, k) for k in args.k},
+                            "completions": texts,
+                            "verdicts": verdicts,
+                            "verify_seconds": seconds,
+                        }
+                        handle.write(json.dumps(record) + "\n")
+            if runtime is not None:
+                runtime.close()
+        finally:
+            ray.shutdown()
+    report = build_report(benchmark, args, results_path, sampled, time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def build_report(
+    benchmark: Benchmark, args: EvalArgs, results_path: Path, sampled: int, seconds: float
+) -> dict:
+    records = (
+        [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    )
+    times = [t for r in records for t in r["verify_seconds"]]
+    reasons = Counter(verdict.split(": ")[0] for r in records for verdict in r["verdicts"])
+    return {
+        "benchmark": benchmark.name,
+        "model": args.model,
+        "split": args.split,
+        "problems": len(records),
+        "samples_per_problem": args.n,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_tokens": args.max_tokens,
+        "prompt": args.prompt,
+        "dry_run": args.dry_run,
+        **{
+            f"pass@{k}": statistics.fmean(r[f"pass@{k}"] for r in records) if records else None
+            for k in args.k
+        },
+        "verification": {
+            "seconds_mean": statistics.fmean(times) if times else None,
+            "seconds_p50": statistics.median(times) if times else None,
+            "timeouts": reasons.get("timeout", 0),
+            "verdicts": dict(reasons.most_common()),
+        },
+        "problems_sampled_this_run": sampled,
+        "wall_time_s": seconds,
+        "published": benchmark.published,
+    }
+
+
+def markdown(report: dict) -> str:
+    ks = [key for key in report if key.startswith("pass@")]
+    head = "| benchmark | split | problems | n | prompt | " + " | ".join(ks) + " |"
+    rule = "|" + "---|" * (5 + len(ks))
+    cells = " | ".join("dry run" if report["dry_run"] else f"{100 * report[k]:.1f}%" for k in ks)
+    row = f"| {report['benchmark']} | {report['split']} | {report['problems']} | {report['samples_per_problem']} | {report['prompt']} | {cells} |"
+    return (
+        f"# {report['model']}\n\n{head}\n{rule}\n{row}\n\nPublished, for comparison: {report['published']}\n"
+    )

@@ -1,0 +1,146 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from grpo.eval.benchmarks import BENCHMARKS, default_data_dir
+from grpo.eval.passk import pass_at_k
+from grpo.eval.prompts import lean_prompt, math_prompt
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [(4, 1, 2, 0.5), (5, 2, 1, 0.4), (10, 0, 5, 0.0), (3, 3, 1, 1.0), (3, 1, 3, 1.0), (6, 2, 3, 0.8)],
+)
+def test_pass_at_k_matches_the_binomial_formula(n, c, k, expected):
+    # e.g. n=6, c=2, k=3: 1 - C(4,3)/C(6,3) = 1 - 4/20 = 0.8
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_needs_k_samples():
+    with pytest.raises(ValueError, match="pass@8 needs at least 8 samples"):
+        pass_at_k(4, 1, 8)
+
+
+def _first(path):
+    return json.loads((default_data_dir() / path).read_text().splitlines()[0])
+
+
+def test_a_minif2f_prompt_is_instruction_header_informal_statement_and_formal_statement():
+    row = _first("minif2f/minif2f.jsonl")
+    prompt = lean_prompt(row)
+    assert (
+        prompt
+        == "Complete the following Lean 4 code:\n\n```lean4\n"
+        + row["header"]
+        + row["informal_prefix"]
+        + row["formal_statement"]
+    )
+    assert prompt.endswith(":= by\n")
+    assert lean_prompt(row, "cot").startswith("Complete the following Lean 4 code with explanatory comments")
+
+
+def test_a_proofnet_prompt_uses_its_own_header_and_opens_a_tactic_block():
+    row = _first("proofnet/proofnet.jsonl")
+    assert row["formal_statement"].endswith(":=")
+    prompt = lean_prompt(row)
+    assert prompt.startswith(
+        "Complete the following Lean 4 code:\n\n```lean4\nimport Mathlib\n\nopen Complex Filter"
+    )
+    assert prompt.endswith(row["formal_statement"] + " by\n")
+    assert BENCHMARKS["proofnet"].sample(row)["formal_statement"] == row["formal_statement"] + " by\n"
+
+
+def test_a_math_prompt_asks_for_a_boxed_answer():
+    assert (
+        math_prompt("What is 1+1? ")
+        == "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
+
+
+def _grpo(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_a_lean_benchmark_without_lean_exits_2_before_sampling(tmp_path, monkeypatch):
+    for name in ("GRPO_LEAN_PROJECT", "GRPO_LEAN_REPL", "GRPO_KIMINA_URL"):
+        monkeypatch.delenv(name, raising=False)
+    result = _grpo("eval", "minif2f", "--model", "tiny:deepseek_v3", "--out", str(tmp_path))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("grpo eval: error: Lean is not set up") and line.endswith(
+        "or pass --dry-run to write the Lean files without checking them"
+    )
+
+
+@pytest.mark.slow
+def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path):
+    from grpo.models.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(
+        tmp_path / "model", max_position_embeddings=2048
+    )  # MATH prompts are long in characters
+    out = tmp_path / "eval"
+    common = [
+        "eval",
+        "math500",
+        "--model",
+        str(model),
+        "--n",
+        "2",
+        "--k",
+        "1,2",
+        "--max-tokens",
+        "16",
+        "--out",
+        str(out),
+    ]
+    first = _grpo(*common, "--limit", "20")
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["problems"], report["problems_sampled_this_run"]) == (20, 20)
+    assert 0.0 <= report["pass@1"] <= report["pass@2"] <= 1.0
+    assert "| math500 | test | 20 | 2 |" in (out / "report.md").read_text()
+    records = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert len(records[0]["completions"]) == 2 and records[0]["id"] == "test/precalculus/807.json"
+    second = _grpo(*common, "--limit", "22")
+    assert second.returncode == 0, second.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["problems"], report["problems_sampled_this_run"]) == (22, 2)
+
+
+@pytest.mark.slow
+def test_a_dry_run_writes_the_lean_files_it_would_check(tmp_path):
+    from grpo.models.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(
+        tmp_path / "model", max_position_embeddings=2048
+    )  # MATH prompts are long in characters
+    out = tmp_path / "eval"
+    result = _grpo(
+        "eval",
+        "minif2f",
+        "--model",
+        str(model),
+        "--n",
+        "2",
+        "--k",
+        "1",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "16",
+        "--dry-run",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    written = sorted(Path(out / "lean").glob("*.lean")) if (out / "lean").exists() else []
+    assert sum(v == "dry_run" for r in records for v in r["verdicts"]) == len(written)
+    for path in written:
+        text = path.read_text()
+        assert text.startswith("import Mathlib\nimport Aesop\n") and "\n#print axioms " in text
