@@ -61,6 +61,12 @@ def problem_id(benchmark: Benchmark, row: dict, index: int) -> str:
     return str(row.get(benchmark.id_field) or index) if benchmark.id_field else str(index)
 
 
+def context_length(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 1 << 30))
+
+
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
@@ -128,15 +134,21 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
                 if args.dry_run
                 else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
             )
+            context = context_length(model_path)
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 prompts = [tokenizer(benchmark.prompt(r, args.prompt))["input_ids"] for _, r in chunk]
-                groups = rollout(engines, prompts, spec)
+                # a prompt the model cannot even read gets no completions (and counts as unsolved)
+                fits = [len(p) < context for p in prompts]
+                sampled_groups = iter(rollout(engines, [p for p, ok in zip(prompts, fits) if ok], spec))
+                groups = [next(sampled_groups) if ok else [] for ok in fits]
                 sampled += len(chunk)
                 with results_path.open("a") as handle:
                     for (pid, row), group in zip(chunk, groups):
                         texts, sample = [c.text for c in group], benchmark.sample(row)
-                        if runtime is None:
+                        if not texts:
+                            verdicts, seconds, correct = ["prompt_too_long"] * args.n, [], 0
+                        elif runtime is None:
                             verdicts, seconds = write_lean_files(out / "lean", pid, row, sample, texts), []
                             correct = 0
                         else:
@@ -147,9 +159,9 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
                             correct = sum(p.status == "ok" for p in parts)
                         record = {
                             "id": pid,
-                            "n": len(texts),
+                            "n": args.n,
                             "correct": correct,
-                            **{f"pass@{k}": pass_at_k(len(texts), correct, k) for k in args.k},
+                            **{f"pass@{k}": pass_at_k(args.n, correct, k) for k in args.k},
                             "completions": texts,
                             "verdicts": verdicts,
                             "verify_seconds": seconds,

@@ -131,6 +131,9 @@ class EvalConfig(Section):
     samples: int = Field(1, ge=1)
     """Completions per held-out prompt; accuracy is their mean (mean@k)."""
     max_tokens: int = Field(64, ge=1)
+    interval: int = Field(0, ge=0)
+    """Also evaluate every N training steps and log `eval/accuracy`... in that step's metrics (0: only
+    before and after training)."""
 
 
 class SftConfig(Section):

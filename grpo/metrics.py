@@ -14,7 +14,15 @@ CONSOLE_KEYS = (
     ("sync/parity_max_abs_diff", "parity", "{:.1e}"),
     ("time/step_s", "s", "{:.1f}"),
 )
-PLOT_KEYS = ("reward/mean", "accuracy", "kl", "entropy", "response_tokens/mean", "clip_fraction")
+PLOT_KEYS = (
+    "reward/mean",
+    "accuracy",
+    "eval/accuracy",
+    "kl",
+    "entropy",
+    "response_tokens/mean",
+    "clip_fraction",
+)
 
 
 class MetricsLog:

@@ -273,6 +273,9 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                 record = grpo_step(
                     session, step, [next(prompts) for _ in range(recipe.train.prompts_per_step)]
                 )
+                if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:
+                    scores = run_eval(f"eval_step{step}.jsonl")
+                    record.update({f"eval/{key}": value for key, value in scores.items()})
                 log.write(record)
                 if show_progress:
                     bar.write(console_line(record))

@@ -27,7 +27,7 @@ def _recipe(tmp_path):
             # a large learning rate so that two steps visibly move a random model
             "train": {"steps": 2, "prompts_per_step": 4, "learning_rate": 1e-2, "threads": 2},
             "algorithm": {"beta": 0.04, "mu": 2},
-            "eval": {"prompts": 4, "max_tokens": 12},
+            "eval": {"prompts": 4, "max_tokens": 12, "interval": 1},
             "rewards": [{"name": "math"}, {"name": f"{tmp_path}/my_reward.py:digits", "weight": 1.0}],
         }
     )
@@ -61,6 +61,7 @@ def test_two_steps_write_the_run_folder(run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert "reward/digits/mean" in records[0] and "reward/math/ok" in records[0]
+    assert "eval/accuracy" in records[0] and "eval/accuracy" not in records[1]  # step 2 is the final eval
     for key in (
         "reward/mean",
         "kl",
