@@ -76,13 +76,16 @@ def test_a_lean_benchmark_without_lean_exits_2_before_sampling(tmp_path, monkeyp
     )
 
 
-@pytest.mark.slow
-def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path):
+@pytest.fixture
+def model(tmp_path):
+    """A random tiny DeepSeek-V3 whose context fits benchmark prompts (long in characters)."""
     from grpo.models.tiny import save_tiny_checkpoint
 
-    model = save_tiny_checkpoint(
-        tmp_path / "model", max_position_embeddings=2048
-    )  # MATH prompts are long in characters
+    return save_tiny_checkpoint(tmp_path / "model", max_position_embeddings=2048)
+
+
+@pytest.mark.slow
+def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path, model):
     out = tmp_path / "eval"
     common = [
         "eval",
@@ -113,12 +116,7 @@ def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dry_run_writes_the_lean_files_it_would_check(tmp_path):
-    from grpo.models.tiny import save_tiny_checkpoint
-
-    model = save_tiny_checkpoint(
-        tmp_path / "model", max_position_embeddings=2048
-    )  # MATH prompts are long in characters
+def test_a_dry_run_writes_the_lean_files_it_would_check(tmp_path, model):
     out = tmp_path / "eval"
     result = _grpo(
         "eval",

@@ -201,8 +201,5 @@ class PolicyTrainer:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
 
-    def parameter_checksum(self) -> float:
-        return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))
-
     def close(self) -> None:
         self.weights.close()
