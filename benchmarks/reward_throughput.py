@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+from grpo.eval.benchmarks import default_data_dir
 from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
 PATHOLOGICAL = [
@@ -59,9 +60,7 @@ def math_verify_alone(completion: str, gold: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/math500/test.jsonl")
-    )
+    parser.add_argument("--data", default=str(default_data_dir() / "math500/test.jsonl"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=1, help="score the set this many times")

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_data
 from grpo.eval.benchmarks import BENCHMARKS, default_data_dir
 from grpo.eval.passk import pass_at_k
 from grpo.eval.prompts import lean_prompt, math_prompt
@@ -27,6 +28,7 @@ def _first(path):
     return json.loads((default_data_dir() / path).read_text().splitlines()[0])
 
 
+@needs_data
 def test_a_minif2f_prompt_is_instruction_header_informal_statement_and_formal_statement():
     row = _first("minif2f/minif2f.jsonl")
     prompt = lean_prompt(row)
@@ -41,6 +43,7 @@ def test_a_minif2f_prompt_is_instruction_header_informal_statement_and_formal_st
     assert lean_prompt(row, "cot").startswith("Complete the following Lean 4 code with explanatory comments")
 
 
+@needs_data
 def test_a_proofnet_prompt_uses_its_own_header_and_opens_a_tactic_block():
     row = _first("proofnet/proofnet.jsonl")
     assert row["formal_statement"].endswith(":=")
@@ -84,6 +87,7 @@ def model(tmp_path):
     return save_tiny_checkpoint(tmp_path / "model", max_position_embeddings=2048)
 
 
+@needs_data
 @pytest.mark.slow
 def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path, model):
     out = tmp_path / "eval"
@@ -115,6 +119,7 @@ def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path, model):
     assert (report["problems"], report["problems_sampled_this_run"]) == (22, 2)
 
 
+@needs_data
 @pytest.mark.slow
 def test_a_dry_run_writes_the_lean_files_it_would_check(tmp_path, model):
     out = tmp_path / "eval"

@@ -1,10 +1,10 @@
 import json
-from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR, needs_data
 from grpo.rewards.lean_checks import assemble, normalize_statement, static_verdict, verdict_from_repl
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "minif2f"
+DATA = DATA_DIR / "minif2f"
 STATEMENT = "theorem t (x : ℕ) (h : x = 2) :\n    x + 1 = 3 := by\n"
 
 
@@ -60,6 +60,7 @@ def test_a_changed_statement_is_a_mismatch():
     assert static_verdict(tampered, STATEMENT).reason == "statement_mismatch"
 
 
+@needs_data
 def test_known_invalid_proofs_that_need_no_lean_are_rejected_statically():
     statements = {r["name"]: r["formal_statement"] for r in _rows("minif2f.jsonl")}
     expected = {

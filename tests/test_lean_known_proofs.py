@@ -1,18 +1,20 @@
 """The 29 known proofs against a real Lean (4.9 + DeepSeek's Mathlib fork): skipped without Lean."""
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR
 from grpo.rewards.lean import setup_problem, verifier_from_env, verify
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "minif2f"
+DATA = DATA_DIR / "minif2f"
 PROBLEM = setup_problem()
 
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"needs Lean: {PROBLEM}")
 
 
 def _rows(name):
+    if not DATA.is_dir():
+        return []
     return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
 
 
