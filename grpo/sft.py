@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -71,7 +72,7 @@ def sft(recipe: Recipe, log=print) -> dict:
         losses.append(loss.item())
         if step % 50 == 0 or step == config.steps:
             log(
-                f"sft step {step:>4}/{config.steps} | loss {statistics_mean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s"
+                f"sft step {step:>4}/{config.steps} | loss {statistics.fmean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s"
             )
     final = run_dir / "final"
     accelerator.unwrap_model(model).save_pretrained(final)
@@ -79,13 +80,9 @@ def sft(recipe: Recipe, log=print) -> dict:
     summary = {
         "run": recipe.run.name,
         "steps": config.steps,
-        "final_loss": statistics_mean(losses[-20:]),
+        "final_loss": statistics.fmean(losses[-20:]),
         "checkpoint": str(final),
         "wall_time_s": time.perf_counter() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / max(1, len(values))

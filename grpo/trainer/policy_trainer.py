@@ -36,6 +36,9 @@ class Packed:
     attention_mask_BL: torch.Tensor
     completion_mask_BL1: torch.Tensor
 
+    def to(self, device) -> Packed:
+        return Packed(*(tensor.to(device) for tensor in vars(self).values()))
+
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
     """Right-pad prompt+completion; mark the target positions that are completion tokens."""
@@ -97,8 +100,7 @@ class PolicyTrainer:
         for start in range(0, len(batch.prompt_ids), size):
             rows = slice(start, start + size)
             packed = pack(batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id)
-            device = self.accelerator.device
-            yield rows, Packed(*(t.to(device) for t in vars(packed).values()))
+            yield rows, packed.to(self.accelerator.device)
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, batch: RolloutBatch) -> list[torch.Tensor]:
@@ -110,9 +112,7 @@ class PolicyTrainer:
         out = []
         for ids in sequences:
             packed = pack([ids[:1]], [ids[1:]], self.pad_id)
-            logp_BL1, _ = token_logprobs(
-                self.model, Packed(*(t.to(self.accelerator.device) for t in vars(packed).values()))
-            )
+            logp_BL1, _ = token_logprobs(self.model, packed.to(self.accelerator.device))
             out.append(logp_BL1[0].tolist())
         return out
 
