@@ -81,10 +81,9 @@ def test_parameters_changed(run):
     assert before.keys() == after.keys()
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert "model.layers.1.self_attn.kv_b_proj.weight" in changed
-    assert (
-        "model.layers.1.mlp.experts.3.down_proj.weight" in changed
-        or "model.layers.1.mlp.experts.0.down_proj.weight" in changed
-    )
+    # Which routed experts receive tokens in two steps depends on unseeded sampling; some must.
+    assert any(name.startswith("model.layers.1.mlp.experts.") for name in changed)
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in changed
 
 
 def test_vllm_logprobs_moved_after_each_sync_and_match_the_trainer(run):
