@@ -41,6 +41,10 @@ class ModelConfig(Section):
     embedding, output head, router gate and norms. The master weights (and what vLLM receives) stay
     in `dtype`, so trainer and vLLM logprobs then differ by FP8 rounding: raise
     `train.parity_tolerance` accordingly."""
+    moe: Literal["grouped", "transformers"] = "grouped"
+    """How DeepSeek-V3 / Qwen3-MoE expert blocks train: `grouped` swaps in the project's MoE layer
+    (`grpo.models.moe`: grouped GEMM, FP8 experts with `fp8`, load statistics, balancing);
+    `transformers` keeps transformers' own blocks (experts then stay in `dtype` even with `fp8`)."""
 
 
 class DataConfig(Section):
@@ -108,6 +112,14 @@ class TrainConfig(Section):
     """Save a checkpoint every N steps (0: only the final one)."""
     threads: int = Field(0, ge=0)
     """torch CPU threads in the trainer (0: all cores)."""
+    bf16_moments: bool = False
+    """AdamW keeps its two moments in BF16 (half the optimizer memory) and, for BF16 weights, an
+    FP32 master copy (`grpo.trainer.optim`)."""
+    routing_bias_gamma: float = Field(0.0, ge=0.0)
+    """Auxiliary-loss-free balancing: after each optimizer step every expert's routing bias moves by
+    gamma * sign(mean load - its load); DeepSeek-V3 used 0.001. Needs `model.moe: grouped`."""
+    balance_loss_alpha: float = Field(0.0, ge=0.0)
+    """Weight of DeepSeek-V3's sequence-wise balance loss (0: off). Needs `model.moe: grouped`."""
 
 
 class RewardSpec(Section):

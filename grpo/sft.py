@@ -18,6 +18,7 @@ from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe
 from grpo.data import TASK_PREFIX, train_prompts
 from grpo.models.build import converters_for, load_policy, load_tokenizer, materialize
 from grpo.tasks.arithmetic import solution_text
+from grpo.trainer.optim import build_optimizer
 from grpo.trainer.policy_trainer import pack, token_logprobs
 
 
@@ -48,7 +49,7 @@ def sft(recipe: Recipe, log=print) -> dict:
     tokenizer = load_tokenizer(model_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    optimizer = build_optimizer(model.parameters(), config.learning_rate, 0.01, recipe.train.bf16_moments)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps)
     )

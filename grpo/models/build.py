@@ -6,6 +6,7 @@ performance features plug in here without the trainer knowing about them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def load_policy(path: str, dtype: str, converters: Sequence[Converter] = ()) -> 
 def converters_for(model_config) -> list[Converter]:
     """The converters a recipe's `model` section asks for, in the order they apply."""
     converters: list[Converter] = []
+    if model_config.moe == "grouped":
+        from grpo.models.moe import convert_moe
+
+        converters.append(functools.partial(convert_moe, fp8=model_config.fp8))
     if model_config.fp8:
         from grpo.models.fp8 import convert_to_fp8
 

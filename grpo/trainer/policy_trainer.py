@@ -17,7 +17,9 @@ import torch
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
+from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
+from grpo.trainer.optim import build_optimizer
 
 
 @dataclass
@@ -87,8 +89,10 @@ class PolicyTrainer:
                 load_policy(model_path, self.recipe.model.dtype, converters).eval().requires_grad_(False)
             )
             self.reference.to(self.accelerator.device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+        for layer in moe_layers(model):
+            layer.balance_loss_alpha = train.balance_loss_alpha
+        optimizer = build_optimizer(
+            model.parameters(), train.learning_rate, train.weight_decay, train.bf16_moments
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.train()
@@ -150,6 +154,11 @@ class PolicyTrainer:
                     beta=algo.beta,
                     aggregate=aggregate,
                 )
+                balance = balance_loss(self.model)
+                if balance is not None:  # a mean over rows: weight it by the micro-batch's share of rows
+                    balance = balance * len(packed.input_ids_BL) / totals.sequences
+                    loss = loss + balance
+                    metrics["moe/balance_loss"] = balance.detach()
                 self.accelerator.backward(loss)
                 mask = packed.completion_mask_BL1
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
@@ -165,6 +174,9 @@ class PolicyTrainer:
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            load = update_routing_bias(self.model, self.recipe.train.routing_bias_gamma)
+            for key, value in load.items():
+                sums[key] = sums.get(key, 0.0) + value / algo.mu
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds

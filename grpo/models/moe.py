@@ -1,0 +1,257 @@
+"""The project's mixture-of-experts layer (DeepSeek-V3 recipe), a drop-in for transformers' MoE blocks.
+
+Parameter names equal transformers' DeepSeek-V3 and Qwen3-MoE blocks (`gate.weight`,
+`gate.e_score_correction_bias`, `experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I],
+`shared_experts.*`), so `convert_moe` swaps the modules of a loaded model in place, sharing the
+parameters, and checkpoints keep loading in transformers and vLLM.
+
+- Routing: sigmoid (DeepSeek-V3) or softmax (Qwen3-MoE) scores; group-limited top-k (experts are
+  split in `n_group` groups, a group's score is its two best experts, only the `topk_group` best
+  groups compete); optional top-k weight normalisation; `routed_scaling_factor`.
+- Auxiliary-loss-free balancing: a per-expert bias shifts *selection* only (the weights come from the
+  unbiased scores); `update_routing_bias` nudges it by `gamma * sign(mean_load - load)` after an
+  optimizer step, from the loads counted since the previous update (every position a training
+  forward routes, padding included).
+- Optional sequence-wise balance loss (DeepSeek-V3, eq. 17-20), one sequence per batch row.
+- Routed experts run as two grouped GEMMs (`torch._grouped_mm`) over the tokens sorted by expert;
+  with `fp8` each expert's GEMMs go through the FP8 linear function instead.
+
+Shape legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    num_experts: int
+    top_k: int
+    scoring: str = "sigmoid"
+    """'sigmoid' (DeepSeek-V3) or 'softmax' (Qwen3-MoE)."""
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> Routing:
+        """From a transformers DeepSeek-V3 or Qwen3-MoE config."""
+        if getattr(config, "scoring_func", None) == "sigmoid" or config.model_type == "deepseek_v3":
+            return cls(
+                num_experts=config.n_routed_experts,
+                top_k=config.num_experts_per_tok,
+                scoring="sigmoid",
+                n_group=config.n_group,
+                topk_group=config.topk_group,
+                norm_topk_prob=config.norm_topk_prob,
+                routed_scaling_factor=config.routed_scaling_factor,
+            )
+        return cls(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            norm_topk_prob=config.norm_topk_prob,
+        )
+
+
+def select_experts(
+    scores_TE: torch.Tensor, bias_E: torch.Tensor | None, routing: Routing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token from FP32 scores: `(weights_TK, indices_TK)`. The bias only picks."""
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if routing.n_group > 1:
+        groups_TGX = choice_TE.unflatten(1, (routing.n_group, -1))
+        group_score_TG = groups_TGX.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups_TG = group_score_TG.topk(routing.topk_group, dim=-1).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
+        keep_TE = keep_TG.unsqueeze(-1).expand_as(groups_TGX).flatten(1)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    indices_TK = choice_TE.topk(routing.top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, indices_TK)
+    if routing.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * routing.routed_scaling_factor, indices_TK
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, routing: Routing, bias_in_checkpoint: bool):
+        super().__init__()
+        self.routing = routing
+        self.weight = nn.Parameter(torch.zeros(routing.num_experts, hidden_size))
+        # DeepSeek-V3 checkpoints carry the bias; Qwen3-MoE ones do not, so there it is not saved.
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(routing.num_experts), persistent=bias_in_checkpoint
+        )
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(scores_TE fp32, weights_TK, indices_TK)`; routing is computed in FP32 as in DeepSeek-V3."""
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if self.routing.scoring == "sigmoid" else logits_TE.softmax(dim=-1)
+        weights_TK, indices_TK = select_experts(scores_TE, self.e_score_correction_bias, self.routing)
+        return scores_TE, weights_TK, indices_TK
+
+
+def grouped_linear(
+    x_NK: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor, fp8: bool
+) -> torch.Tensor:
+    """Rows of `x` sorted by expert (expert e owns rows offsets[e-1]:offsets[e]) times each expert's
+    `[out, in]` weight, transposed: one grouped GEMM, or one FP8 GEMM per non-empty expert."""
+    if not fp8:
+        return torch._grouped_mm(x_NK, w_EOK.transpose(1, 2), offs=offsets_E)
+    from grpo.models.fp8 import Fp8LinearFunction
+
+    starts = [0, *offsets_E.tolist()[:-1]]
+    parts = [
+        Fp8LinearFunction.apply(x_NK[start:end], w_EOK[e], False)
+        for e, (start, end) in enumerate(zip(starts, offsets_E.tolist()))
+        if end > start
+    ]
+    return torch.cat(parts) if parts else x_NK.new_zeros(0, w_EOK.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.fp8 = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def run_sorted(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU experts on rows already sorted by expert, `counts_E` rows each."""
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        gate_NI, up_NI = grouped_linear(x_NH, self.gate_up_proj, offsets_E, self.fp8).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate_NI) * up_NI, self.down_proj, offsets_E, self.fp8)
+
+    def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        order_N = indices_TK.flatten().argsort(stable=True)
+        token_N = order_N // indices_TK.shape[1]
+        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        out_NH = self.run_sorted(x_TH[token_N], counts_E)
+        out_NH = out_NH * weights_TK.flatten()[order_N].unsqueeze(1).to(out_NH.dtype)
+        return torch.zeros_like(x_TH).index_add_(0, token_N, out_NH)
+
+
+class MoeLayer(nn.Module):
+    """Shared experts (optional) + routed experts. Replaces transformers' block, same parameter names."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        routing: Routing,
+        shared_experts: nn.Module | None = None,
+        bias_in_checkpoint: bool = True,
+    ):
+        super().__init__()
+        # registration order as in transformers, so state dicts list the same names in the same order
+        self.experts = GroupedExperts(routing.num_experts, hidden_size, intermediate_size)
+        self.gate = Router(hidden_size, routing, bias_in_checkpoint)
+        self.shared_experts = shared_experts
+        self.balance_loss_alpha = 0.0
+        self.balance_loss: torch.Tensor | None = None
+        self.register_buffer("load_since_update", torch.zeros(routing.num_experts), persistent=False)
+
+    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
+        scores_TE, weights_TK, indices_TK = self.gate(x_TH)
+        if self.training:
+            with torch.no_grad():
+                self.load_since_update += torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+            if self.balance_loss_alpha > 0:
+                rows = hidden_BSH.shape[0] if hidden_BSH.dim() == 3 else 1
+                self.balance_loss = self.balance_loss_alpha * sequence_balance_loss(
+                    scores_TE, indices_TK, rows, self.gate.routing.top_k
+                )
+        out_TH = self.experts(x_TH, indices_TK, weights_TK)
+        if self.shared_experts is not None:
+            out_TH = out_TH + self.shared_experts(x_TH)
+        return out_TH.view_as(hidden_BSH)
+
+
+def sequence_balance_loss(
+    scores_TE: torch.Tensor, indices_TK: torch.Tensor, rows: int, top_k: int
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (without alpha), averaged over rows:
+    `sum_e f_e * P_e`, f_e = E / (K * S) * tokens routed to e, P_e = mean over tokens of the
+    normalised scores. Uniform routing gives 1."""
+    num_experts = scores_TE.shape[1]
+    scores_BSE = scores_TE.view(rows, -1, num_experts)
+    seq_len = scores_BSE.shape[1]
+    chosen_BSE = torch.zeros_like(scores_BSE).scatter_(2, indices_TK.view(rows, seq_len, top_k), 1.0)
+    f_BE = chosen_BSE.sum(dim=1) * num_experts / (top_k * seq_len)
+    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
+    return [module for module in model.modules() if isinstance(module, MoeLayer)]
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the layers' sequence-wise balance losses from the last forward, or None when off."""
+    losses = [layer.balance_loss for layer in moe_layers(model) if layer.balance_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, gamma: float) -> dict[str, float]:
+    """Auxiliary-loss-free balancing step (call after the optimizer step); returns load statistics
+    of the tokens routed since the last call: the worst layer's max/mean expert load, and the mean."""
+    ratios = []
+    for layer in moe_layers(model):
+        load_E = layer.load_since_update
+        if load_E.sum() == 0:
+            continue
+        ratios.append((load_E.max() / load_E.mean()).item())
+        if gamma > 0:
+            layer.gate.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+    if not ratios:
+        return {}
+    return {"moe/max_over_mean_load": max(ratios), "moe/mean_max_over_mean_load": sum(ratios) / len(ratios)}
+
+
+def _from_hf_block(block: nn.Module, config) -> MoeLayer:
+    routing = Routing.from_config(config)
+    hidden, intermediate = config.hidden_size, config.moe_intermediate_size
+    layer = MoeLayer(
+        hidden,
+        intermediate,
+        routing,
+        shared_experts=getattr(block, "shared_experts", None),
+        bias_in_checkpoint=hasattr(block.gate, "e_score_correction_bias"),
+    )
+    # share, not copy: the optimizer and checkpoint code see the very same tensors
+    layer.gate.weight = block.gate.weight
+    if hasattr(block.gate, "e_score_correction_bias"):
+        layer.gate.e_score_correction_bias = block.gate.e_score_correction_bias
+    layer.experts.gate_up_proj = block.experts.gate_up_proj
+    layer.experts.down_proj = block.experts.down_proj
+    layer.load_since_update = layer.load_since_update.to(block.gate.weight.device)
+    return layer
+
+
+HF_MOE_BLOCKS = ("DeepseekV3MoE", "Qwen3MoeSparseMoeBlock")
+
+
+def convert_moe(model: nn.Module, fp8: bool = False) -> list[str]:
+    """Replace transformers' DeepSeek-V3 / Qwen3-MoE blocks by `MoeLayer` in place; returns their names."""
+    converted = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ in HF_MOE_BLOCKS:
+            layer = _from_hf_block(module, model.config)
+            layer.experts.fp8 = fp8
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+            converted.append(name)
+    return converted

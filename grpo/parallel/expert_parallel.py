@@ -1,0 +1,85 @@
+"""Expert parallelism: the routed experts of each MoE layer sharded over the ranks of a process group.
+
+Every rank routes its own tokens (router and shared experts are replicated, as in data parallelism),
+then one all-to-all sends each (token, expert) pair to the rank that holds the expert, the experts
+run as one grouped GEMM on what arrived, and a second all-to-all brings the results back to combine
+with the routing weights. Both all-to-alls are autograd-aware, so the backward pass sends the
+gradients the same way in reverse and each rank's expert gradients cover every token routed to them.
+The same code runs under gloo (CPU) and NCCL (GPU).
+
+Shape legend as in `grpo.models.moe`; N = (token, expert) pairs sent, M = pairs received,
+R = ranks, L = experts held locally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+from grpo.models.moe import GroupedExperts, MoeLayer, moe_layers
+
+
+def _all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
+    return wait_tensor(all_to_all_single_autograd(x, recv, send, group))
+
+
+def experts_per_rank(total: int, ranks: int) -> int:
+    if total % ranks:
+        raise ValueError(f"{total} experts do not split evenly over {ranks} expert-parallel ranks")
+    return total // ranks
+
+
+class ExpertParallelExperts(nn.Module):
+    """Experts `[rank * L, (rank + 1) * L)` of a `GroupedExperts`, with the same forward signature."""
+
+    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.group = group or dist.group.WORLD
+        self.ranks, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.total_experts = experts.num_experts
+        self.num_local = experts_per_rank(self.total_experts, self.ranks)
+        held = slice(self.rank * self.num_local, (self.rank + 1) * self.num_local)
+        self.local = GroupedExperts(self.num_local, experts.gate_up_proj.shape[2], experts.down_proj.shape[2])
+        self.local.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[held].clone())
+        self.local.down_proj = nn.Parameter(experts.down_proj.detach()[held].clone())
+        self.local.fp8 = experts.fp8
+
+    def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        # pairs sorted by expert, hence by destination rank (rank r holds a contiguous expert range)
+        order_N = indices_TK.flatten().argsort(stable=True)
+        token_N = order_N // indices_TK.shape[1]
+        expert_N = indices_TK.flatten()[order_N]
+        send_R = torch.bincount(expert_N // self.num_local, minlength=self.ranks)
+        recv_R = torch.empty_like(send_R)
+        dist.all_to_all_single(recv_R, send_R, group=self.group)
+        send, recv = send_R.tolist(), recv_R.tolist()
+
+        x_MH = _all_to_all(x_TH[token_N], recv, send, self.group)
+        expert_M = _all_to_all(expert_N % self.num_local, recv, send, self.group)
+        # arrivals come grouped by sender, each group sorted by expert: one more sort by local expert
+        order_M = expert_M.argsort(stable=True)
+        y_sorted_MH = self.local.run_sorted(x_MH[order_M], torch.bincount(expert_M, minlength=self.num_local))
+        y_MH = y_sorted_MH[order_M.argsort()]
+        y_NH = _all_to_all(y_MH, send, recv, self.group)
+
+        y_NH = y_NH * weights_TK.flatten()[order_N].unsqueeze(1).to(y_NH.dtype)
+        return torch.zeros_like(x_TH).index_add_(0, token_N, y_NH)
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full `(gate_up_proj, down_proj)` on every rank (for checkpoints and weight sync)."""
+        out = []
+        for shard in (self.local.gate_up_proj.detach(), self.local.down_proj.detach()):
+            full = shard.new_empty(self.total_experts, *shard.shape[1:])
+            dist.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
+            out.append(full)
+        return out[0], out[1]
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Replace the routed experts of every `MoeLayer` by this rank's shard; returns the layer count."""
+    layers: list[MoeLayer] = moe_layers(model)
+    for layer in layers:
+        layer.experts = ExpertParallelExperts(layer.experts, group)
+    return len(layers)

@@ -1,0 +1,157 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from grpo.models.fp8 import Fp8LinearFunction
+from grpo.models.moe import (
+    GroupedExperts,
+    MoeLayer,
+    Routing,
+    convert_moe,
+    select_experts,
+    sequence_balance_loss,
+    update_routing_bias,
+)
+from grpo.models.tiny import tiny_deepseek_v3_config
+
+
+def test_group_limited_top_k_only_picks_from_the_best_groups():
+    # 2 groups of 3; group scores (two best each): group 0 = 0.9 + 0.8, group 1 = 0.95 + 0.1
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.95, 0.1, 0.05]])
+    routing = Routing(num_experts=6, top_k=2, n_group=2, topk_group=1, norm_topk_prob=False)
+    weights, indices = select_experts(scores, None, routing)
+    assert sorted(indices[0].tolist()) == [0, 1]  # expert 3 scores best alone but its group loses
+    assert sorted(weights[0].tolist()) == pytest.approx([0.8, 0.9])
+
+
+def test_the_bias_changes_the_choice_but_not_the_weights():
+    scores = torch.tensor([[0.5, 0.4, 0.1, 0.2]])
+    routing = Routing(num_experts=4, top_k=1, norm_topk_prob=False, routed_scaling_factor=2.0)
+    weights, indices = select_experts(scores, torch.tensor([0.0, 0.0, 0.0, 0.5]), routing)
+    assert indices.tolist() == [[3]] and weights.tolist() == [[pytest.approx(0.4)]]  # 2.0 * 0.2
+
+
+def test_normalised_weights_sum_to_the_scaling_factor():
+    scores = torch.tensor([[0.6, 0.2, 0.1, 0.1]])
+    routing = Routing(num_experts=4, top_k=2, routed_scaling_factor=2.5)
+    weights, _ = select_experts(scores, None, routing)
+    assert weights.sum().item() == pytest.approx(2.5)
+    assert weights[0].tolist() == pytest.approx([1.875, 0.625])
+
+
+def test_routing_bias_moves_against_the_load():
+    layer = MoeLayer(8, 4, Routing(num_experts=4, top_k=1))
+    layer.load_since_update.copy_(torch.tensor([4.0, 0.0, 2.0, 2.0]))
+    stats = update_routing_bias(layer, gamma=0.01)
+    assert layer.gate.e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])
+    assert stats["moe/max_over_mean_load"] == 2.0
+    assert layer.load_since_update.sum() == 0
+
+
+def test_sequence_balance_loss_is_one_for_uniform_routing_and_grows_with_imbalance():
+    scores = torch.full((4, 2), 0.5)  # one row of 4 tokens, 2 experts, top-1
+    balanced = sequence_balance_loss(scores, torch.tensor([[0], [1], [0], [1]]), rows=1, top_k=1)
+    skewed = sequence_balance_loss(scores, torch.tensor([[0], [0], [0], [0]]), rows=1, top_k=1)
+    assert balanced.item() == 1.0 and skewed.item() == 1.0  # equal scores: P_e = 1/2 whatever f is
+    scores = torch.tensor([[0.9, 0.1]] * 4)
+    skewed = sequence_balance_loss(scores, torch.tensor([[0], [0], [0], [0]]), rows=1, top_k=1)
+    assert skewed.item() == pytest.approx(2 * 0.9)  # f = (2, 0), P = (0.9, 0.1)
+
+
+def _deepseek(seed=0):
+    torch.manual_seed(seed)
+    config = tiny_deepseek_v3_config(vocab_size=40, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for block in model.modules():
+        if hasattr(block, "e_score_correction_bias"):  # a trained-looking bias that changes choices
+            block.e_score_correction_bias.copy_(torch.randn_like(block.e_score_correction_bias) * 0.1)
+    return model
+
+
+def _qwen(seed=0):
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=40,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _init_experts(model):
+    # transformers leaves the fused expert tensors at zero-ish init for tiny configs; make them matter
+    for name, param in model.named_parameters():
+        if "experts" in name or name.endswith("gate.weight"):
+            torch.nn.init.normal_(param, std=0.2)
+
+
+@pytest.mark.parametrize("build", [_deepseek, _qwen], ids=["deepseek_v3", "qwen3_moe"])
+def test_converted_model_matches_transformers_forward_and_gradients(build):
+    reference, converted = build(), build()
+    _init_experts(reference)
+    converted.load_state_dict(reference.state_dict())
+    keys = list(converted.state_dict())
+    names = convert_moe(converted)
+    assert names and list(converted.state_dict()) == keys  # same names, nothing added or lost
+    ids = torch.randint(3, 40, (2, 9))
+    out_ref, out = reference(ids).logits, converted(ids).logits
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    grads = dict(converted.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(grads[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_converted_model_saves_a_checkpoint_transformers_loads(tmp_path):
+    model = _deepseek()
+    _init_experts(model)
+    convert_moe(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(3, 40, (1, 7))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_experts_equal_one_fp8_linear_per_expert_and_stay_near_high_precision():
+    torch.manual_seed(0)
+    experts = GroupedExperts(num_experts=3, hidden_size=256, intermediate_size=128)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    x, indices, weights = (
+        torch.randn(6, 256),
+        torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0], [0, 2], [2, 0]]),
+        torch.rand(6, 2),
+    )
+    high = experts(x, indices, weights)
+    experts.fp8 = True
+    got = experts(x, indices, weights)
+    expected = torch.zeros_like(x)
+    for e in (0, 2):  # expert 1 gets no token
+        token, slot = (indices == e).nonzero(as_tuple=True)
+        gate, up = Fp8LinearFunction.apply(x[token], experts.gate_up_proj[e], False).chunk(2, dim=-1)
+        out = Fp8LinearFunction.apply(F.silu(gate) * up, experts.down_proj[e], False)
+        expected.index_add_(0, token, out * weights[token, slot].unsqueeze(1))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert (got - high).norm() / high.norm() < 0.1  # E4M3 keeps ~3 mantissa bits per operand
+
+
+def test_training_counts_expert_load_and_adds_a_balance_loss():
+    model = _deepseek()
+    convert_moe(model)
+    layers = [m for m in model.modules() if isinstance(m, MoeLayer)]
+    for layer in layers:
+        layer.balance_loss_alpha = 1e-3
+    model.train()
+    model(torch.randint(3, 40, (2, 9)))
+    assert all(layer.load_since_update.sum().item() == 2 * 9 * 2 for layer in layers)  # tokens x top-2
+    assert all(layer.balance_loss is not None and layer.balance_loss.requires_grad for layer in layers)
