@@ -41,10 +41,19 @@ class ModelConfig(Section):
     embedding, output head, router gate and norms. The master weights (and what vLLM receives) stay
     in `dtype`, so trainer and vLLM logprobs then differ by FP8 rounding: raise
     `train.parity_tolerance` accordingly."""
+    tiny_overrides: dict[str, Any] = {}
+    """DeepSeek-V3 config fields that grow the embedded model (`path: tiny:deepseek_v3`), e.g.
+    `{hidden_size: 1024, num_hidden_layers: 8}`; see `recipes/arithmetic_sft_h100.yaml`."""
     moe: Literal["grouped", "transformers"] = "grouped"
     """How DeepSeek-V3 / Qwen3-MoE expert blocks train: `grouped` swaps in the project's MoE layer
     (`grpo.models.moe`: grouped GEMM, FP8 experts with `fp8`, load statistics, balancing);
     `transformers` keeps transformers' own blocks (experts then stay in `dtype` even with `fp8`)."""
+
+    @model_validator(mode="after")
+    def _overrides_need_the_tiny_model(self) -> ModelConfig:
+        if self.tiny_overrides and self.path != "tiny:deepseek_v3":
+            raise ValueError("tiny_overrides: only applies to path tiny:deepseek_v3")
+        return self
 
 
 class DataConfig(Section):
@@ -71,6 +80,9 @@ class RolloutConfig(Section):
     cpus_per_engine: float = Field(1.0, gt=0.0)
     engine_kwargs: dict[str, Any] = {}
     """Extra keyword arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`)."""
+    colocate: bool = False
+    """GPUs: the trainer and the engines share cards (each asks Ray for 1 / (engines + 1) of a GPU).
+    Set `engine_kwargs.gpu_memory_utilization` to the share of GPU memory vLLM may take."""
 
 
 class AlgorithmConfig(Section):

@@ -35,14 +35,17 @@ class Actors:
 def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
     import ray
 
+    rollout_config = recipe.rollout
+    gpus = 0.0
+    if torch.cuda.is_available():
+        gpus = 1 / (rollout_config.engines + 1) if rollout_config.colocate else 1.0
     trainer = (
         ray.remote(PolicyTrainer)
-        .options(
-            num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0, runtime_env={"env_vars": THREAD_ENV}
-        )
+        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": THREAD_ENV})
         .remote(model_path, recipe.model_dump(mode="json"), pad_id)
     )
-    rollout_config = recipe.rollout
+    # vLLM sizes its cache from the memory free when it starts: let the trainer settle first
+    ray.get(trainer.__ray_ready__.remote())
     engines = start_engines(
         model_path,
         recipe.model.dtype,
@@ -50,6 +53,7 @@ def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
         rollout_config.engines,
         rollout_config.cpus_per_engine,
         rollout_config.engine_kwargs,
+        gpus_per_engine=gpus,
     )
     return Actors(trainer, engines)
 
@@ -98,8 +102,11 @@ def reward_metrics(scored: list[Scored], names: list[str]) -> dict[str, float]:
     return metrics
 
 
-def parity(actors: Actors, parity_ids: list[int], tolerance: float, when: str) -> tuple[list[float], float]:
-    """Each engine's logprobs of a fixed sequence against the trainer's; stops the run on a mismatch."""
+def parity(
+    actors: Actors, parity_ids: list[int], tolerance: float, when: str
+) -> tuple[list[float], dict[str, float]]:
+    """Each engine's logprobs of a fixed sequence against the trainer's; stops the run on a mismatch.
+    Returns the first engine's logprobs and the max and mean absolute differences per token."""
     import ray
 
     trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
@@ -108,24 +115,29 @@ def parity(actors: Actors, parity_ids: list[int], tolerance: float, when: str) -
         for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])
     ]
     diff = max(float((lp - trainer_lp).abs().max()) for lp in engine_lps)
+    mean = max(float((lp - trainer_lp).abs().mean()) for lp in engine_lps)
     if diff > tolerance:
         raise ParityError(
             f"weight sync parity failed {when}: vLLM and trainer logprobs differ by up to "
             f"{diff:.2e} per token (train.parity_tolerance is {tolerance:.0e})"
         )
-    return engine_lps[0].tolist(), diff
+    return engine_lps[0].tolist(), {"sync/parity_max_abs_diff": diff, "sync/parity_mean_abs_diff": mean}
 
 
 def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float], tolerance: float, step: int):
     """Push weights to every engine, check parity, and measure how far vLLM's logprobs moved."""
     import ray
 
+    started = time.perf_counter()
     manifest = ray.get(actors.trainer.publish_weights.remote())
     ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
-    current, diff = parity(actors, parity_ids, tolerance, f"at step {step}")
+    seconds = time.perf_counter() - started
+    current, diffs = parity(actors, parity_ids, tolerance, f"at step {step}")
     shift = float((torch.tensor(current) - torch.tensor(previous)).abs().mean())
     return current, {
-        "sync/parity_max_abs_diff": diff,
+        "sync/seconds": seconds,
+        "sync/gigabytes": manifest.numel * getattr(torch, manifest.dtype).itemsize / 1e9,
+        **diffs,
         "sync/logprob_shift": shift,
         "sync/weights_version": manifest.version,
     }
@@ -219,10 +231,8 @@ def start_session(
 ) -> Session:
     """Start the actors, then fix the parity sequence (a prompt and the initial policy's greedy
     answer) and check that engines and trainer start from the same weights."""
-    import ray
 
     actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
-    ray.get(actors.trainer.__ray_ready__.remote())  # the engines are up already
     prompt = tokenizer(parity_row["prompt"])["input_ids"]
     greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
     parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids
@@ -243,7 +253,9 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "config.yaml")
-    model_path = materialize(recipe.model.path, run_dir / "init", seed=recipe.run.seed)
+    model_path = materialize(
+        recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
+    )
     tokenizer = load_tokenizer(model_path)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
     prompts = train_prompts(recipe.data, recipe.run.seed)

@@ -45,7 +45,9 @@ def sft(recipe: Recipe, log=print) -> dict:
     set_seed(recipe.run.seed)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    model_path = materialize(recipe.model.path, run_dir / "init", seed=recipe.run.seed)
+    model_path = materialize(
+        recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
+    )
     tokenizer = load_tokenizer(model_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
@@ -61,7 +63,7 @@ def sft(recipe: Recipe, log=print) -> dict:
         pairs = list(itertools.islice(rows, config.batch_size))
         prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
         completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in pairs]
-        packed = pack(prompts, completions, tokenizer.pad_token_id or 0)
+        packed = pack(prompts, completions, tokenizer.pad_token_id or 0).to(accelerator.device)
         logp_BL1, _ = token_logprobs(model, packed)
         mask = packed.completion_mask_BL1
         loss = -(logp_BL1 * mask).sum() / mask.sum()

@@ -18,12 +18,12 @@ TINY = "tiny:deepseek_v3"
 Converter = Callable[[torch.nn.Module], None]
 
 
-def materialize(path: str, scratch: Path, seed: int = 0) -> str:
+def materialize(path: str, scratch: Path, seed: int = 0, tiny_overrides: dict | None = None) -> str:
     """Return a Hugging Face folder for `path`, writing the tiny default into `scratch` if asked."""
     if path == TINY:
         from grpo.models.tiny import save_tiny_checkpoint
 
-        return str(save_tiny_checkpoint(scratch, seed=seed))
+        return str(save_tiny_checkpoint(scratch, seed=seed, **(tiny_overrides or {})))
     if Path(path).exists():
         if not (Path(path) / "config.json").is_file():
             raise RecipeError(f"model.path: {path} has no config.json (not a Hugging Face folder)")

@@ -30,9 +30,15 @@ def start_ray(address: str | None, cpus_needed: float) -> None:
 
 
 def start_engines(
-    model_path: str, dtype: str, seed: int, count: int, cpus_per_engine: float, engine_kwargs: dict[str, Any]
+    model_path: str,
+    dtype: str,
+    seed: int,
+    count: int,
+    cpus_per_engine: float,
+    engine_kwargs: dict[str, Any],
+    gpus_per_engine: float | None = None,
 ) -> list:
-    """`count` VllmEngine Ray actors (one GPU each where there are GPUs); returns when all are up."""
+    """`count` VllmEngine Ray actors (by default one GPU each where there are GPUs); returns when all are up."""
     import ray
     import torch
 
@@ -41,7 +47,7 @@ def start_engines(
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
-    gpus = 1 if torch.cuda.is_available() else 0
+    gpus = gpus_per_engine if gpus_per_engine is not None else float(torch.cuda.is_available())
     engines = [
         ray.remote(VllmEngine)
         .options(num_cpus=cpus_per_engine, num_gpus=gpus, runtime_env={"env_vars": env})

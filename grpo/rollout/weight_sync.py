@@ -1,16 +1,18 @@
-"""Trainer -> vLLM weight sync through one shared-memory buffer, without restarting the engine.
+"""Trainer -> vLLM weight sync through one shared buffer, without restarting the engine.
 
-The trainer copies every tensor (in checkpoint naming, so vLLM's own loader understands it) into a
-flat buffer in /dev/shm; the engine's worker maps the same pages and runs vLLM's in-place
-`reload_weights`, which also redoes vLLM's post-load processing (packed/absorbed weights).
-Only a small manifest crosses process boundaries: `collective_rpc` cannot carry tensors.
-On GPUs a CUDA-IPC transport can implement the same two sides.
+The trainer copies every tensor (in checkpoint naming, so vLLM's own loader understands it) into one
+flat buffer: in /dev/shm when it trains on CPU, in GPU memory shared through a CUDA IPC handle when it
+trains on a GPU (engine and trainer on the same card, nothing crosses the host). The engine's worker
+maps the same memory and runs vLLM's in-place `reload_weights`, which also redoes vLLM's post-load
+processing (packed/absorbed weights, online quantization). Only a small manifest crosses process
+boundaries: `collective_rpc` cannot carry tensors.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ class Manifest:
     entries: tuple[tuple[str, tuple[int, ...], int], ...]
     """(checkpoint name, shape, offset into the flat buffer)."""
     version: int
+    cuda_ipc: bytes = b""
+    """Pickled CUDA IPC handle of the flat buffer when the trainer's weights are on a GPU."""
 
 
 def _shared_dir() -> Path:
@@ -37,6 +41,11 @@ def _flat_view(path: str, dtype: str, numel: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=numel, dtype=getattr(torch, dtype))
 
 
+def _open_cuda_ipc(handle: bytes) -> torch.Tensor:
+    rebuild, args = pickle.loads(handle)  # torch caches opened handles: reopening is cheap
+    return rebuild(*args)
+
+
 class SharedWeightsWriter:
     """Trainer side. The layout is fixed by the first publish; later publishes rewrite the bytes."""
 
@@ -44,7 +53,17 @@ class SharedWeightsWriter:
         self.path = str(_shared_dir() / f"grpo-weights-{tag}-{os.getpid()}.bin")
         self._layout: tuple | None = None
         self._flat: torch.Tensor | None = None
+        self._cuda_ipc = b""
         self.version = 0
+
+    def _allocate(self, numel: int, dtype: str, device: torch.device) -> torch.Tensor:
+        if device.type != "cuda":
+            return _flat_view(self.path, dtype, numel)
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        flat = torch.empty(numel, dtype=getattr(torch, dtype), device=device)
+        self._cuda_ipc = pickle.dumps(reduce_tensor(flat))
+        return flat
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
         tensors = list(named_tensors)
@@ -55,14 +74,16 @@ class SharedWeightsWriter:
                 offset += tensor.numel()
             dtype = str(tensors[0][1].dtype).removeprefix("torch.")
             self._layout = (tuple(entries), offset, dtype)
-            self._flat = _flat_view(self.path, dtype, offset)
+            self._flat = self._allocate(offset, dtype, tensors[0][1].device)
         entries, numel, dtype = self._layout
         assert [name for name, _ in tensors] == [e[0] for e in entries], "weight names changed"
         assert self._flat is not None
         for (_, _, offset), (_, tensor) in zip(entries, tensors):
             self._flat[offset : offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
+        if self._flat.is_cuda:
+            torch.cuda.synchronize(self._flat.device)  # the engine reads on its own stream
         self.version += 1
-        return Manifest(self.path, dtype, numel, entries, self.version)
+        return Manifest(self.path, dtype, numel, entries, self.version, self._cuda_ipc)
 
     def close(self) -> None:
         self._flat = None
@@ -70,7 +91,10 @@ class SharedWeightsWriter:
 
 
 def read_manifest(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
-    flat = _flat_view(manifest.path, manifest.dtype, manifest.numel)
+    if manifest.cuda_ipc:
+        flat = _open_cuda_ipc(manifest.cuda_ipc)
+    else:
+        flat = _flat_view(manifest.path, manifest.dtype, manifest.numel)
     for name, shape, offset in manifest.entries:
         yield name, flat[offset : offset + math.prod(shape)].view(shape)
 

@@ -137,7 +137,7 @@ class PolicyTrainer:
         # With mu == 1 the old policy is the current one: detaching the live logprobs is exact and
         # saves a forward pass. With mu > 1 every pass must see the logprobs from before the first.
         old = self._frozen_logprobs(self.model, batch) if algo.mu > 1 else None
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"time/logprobs_s": time.perf_counter() - start}
         for _ in range(algo.mu):
             for index, (rows, packed) in enumerate(self._micro_batches(batch)):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one-GPU GRPO run and its measurements, as run on the lent H100 (device machine).
+# Prerequisite: the vLLM 0.26 / Ray wheels unpacked into /tmp/site (../shared/gpu/README.md) plus
+# setuptools and matplotlib (the image lacks them). Each stage writes its log and results to $OUT.
+#   usage: OUT=/some/dir benchmarks/h100_loop.sh STAGE...
+#   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/grpo_site:/tmp/site VLLM_LOGGING_LEVEL=WARNING
+grpo() { python3 -m grpo.cli "$@"; }
+
+stage() {
+  local name=$1
+  shift
+  echo "=== $name: $*"
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+run_summary() {  # keep what a run folder says about itself
+  local run=$1
+  cp "runs/$run/metrics.jsonl" "$OUT/$run.metrics.jsonl" 2>/dev/null
+  cp "runs/$run/summary.json" "$OUT/$run.summary.json" 2>/dev/null
+}
+
+for what in "$@"; do
+  case $what in
+  install)
+    stage install python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade \
+      --target /tmp/grpo_site . ;;
+  sft)
+    stage sft grpo sft recipes/arithmetic_sft_h100.yaml ;;
+  smoke)
+    stage smoke grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=smoke --set train.steps=3 \
+      --set eval.prompts=8 ;;
+  grpo_fp8)
+    stage grpo_fp8 grpo train recipes/arithmetic_grpo_h100.yaml
+    run_summary arithmetic-grpo-h100
+    stage breakdown_fp8 python3 benchmarks/loop_breakdown.py runs/arithmetic-grpo-h100 ;;
+  grpo_bf16)
+    stage grpo_bf16 grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=grpo-h100-bf16 \
+      --set model.fp8=false --set train.steps=20 --set eval.prompts=0 --set train.parity_tolerance=1.0
+    run_summary grpo-h100-bf16
+    stage breakdown_bf16 python3 benchmarks/loop_breakdown.py runs/grpo-h100-bf16 ;;
+  moe_bench)
+    stage moe_bench python3 benchmarks/moe_layer_gpu.py ;;
+  *) echo "unknown stage $what"; exit 2 ;;
+  esac
+done
