@@ -104,7 +104,9 @@ def main() -> None:
     result["active_parameters"] = active
     result["mfu_vs_bf16_peak"] = 6 * active * result["trainer_tokens_per_s"] / (args.peak_tflops * 1e12)
     result["standalone_rollout_tokens_per_s"] = standalone_tokens_per_s(recipe, final, args.batches)
-    result["loop_over_standalone"] = result["loop_rollout_tokens_per_s"] / result["standalone_rollout_tokens_per_s"]
+    result["loop_over_standalone"] = (
+        result["loop_rollout_tokens_per_s"] / result["standalone_rollout_tokens_per_s"]
+    )
     for key, value in result.items():
         print(f"{key:34} {value}")
     print(json.dumps(result))
