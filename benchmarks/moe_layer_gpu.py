@@ -38,47 +38,48 @@ def median_ms(fn, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> dict:
+    config = DeepseekV3Config(
+        hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts, hidden_act="silu"
+    )
+    reference = DeepseekV3Experts(config).to("cuda", torch.bfloat16)
+    ours = GroupedExperts(experts, hidden, inter).to("cuda", torch.bfloat16)
+    for param in (reference.gate_up_proj, reference.down_proj):
+        torch.nn.init.normal_(param, std=0.02)
+    ours.gate_up_proj, ours.down_proj = reference.gate_up_proj, reference.down_proj
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    indices = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def step(module):
+        return lambda: module(x, indices, weights).backward(grad)
+
+    ms_loop = median_ms(step(reference))
+    ours.fp8 = False
+    ms_grouped = median_ms(step(ours))
+    bf16_out = ours(x, indices, weights).detach().float()
+    ours.fp8 = True
+    ms_fp8 = median_ms(step(ours))
+    fp8_out = ours(x, indices, weights).detach().float()
+    return {
+        "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
+        "loop_ms": round(ms_loop, 3),
+        "grouped_bf16_ms": round(ms_grouped, 3),
+        "fp8_ms": round(ms_fp8, 3),
+        "grouped_over_loop_speedup": round(ms_loop / ms_grouped, 3),
+        "fp8_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8, 3),
+        "fp8_rel_error": round(((fp8_out - bf16_out).norm() / bf16_out.norm()).item(), 4),
+    }
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
     rows = []
-    for tokens, hidden, inter, experts, top_k in SHAPES:
-        config = DeepseekV3Config(
-            hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts, hidden_act="silu"
-        )
-        reference = DeepseekV3Experts(config).to("cuda", torch.bfloat16)
-        ours = GroupedExperts(experts, hidden, inter).to("cuda", torch.bfloat16)
-        for param in (reference.gate_up_proj, reference.down_proj):
-            torch.nn.init.normal_(param, std=0.02)
-        ours.gate_up_proj, ours.down_proj = reference.gate_up_proj, reference.down_proj
-        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        indices = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
-        weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
-        grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-
-        def step(module):
-            return lambda: module(x, indices, weights).backward(grad)
-
-        ms_loop = median_ms(step(reference))
-        ours.fp8 = False
-        ms_grouped = median_ms(step(ours))
-        bf16_out = ours(x, indices, weights).detach().float()
-        ours.fp8 = True
-        ms_fp8 = median_ms(step(ours))
-        fp8_out = ours(x, indices, weights).detach().float()
-        rel = ((fp8_out - bf16_out).norm() / bf16_out.norm()).item()
-        row = {
-            "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
-            "loop_ms": round(ms_loop, 3),
-            "grouped_bf16_ms": round(ms_grouped, 3),
-            "fp8_ms": round(ms_fp8, 3),
-            "grouped_over_loop_speedup": round(ms_loop / ms_grouped, 3),
-            "fp8_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8, 3),
-            "fp8_rel_error": round(rel, 4),
-        }
-        print(row)
-        rows.append(row)
-        del reference, ours, x, grad
+    for shape in SHAPES:
+        rows.append(measure(*shape))
+        print(rows[-1])
         torch.cuda.empty_cache()
     print(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
 
