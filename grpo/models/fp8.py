@@ -83,13 +83,16 @@ def fp8_gemm(
     "promote to FP32 every 128 elements" accumulation of DeepSeek-V3.
     """
     if a_MK.is_cuda:
+        m = a_MK.shape[0]
+        # cuBLASLt wants aligned row counts; token counts (per expert, per micro-batch) are arbitrary
+        a_MK, a_scale_MJ = _pad_to(a_MK, 0, 16), _pad_to(a_scale_MJ, 0, 16)
         return torch._scaled_mm(
             a_MK,
             b_NK.t(),
             scale_a=a_scale_MJ.t().contiguous().t(),
             scale_b=b_scale_IJ.t(),
             out_dtype=out_dtype,
-        )
+        )[:m]
     b_scale_NJ = b_scale_IJ.repeat_interleave(T, dim=0)
     out_MN = None
     for j in range(a_MK.shape[1] // T):
@@ -108,8 +111,9 @@ def fp8_gemm(
 
 def _fused_on_cuda(quantize):
     """Quantizers in eager PyTorch cost as much as the GEMM on a GPU; compiled they run near the
-    copy ceiling. CPU calls stay eager."""
-    compiled = torch.compile(quantize, dynamic=False)
+    copy ceiling. CPU calls stay eager. Shapes are left to torch.compile's automatic dynamism: token
+    counts change every micro-batch and per expert, and a static compile per shape would never end."""
+    compiled = torch.compile(quantize)
     return lambda x, power_of_two=False: (compiled if x.is_cuda else quantize)(x, power_of_two)
 
 
