@@ -8,7 +8,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/grpo_site:/tmp/site VLLM_LOGGING_LEVEL=WARNING
-grpo() { python3 -m grpo.cli "$@"; }
+# the installed entry point: `python3 -m` would import the source tree (cwd) instead of the install
+grpo() { python3 /tmp/grpo_site/bin/grpo "$@"; }
 
 stage() {
   local name=$1
