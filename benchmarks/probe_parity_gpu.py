@@ -42,7 +42,6 @@ def kernel_checks() -> dict:
     w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
     ref = (x.float() @ w.float().t()).cpu()
     fp8 = Fp8LinearFunction.apply(x, w, False).float().cpu()
-    fp8_cpu = Fp8LinearFunction.apply(x.cpu().float(), w.cpu().float(), False)
     w3 = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
     counts = torch.tensor([10, 0, 20, 7], device="cuda")
     grouped = grouped_linear(x, w3, counts.cumsum(0).to(torch.int32), fp8=False).float().cpu()
@@ -53,7 +52,6 @@ def kernel_checks() -> dict:
     rel = lambda a, b: round(float((a - b).norm() / b.norm()), 5)  # noqa: E731
     return {
         "fp8_linear_cuda_vs_fp32_rel": rel(fp8, ref),
-        "fp8_linear_cuda_vs_cpu_path_rel": rel(fp8, fp8_cpu),
         "grouped_mm_cuda_vs_loop_rel": rel(grouped, loop.cpu()),
     }
 

@@ -68,6 +68,24 @@ def dequantize_blocks(q_NK: torch.Tensor, scale_inv_IJ: torch.Tensor) -> torch.T
     return (q_NK.float().view(n // T, T, k // T, T) * scale_inv_IJ[:, None, :, None]).view(n, k)
 
 
+def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad an FP8 tensor (`F.pad` has no FP8 kernels; the zero byte is 0.0 in e4m3)."""
+    return torch.nn.functional.pad(q.contiguous().view(torch.uint8), (0, cols, 0, rows)).view(q.dtype)
+
+
+def _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):
+    """cuBLASLt needs 16-byte aligned scale rows (a multiple of 4 K-blocks) and, here, a multiple of
+    16 rows of `a` (measured on H100: 22 K-blocks gave garbage). Zero padding changes no product."""
+    blocks, rows = (-a_scale_MJ.shape[1]) % 4, (-a_MK.shape[0]) % 16
+    if blocks or rows:
+        a_MK = _pad_fp8(a_MK, rows, blocks * T)
+        a_scale_MJ = torch.nn.functional.pad(a_scale_MJ, (0, blocks, 0, rows), value=1.0)
+    if blocks:
+        b_NK = _pad_fp8(b_NK, 0, blocks * T)
+        b_scale_IJ = torch.nn.functional.pad(b_scale_IJ, (0, blocks), value=1.0)
+    return a_MK, a_scale_MJ, b_NK, b_scale_IJ
+
+
 def fp8_gemm(
     a_MK: torch.Tensor,
     a_scale_MJ: torch.Tensor,
@@ -84,13 +102,13 @@ def fp8_gemm(
     """
     if a_MK.is_cuda:
         m = a_MK.shape[0]
-        # cuBLASLt wants aligned row counts; token counts (per expert, per micro-batch) are arbitrary
-        a_MK, a_scale_MJ = _pad_to(a_MK, 0, 16), _pad_to(a_scale_MJ, 0, 16)
+        a_MK, a_scale_MJ, b_NK, b_scale_IJ = _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ)
+        # the scales are read by layout, not by strides: make the layouts explicit
         return torch._scaled_mm(
-            a_MK,
-            b_NK.t(),
+            a_MK.contiguous(),
+            b_NK.contiguous().t(),
             scale_a=a_scale_MJ.t().contiguous().t(),
-            scale_b=b_scale_IJ.t(),
+            scale_b=b_scale_IJ.contiguous().t(),
             out_dtype=out_dtype,
         )[:m]
     b_scale_NJ = b_scale_IJ.repeat_interleave(T, dim=0)
