@@ -1,4 +1,4 @@
-"""`grpo train | sft | reward | report`. Thin: parse, then import the heavy modules.
+"""`grpo train | sft | reward | eval | export-fp8 | report`. Thin: parse, then import the heavy modules.
 
 User errors (bad recipe key, missing file, unknown reward) print one line and exit 2.
 """
@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--engines", type=int, default=1)
     evaluate.add_argument("--ray-address", default=None)
+
+    export = commands.add_parser("export-fp8", help="write a checkpoint in DeepSeek-V3's FP8 format")
+    export.add_argument("src", help="Hugging Face checkpoint folder")
+    export.add_argument("dst", help="output folder")
 
     report = commands.add_parser("report", help="plot a run's curves")
     report.add_argument("run_dir")
@@ -101,6 +105,11 @@ def _dispatch(args) -> int:
         print(
             json.dumps({key: report[key] for key in report if key.startswith("pass@") or key == "problems"})
         )
+    elif args.command == "export-fp8":
+        from grpo.models.fp8_export import export_fp8
+
+        counts = export_fp8(args.src, args.dst)
+        print(f"export-fp8: {counts['fp8']} FP8 weights, {counts['bf16']} BF16 tensors -> {args.dst}")
     elif args.command == "report":
         from grpo.metrics import plot_run
 

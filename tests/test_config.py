@@ -94,3 +94,19 @@ def test_the_cli_exits_2_on_a_missing_model(tmp_path):
     assert line.startswith(
         f"grpo train: error: model.path: {tmp_path}/no-such-model is neither a folder nor a loadable model id"
     )
+
+
+def test_tiny_overrides_only_apply_to_the_tiny_model():
+    with pytest.raises(
+        RecipeError, match=r"^recipe: model: tiny_overrides: only applies to path tiny:deepseek_v3$"
+    ):
+        recipe_from_dict({"model": {"path": "some/folder", "tiny_overrides": {"hidden_size": 256}}})
+
+
+def test_a_misspelt_tiny_override_is_named():
+    from grpo.models.tiny import tiny_deepseek_v3_config
+
+    with pytest.raises(
+        RecipeError, match=r"^model\.tiny_overrides\.hiden_size: not a DeepseekV3Config field$"
+    ):
+        tiny_deepseek_v3_config(vocab_size=10, hiden_size=256)

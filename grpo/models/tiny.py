@@ -62,6 +62,12 @@ def tiny_deepseek_v3_config(vocab_size: int, **overrides) -> DeepseekV3Config:
         eos_token_id=2,
         pad_token_id=0,
     )
+    # DeepseekV3Config takes any keyword silently: a misspelt size would be ignored without this
+    unknown = sorted(set(overrides) - set(DeepseekV3Config().to_dict()))
+    if unknown:
+        from grpo.config import RecipeError
+
+        raise RecipeError(f"model.tiny_overrides.{unknown[0]}: not a DeepseekV3Config field")
     sizes.update(overrides)
     config = DeepseekV3Config(**sizes)
     config.architectures = ["DeepseekV3ForCausalLM"]

@@ -1,0 +1,115 @@
+"""Export a Hugging Face checkpoint in DeepSeek-V3's FP8 format (`grpo export-fp8 SRC DST`).
+
+Every linear weight but the embedding, output head and router gates becomes E4M3 with an FP32
+`weight_scale_inv` per 128 x 128 block (ceil-sized at ragged edges), as in DeepSeek-V3's own
+release; everything else is written in BF16, except the routing bias, which stays FP32 as there
+(it only breaks near-ties between experts). `config.json` gains the `quantization_config` that
+transformers (FineGrainedFP8) and vLLM (block-wise FP8) read. Norms are 1-D and never quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from grpo.models.fp8 import E4M3, quantize_blocks
+
+QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+KEEP_HIGH_PRECISION = ("embed_tokens", "lm_head", ".gate.weight")
+
+
+def quantized_in_export(name: str, tensor: torch.Tensor) -> bool:
+    """Linear weights in whole 128 x 128 blocks. DeepSeek-V3's release also quantizes ragged ones
+    (kv_a_proj_with_mqa: 576 rows), but transformers cannot dequantize those ("not divisible by
+    scale grid"), so they stay BF16 and are listed as not converted."""
+    return (
+        tensor.dim() == 2
+        and name.endswith(".weight")
+        and tensor.is_floating_point()
+        and tensor.shape[0] % 128 == 0
+        and tensor.shape[1] % 128 == 0
+        and not any(part in name for part in KEEP_HIGH_PRECISION)
+    )
+
+
+def ragged_linears(state: dict[str, torch.Tensor]) -> list[str]:
+    """Module names of 2-D weights left in BF16 only for their shape."""
+    return [
+        name.removesuffix(".weight")
+        for name, tensor in state.items()
+        if tensor.dim() == 2
+        and name.endswith(".weight")
+        and not quantized_in_export(name, tensor)
+        and not any(part in name for part in KEEP_HIGH_PRECISION)
+    ]
+
+
+def fp8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if quantized_in_export(name, tensor):
+            rows, cols = tensor.shape
+            q, scale_inv = quantize_blocks(tensor)
+            out[name] = q[:rows, :cols].contiguous()
+            out[name.removesuffix("weight") + "weight_scale_inv"] = scale_inv
+        elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            out[name] = tensor.to(torch.bfloat16)
+        else:
+            out[name] = tensor
+    return out
+
+
+def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
+    """Write the FP8 copy of the checkpoint folder `src` into `dst`; returns tensor counts."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shards = sorted(src.glob("*.safetensors"))
+    if not (src / "config.json").is_file() or not shards:
+        raise ValueError(
+            f"export-fp8: {src} is not a Hugging Face checkpoint folder (config.json + *.safetensors)"
+        )
+    config = json.loads((src / "config.json").read_text())
+    if "quantization_config" in config:
+        raise ValueError(
+            f"export-fp8: {src} is already quantized ({config['quantization_config'].get('quant_method')})"
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    counts = {"fp8": 0, "bf16": 0}
+    index, not_converted = {}, []
+    for shard in shards:
+        original = load_file(str(shard))
+        not_converted += ragged_linears(original)
+        state = fp8_state(original)
+        counts["fp8"] += sum(t.dtype == E4M3 for t in state.values())
+        counts["bf16"] += sum(t.dtype == torch.bfloat16 for t in state.values())
+        save_file(state, str(dst / shard.name), metadata={"format": "pt"})
+        index.update({name: shard.name for name in state})
+    if len(shards) > 1:
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": index}, indent=2)
+        )
+    # both spellings: transformers reads `modules_to_not_convert`, vLLM `ignored_layers`
+    config["quantization_config"] = {
+        **QUANTIZATION_CONFIG,
+        "modules_to_not_convert": not_converted,
+        "ignored_layers": not_converted,
+    }
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for extra in src.iterdir():  # tokenizer and generation config travel unchanged
+        if (
+            extra.is_file()
+            and extra.suffix != ".safetensors"
+            and extra.name not in ("config.json", "model.safetensors.index.json")
+        ):
+            shutil.copy2(extra, dst / extra.name)
+    return counts

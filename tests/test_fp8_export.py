@@ -1,0 +1,71 @@
+import json
+
+import torch
+
+from grpo.cli import main
+from grpo.models.fp8 import E4M3, quantize_blocks
+from grpo.models.fp8_export import QUANTIZATION_CONFIG, export_fp8, fp8_state
+from grpo.models.tiny import save_tiny_checkpoint
+
+
+def test_linear_weights_become_e4m3_with_block_scales_and_the_rest_stays_high_precision():
+    weight = torch.randn(256, 384)
+    state = fp8_state(
+        {
+            "model.layers.0.self_attn.o_proj.weight": weight,
+            "model.layers.1.mlp.experts.3.down_proj.weight": torch.randn(128, 128),
+            "model.embed_tokens.weight": torch.randn(10, 256),
+            "lm_head.weight": torch.randn(10, 256),
+            "model.layers.1.mlp.gate.weight": torch.randn(8, 256),
+            "model.layers.1.mlp.gate.e_score_correction_bias": torch.randn(8),
+            "model.norm.weight": torch.randn(256),
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": torch.randn(576, 256),
+        }
+    )
+    q, scale = (
+        state["model.layers.0.self_attn.o_proj.weight"],
+        state["model.layers.0.self_attn.o_proj.weight_scale_inv"],
+    )
+    assert q.dtype == E4M3 and q.shape == (256, 384)
+    assert scale.dtype == torch.float32 and scale.shape == (2, 3)
+    expected_q, expected_scale = quantize_blocks(weight)
+    assert torch.equal(scale, expected_scale) and torch.equal(
+        q.view(torch.uint8), expected_q.view(torch.uint8)
+    )
+    assert state["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == E4M3
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.norm.weight",
+    ):
+        assert (
+            state[name].dtype == torch.bfloat16
+            and name.removesuffix("weight") + "weight_scale_inv" not in state
+        )
+    assert state["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.bfloat16  # 576 rows
+
+
+def test_transformers_loads_the_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = save_tiny_checkpoint(tmp_path / "src", hidden_size=256, intermediate_size=384)
+    counts = export_fp8(src, tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"].items() >= QUANTIZATION_CONFIG.items()
+    assert (
+        "model.layers.0.self_attn.kv_a_proj_with_mqa"
+        in config["quantization_config"]["modules_to_not_convert"]
+    )
+    assert counts["fp8"] > 0 and (tmp_path / "fp8" / "tokenizer.json").is_file()
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")  # CPU: transformers dequantizes
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    reference, logits = original(ids).logits.float(), exported(ids).logits.float()
+    assert (logits - reference).norm() / reference.norm() < 0.1
+
+
+def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["export-fp8", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is not a Hugging Face checkpoint folder" in capsys.readouterr().err
