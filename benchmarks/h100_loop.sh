@@ -44,10 +44,10 @@ for what in "$@"; do
     run_summary arithmetic-grpo-h100
     stage breakdown_fp8 python3 benchmarks/loop_breakdown.py runs/arithmetic-grpo-h100 ;;
   grpo_bf16)
-    stage grpo_bf16 grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=grpo-h100-bf16 \
-      --set model.fp8=false --set train.steps=20 --set eval.prompts=0 --set train.parity_tolerance=1.0
-    run_summary grpo-h100-bf16
-    stage breakdown_bf16 python3 benchmarks/loop_breakdown.py runs/grpo-h100-bf16 ;;
+    stage grpo_bf16 grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=bf16-20 \
+      --set model.fp8=false --set train.steps=20 --set eval.prompts=0
+    run_summary bf16-20
+    stage breakdown_bf16 python3 benchmarks/loop_breakdown.py runs/bf16-20 ;;
   moe_bench)
     stage moe_bench python3 benchmarks/moe_layer_gpu.py ;;
   *) echo "unknown stage $what"; exit 2 ;;
