@@ -129,9 +129,10 @@ class TrainConfig(Section):
     FP32 master copy (`grpo.trainer.optim`)."""
     routing_bias_gamma: float = Field(0.0, ge=0.0)
     """Auxiliary-loss-free balancing: after each optimizer step every expert's routing bias moves by
-    gamma * sign(mean load - its load); DeepSeek-V3 used 0.001. Needs `model.moe: grouped`."""
+    gamma * sign(mean load - its load) (in `grpo train` and `grpo sft`); DeepSeek-V3 used 0.001.
+    Needs `model.moe: grouped`."""
     balance_loss_alpha: float = Field(0.0, ge=0.0)
-    """Weight of DeepSeek-V3's sequence-wise balance loss (0: off). Needs `model.moe: grouped`."""
+    """Weight of DeepSeek-V3's sequence-wise balance loss in `grpo train` (0: off). Needs `model.moe: grouped`."""
 
 
 class RewardSpec(Section):

@@ -17,6 +17,7 @@ import torch
 from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe
 from grpo.data import TASK_PREFIX, train_prompts
 from grpo.models.build import converters_for, load_policy, load_tokenizer, materialize
+from grpo.models.moe import update_routing_bias
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.optim import build_optimizer
 from grpo.trainer.policy_trainer import pack, token_logprobs
@@ -58,7 +59,7 @@ def sft(recipe: Recipe, log=print) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     rows = sft_rows(recipe, config)
-    started, losses = time.perf_counter(), []
+    started, losses, loads = time.perf_counter(), [], []
     for step in range(1, config.steps + 1):
         pairs = list(itertools.islice(rows, config.batch_size))
         prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
@@ -72,10 +73,13 @@ def sft(recipe: Recipe, log=print) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        load = update_routing_bias(model, recipe.train.routing_bias_gamma)
         losses.append(loss.item())
+        loads.append(load.get("moe/max_over_mean_load", 0.0))
         if step % 50 == 0 or step == config.steps:
+            balance = f" | expert load max/mean {statistics.fmean(loads[-50:]):.2f}" if load else ""
             log(
-                f"sft step {step:>4}/{config.steps} | loss {statistics.fmean(losses[-50:]):.4f} | {time.perf_counter() - started:.0f} s"
+                f"sft step {step:>4}/{config.steps} | loss {statistics.fmean(losses[-50:]):.4f}{balance} | {time.perf_counter() - started:.0f} s"
             )
     final = run_dir / "final"
     accelerator.unwrap_model(model).save_pretrained(final)
@@ -84,6 +88,7 @@ def sft(recipe: Recipe, log=print) -> dict:
         "run": recipe.run.name,
         "steps": config.steps,
         "final_loss": statistics.fmean(losses[-20:]),
+        "expert_load_max_over_mean": statistics.fmean(loads[-20:]),
         "checkpoint": str(final),
         "wall_time_s": time.perf_counter() - started,
     }
