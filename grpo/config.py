@@ -38,9 +38,9 @@ class ModelConfig(Section):
     """Training and rollout dtype. float32 on CPU keeps vLLM and trainer logprobs equal to ~1e-6."""
     fp8: bool = False
     """Train with FP8 GEMMs (DeepSeek-V3 recipe, `grpo.models.fp8`): every linear layer but the
-    embedding, output head, router gate and norms. The master weights (and what vLLM receives) stay
-    in `dtype`, so trainer and vLLM logprobs then differ by FP8 rounding: raise
-    `train.parity_tolerance` accordingly."""
+    embedding, output head, router gate and norms (and, with `moe: grouped`, the routed experts).
+    The master weights (and what vLLM receives) stay in `dtype`; the parity check runs the trainer
+    in that precision too, and logs the FP8 forward's own gap to vLLM as `sync/fp8_gap_*`."""
     tiny_overrides: dict[str, Any] = {}
     """DeepSeek-V3 config fields that grow the embedded model (`path: tiny:deepseek_v3`), e.g.
     `{hidden_size: 1024, num_hidden_layers: 8}`; see `recipes/arithmetic_sft_h100.yaml`."""

@@ -103,10 +103,11 @@ def reward_metrics(scored: list[Scored], names: list[str]) -> dict[str, float]:
 
 
 def parity(
-    actors: Actors, parity_ids: list[int], tolerance: float, when: str
+    actors: Actors, parity_ids: list[int], tolerance: float, when: str, fp8: bool = False
 ) -> tuple[list[float], dict[str, float]]:
-    """Each engine's logprobs of a fixed sequence against the trainer's; stops the run on a mismatch.
-    Returns the first engine's logprobs and the max and mean absolute differences per token."""
+    """Each engine's logprobs of a fixed sequence against the trainer's (its FP8 GEMMs run in high
+    precision, as vLLM's do); stops the run on a mismatch. Returns the first engine's logprobs and
+    the max and mean absolute differences per token (plus the FP8 gap when training in FP8)."""
     import ray
 
     trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
@@ -121,10 +122,17 @@ def parity(
             f"weight sync parity failed {when}: vLLM and trainer logprobs differ by up to "
             f"{diff:.2e} per token (train.parity_tolerance is {tolerance:.0e})"
         )
-    return engine_lps[0].tolist(), {"sync/parity_max_abs_diff": diff, "sync/parity_mean_abs_diff": mean}
+    diffs = {"sync/parity_max_abs_diff": diff, "sync/parity_mean_abs_diff": mean}
+    if fp8:  # what FP8 training adds on top: the trainer's own FP8 forward against vLLM, not checked
+        fp8_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids], fp8=True))[0])
+        diffs["sync/fp8_gap_max_abs_diff"] = float((engine_lps[0] - fp8_lp).abs().max())
+        diffs["sync/fp8_gap_mean_abs_diff"] = float((engine_lps[0] - fp8_lp).abs().mean())
+    return engine_lps[0].tolist(), diffs
 
 
-def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float], tolerance: float, step: int):
+def sync_weights(
+    actors: Actors, parity_ids: list[int], previous: list[float], tolerance: float, step: int, fp8: bool
+):
     """Push weights to every engine, check parity, and measure how far vLLM's logprobs moved."""
     import ray
 
@@ -132,7 +140,7 @@ def sync_weights(actors: Actors, parity_ids: list[int], previous: list[float], t
     manifest = ray.get(actors.trainer.publish_weights.remote())
     ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
     seconds = time.perf_counter() - started
-    current, diffs = parity(actors, parity_ids, tolerance, f"at step {step}")
+    current, diffs = parity(actors, parity_ids, tolerance, f"at step {step}", fp8)
     shift = float((torch.tensor(current) - torch.tensor(previous)).abs().mean())
     return current, {
         "sync/seconds": seconds,
@@ -200,7 +208,12 @@ def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
     sync_metrics = {}
     if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
         session.vllm_logprobs, sync_metrics = sync_weights(
-            actors, session.parity_ids, session.vllm_logprobs, recipe.train.parity_tolerance, step
+            actors,
+            session.parity_ids,
+            session.vllm_logprobs,
+            recipe.train.parity_tolerance,
+            step,
+            recipe.model.fp8,
         )
     t4 = time.perf_counter()
     lengths = [len(c.token_ids) for c in completions]

@@ -10,6 +10,7 @@ from grpo.models.fp8 import (
     dequantize_blocks,
     dequantize_tiles,
     fp8_gemm,
+    high_precision,
     quantize_blocks,
     quantize_tiles,
 )
@@ -117,3 +118,16 @@ def test_a_converted_layer_learns_like_the_high_precision_one():
 def test_the_output_keeps_the_input_dtype(dtype):
     layer = Fp8Linear(128, 128, bias=False).to(dtype)
     assert layer(torch.randn(2, 3, 128, dtype=dtype)).dtype == dtype
+
+
+def test_high_precision_runs_fp8_layers_as_plain_linears_then_restores_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64))
+    plain = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64))
+    plain.load_state_dict(model.state_dict())
+    convert_to_fp8(model, lambda name, module: True)
+    x = torch.randn(3, 256)
+    fp8_out = model(x)
+    with high_precision(model):
+        assert torch.equal(model(x), plain(x))
+    assert torch.equal(model(x), fp8_out) and not torch.equal(fp8_out, plain(x))

@@ -15,6 +15,7 @@ turns FP8 values back into real ones (`x ~= q * scale_inv`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -172,11 +173,29 @@ class Fp8Linear(nn.Linear):
     """`nn.Linear` whose three GEMMs run in FP8; the master weight stays in its own dtype."""
 
     power_of_two_scales = False
+    fp8 = True
+    """False runs the plain high-precision GEMM (see `high_precision`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp8:
+            return super().forward(x)
         y = Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.power_of_two_scales)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def high_precision(model: nn.Module):
+    """Run every FP8 GEMM of `model` (linear layers and experts) in the master weights' precision
+    for the duration: what vLLM computes from the same weights, for checking the weight sync."""
+    switched = [m for m in model.modules() if getattr(m, "fp8", False) is True]
+    for module in switched:
+        module.fp8 = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.fp8 = True
 
 
 HIGH_PRECISION = ("embed", "lm_head", "norm")

@@ -9,6 +9,7 @@ Tensors named `_BL1` are aligned with next-token targets (length L - 1).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
+from grpo.models.fp8 import high_precision
 from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
 from grpo.trainer.optim import build_optimizer
@@ -111,13 +113,16 @@ class PolicyTrainer:
         return [token_logprobs(model, packed)[0] for _, packed in self._micro_batches(batch)]
 
     @torch.no_grad()
-    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Logprob of each token after the first under the current policy (for the parity check)."""
+    def sequence_logprobs(self, sequences: list[list[int]], fp8: bool = False) -> list[list[float]]:
+        """Logprob of each token after the first under the current policy (for the parity check).
+        FP8 GEMMs run in high precision unless `fp8`: vLLM receives the master weights, so only then
+        does a difference measure the weight sync alone."""
         out = []
-        for ids in sequences:
-            packed = pack([ids[:1]], [ids[1:]], self.pad_id)
-            logp_BL1, _ = token_logprobs(self.model, packed.to(self.accelerator.device))
-            out.append(logp_BL1[0].tolist())
+        with contextlib.nullcontext() if fp8 else high_precision(self.model):
+            for ids in sequences:
+                packed = pack([ids[:1]], [ids[1:]], self.pad_id)
+                logp_BL1, _ = token_logprobs(self.model, packed.to(self.accelerator.device))
+                out.append(logp_BL1[0].tolist())
         return out
 
     # ---- the update -----------------------------------------------------------------------
