@@ -144,7 +144,7 @@ def sync_weights(
     shift = float((torch.tensor(current) - torch.tensor(previous)).abs().mean())
     return current, {
         "sync/seconds": seconds,
-        "sync/gigabytes": manifest.numel * getattr(torch, manifest.dtype).itemsize / 1e9,
+        "sync/gigabytes": manifest.nbytes / 1e9,
         **diffs,
         "sync/logprob_shift": shift,
         "sync/weights_version": manifest.version,

@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
+ALIGN = 64  # bytes: every tensor starts aligned for any dtype and vectorised copies
+
 
 @dataclass(frozen=True)
 class Manifest:
     path: str
-    dtype: str
-    numel: int
-    entries: tuple[tuple[str, tuple[int, ...], int], ...]
-    """(checkpoint name, shape, offset into the flat buffer)."""
+    nbytes: int
+    entries: tuple[tuple[str, tuple[int, ...], str, int], ...]
+    """(checkpoint name, shape, dtype name, byte offset into the flat buffer). Each tensor keeps its
+    own dtype: a BF16 model's FP32 routing bias must reach vLLM unrounded."""
     version: int
     cuda_ipc: bytes = b""
     """Pickled CUDA IPC handle of the flat buffer when the trainer's weights are on a GPU."""
@@ -37,8 +39,8 @@ def _shared_dir() -> Path:
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-def _flat_view(path: str, dtype: str, numel: int) -> torch.Tensor:
-    return torch.from_file(path, shared=True, size=numel, dtype=getattr(torch, dtype))
+def _flat_view(path: str, nbytes: int) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
 def _open_cuda_ipc(handle: bytes) -> torch.Tensor:
@@ -56,12 +58,12 @@ class SharedWeightsWriter:
         self._cuda_ipc = b""
         self.version = 0
 
-    def _allocate(self, numel: int, dtype: str, device: torch.device) -> torch.Tensor:
+    def _allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
         if device.type != "cuda":
-            return _flat_view(self.path, dtype, numel)
+            return _flat_view(self.path, nbytes)
         from torch.multiprocessing.reductions import reduce_tensor
 
-        flat = torch.empty(numel, dtype=getattr(torch, dtype), device=device)
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self._cuda_ipc = pickle.dumps(reduce_tensor(flat))
         return flat
 
@@ -70,33 +72,39 @@ class SharedWeightsWriter:
         if self._layout is None:
             entries, offset = [], 0
             for name, tensor in tensors:
-                entries.append((name, tuple(tensor.shape), offset))
-                offset += tensor.numel()
-            dtype = str(tensors[0][1].dtype).removeprefix("torch.")
-            self._layout = (tuple(entries), offset, dtype)
-            self._flat = self._allocate(offset, dtype, tensors[0][1].device)
-        entries, numel, dtype = self._layout
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                entries.append((name, tuple(tensor.shape), dtype, offset))
+                offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+            self._layout = (tuple(entries), offset)
+            self._flat = self._allocate(offset, tensors[0][1].device)
+        entries, nbytes = self._layout
         assert [name for name, _ in tensors] == [e[0] for e in entries], "weight names changed"
         assert self._flat is not None
-        for (_, _, offset), (_, tensor) in zip(entries, tensors):
-            self._flat[offset : offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
+        for entry, (_, tensor) in zip(entries, tensors):
+            _view(self._flat, entry).copy_(tensor.detach())
         if self._flat.is_cuda:
             torch.cuda.synchronize(self._flat.device)  # the engine reads on its own stream
         self.version += 1
-        return Manifest(self.path, dtype, numel, entries, self.version, self._cuda_ipc)
+        return Manifest(self.path, nbytes, entries, self.version, self._cuda_ipc)
 
     def close(self) -> None:
         self._flat = None
         Path(self.path).unlink(missing_ok=True)
 
 
+def _view(flat: torch.Tensor, entry) -> torch.Tensor:
+    """The tensor `entry` = (name, shape, dtype, offset) inside the flat byte buffer."""
+    _, shape, dtype, offset = entry
+    dtype = getattr(torch, dtype)
+    return flat[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
 def read_manifest(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
-    if manifest.cuda_ipc:
-        flat = _open_cuda_ipc(manifest.cuda_ipc)
-    else:
-        flat = _flat_view(manifest.path, manifest.dtype, manifest.numel)
-    for name, shape, offset in manifest.entries:
-        yield name, flat[offset : offset + math.prod(shape)].view(shape)
+    flat = (
+        _open_cuda_ipc(manifest.cuda_ipc) if manifest.cuda_ipc else _flat_view(manifest.path, manifest.nbytes)
+    )
+    for entry in manifest.entries:
+        yield entry[0], _view(flat, entry)
 
 
 def _find_isa(module: torch.nn.Module, depth: int = 6) -> str | None:
