@@ -26,29 +26,33 @@ QUANTIZATION_CONFIG = {
 KEEP_HIGH_PRECISION = ("embed_tokens", "lm_head", ".gate.weight")
 
 
-def quantized_in_export(name: str, tensor: torch.Tensor) -> bool:
-    """Linear weights in whole 128 x 128 blocks. DeepSeek-V3's release also quantizes ragged ones
-    (kv_a_proj_with_mqa: 576 rows), but transformers cannot dequantize those ("not divisible by
-    scale grid"), so they stay BF16 and are listed as not converted."""
+def _fp8_candidate(name: str, tensor: torch.Tensor) -> bool:
+    """A linear weight that DeepSeek-V3 stores in FP8."""
     return (
         tensor.dim() == 2
         and name.endswith(".weight")
         and tensor.is_floating_point()
-        and tensor.shape[0] % 128 == 0
-        and tensor.shape[1] % 128 == 0
         and not any(part in name for part in KEEP_HIGH_PRECISION)
     )
 
 
+def _whole_blocks(tensor: torch.Tensor) -> bool:
+    return tensor.shape[0] % 128 == 0 and tensor.shape[1] % 128 == 0
+
+
+def quantized_in_export(name: str, tensor: torch.Tensor) -> bool:
+    """Linear weights in whole 128 x 128 blocks. DeepSeek-V3's release also quantizes ragged ones
+    (kv_a_proj_with_mqa: 576 rows), but transformers cannot dequantize those ("not divisible by
+    scale grid"), so they stay BF16 and are listed as not converted."""
+    return _fp8_candidate(name, tensor) and _whole_blocks(tensor)
+
+
 def ragged_linears(state: dict[str, torch.Tensor]) -> list[str]:
-    """Module names of 2-D weights left in BF16 only for their shape."""
+    """Module names of linear weights left in BF16 only for their shape."""
     return [
         name.removesuffix(".weight")
         for name, tensor in state.items()
-        if tensor.dim() == 2
-        and name.endswith(".weight")
-        and not quantized_in_export(name, tensor)
-        and not any(part in name for part in KEEP_HIGH_PRECISION)
+        if _fp8_candidate(name, tensor) and not _whole_blocks(tensor)
     ]
 
 

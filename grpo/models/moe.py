@@ -115,6 +115,24 @@ def grouped_linear(
     return torch.cat(parts) if parts else x_NK.new_zeros(0, w_EOK.shape[1])
 
 
+def sort_by_expert(indices_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(order_N, token_N)`: the (token, slot) pairs sorted by expert, and each pair's token."""
+    order_N = indices_TK.flatten().argsort(stable=True)
+    return order_N, order_N // indices_TK.shape[1]
+
+
+def combine(
+    x_TH: torch.Tensor,
+    token_N: torch.Tensor,
+    y_NH: torch.Tensor,
+    weights_TK: torch.Tensor,
+    order_N: torch.Tensor,
+) -> torch.Tensor:
+    """Sum each token's expert outputs, weighted by its routing weights."""
+    y_NH = y_NH * weights_TK.flatten()[order_N].unsqueeze(1).to(y_NH.dtype)
+    return torch.zeros_like(x_TH).index_add_(0, token_N, y_NH)
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -133,12 +151,9 @@ class GroupedExperts(nn.Module):
         return grouped_linear(F.silu(gate_NI) * up_NI, self.down_proj, offsets_E, self.fp8)
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        order_N = indices_TK.flatten().argsort(stable=True)
-        token_N = order_N // indices_TK.shape[1]
+        order_N, token_N = sort_by_expert(indices_TK)
         counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
-        out_NH = self.run_sorted(x_TH[token_N], counts_E)
-        out_NH = out_NH * weights_TK.flatten()[order_N].unsqueeze(1).to(out_NH.dtype)
-        return torch.zeros_like(x_TH).index_add_(0, token_N, out_NH)
+        return combine(x_TH, token_N, self.run_sorted(x_TH[token_N], counts_E), weights_TK, order_N)
 
 
 class MoeLayer(nn.Module):

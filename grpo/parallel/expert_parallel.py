@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from grpo.models.moe import GroupedExperts, MoeLayer, moe_layers
+from grpo.models.moe import GroupedExperts, MoeLayer, combine, moe_layers, sort_by_expert
 
 
 def _all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
@@ -48,8 +48,7 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         # pairs sorted by expert, hence by destination rank (rank r holds a contiguous expert range)
-        order_N = indices_TK.flatten().argsort(stable=True)
-        token_N = order_N // indices_TK.shape[1]
+        order_N, token_N = sort_by_expert(indices_TK)
         expert_N = indices_TK.flatten()[order_N]
         send_R = torch.bincount(expert_N // self.num_local, minlength=self.ranks)
         recv_R = torch.empty_like(send_R)
@@ -63,9 +62,7 @@ class ExpertParallelExperts(nn.Module):
         y_sorted_MH = self.local.run_sorted(x_MH[order_M], torch.bincount(expert_M, minlength=self.num_local))
         y_MH = y_sorted_MH[order_M.argsort()]
         y_NH = _all_to_all(y_MH, send, recv, self.group)
-
-        y_NH = y_NH * weights_TK.flatten()[order_N].unsqueeze(1).to(y_NH.dtype)
-        return torch.zeros_like(x_TH).index_add_(0, token_N, y_NH)
+        return combine(x_TH, token_N, y_NH, weights_TK, order_N)
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full `(gate_up_proj, down_proj)` on every rank (for checkpoints and weight sync)."""
