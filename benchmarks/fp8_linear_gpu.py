@@ -2,9 +2,10 @@
 
 For each (tokens, in -> out) shape: median time of forward+backward over repeated runs (CUDA events),
 both layers fed the same BF16 input and weights; relative error of the FP8 output and gradients
-against an FP32 reference. The FP8 path is the portable one in `grpo.models.fp8` (quantization in
-eager PyTorch, one row-wise scaled GEMM per 128-wide reduction block); the issue's target (>= 1.4x)
-needs fused quantization and a native blockwise GEMM. Last line: one JSON object.
+against an FP32 reference. The FP8 path is `grpo.models.fp8.Fp8LinearFunction` on CUDA: fused Triton
+quantizers (`fp8_triton`, each input read once for both of its quantized copies) and cuBLASLt's
+blockwise-scaled GEMM. `gemm_only_ms` times the three FP8 GEMMs alone on pre-quantized operands, the
+floor the layer can reach. Last line: one JSON object.
 
     python benchmarks/fp8_linear_gpu.py
 """
@@ -16,23 +17,45 @@ import json
 import torch
 from torch import nn
 
-from grpo.models.fp8 import Fp8Linear
+from grpo.models import fp8_triton
+from grpo.models.fp8 import Fp8Linear, fp8_gemm
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 7168, 18432)]
 
 
-def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int = 20) -> float:
+def median_ms(fn, repeats: int = 20) -> float:
     for _ in range(3):
-        layer(x).backward(grad)
+        fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        layer(x).backward(grad)
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    return median_ms(lambda: layer(x).backward(grad))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
+    xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x.detach())
+    wq, ws, wq_t, ws_t = fp8_triton.quantize_weight(w.detach())
+    gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad)
+
+    def gemms():
+        fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
+        fp8_gemm(gq, gs, wq_t, ws_t, torch.bfloat16)
+        fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16)
+
+    return median_ms(gemms)
 
 
 def main() -> None:
@@ -47,15 +70,13 @@ def main() -> None:
         fp8.weight.data.copy_(bf16.weight.data)
         ms_bf16, ms_fp8 = time_fwd_bwd(bf16, x, grad), time_fwd_bwd(fp8, x, grad)
         # accuracy against FP32
-        x.grad = None
+        x.grad = fp8.weight.grad = None
         y = fp8(x)
         y.backward(grad)
         ref = x.float() @ bf16.weight.float().t()
-        rel = ((y.float() - ref).norm() / ref.norm()).item()
-        rel_dx = (
-            (x.grad.float() - grad.float() @ bf16.weight.float()).norm()
-            / (grad.float() @ bf16.weight.float()).norm()
-        ).item()
+        rel = relative_error(y, ref)
+        rel_dx = relative_error(x.grad, grad.float() @ bf16.weight.float())
+        rel_dw = relative_error(fp8.weight.grad, grad.float().t() @ x.float())
         flops = 3 * 2 * tokens * fan_in * fan_out
         rows.append(
             {
@@ -67,6 +88,8 @@ def main() -> None:
                 "fp8_tflops": round(flops / ms_fp8 / 1e9, 1),
                 "fp8_rel_err_out": round(rel, 5),
                 "fp8_rel_err_dx": round(rel_dx, 5),
+                "fp8_rel_err_dw": round(rel_dw, 5),
+                "gemm_only_ms": round(gemm_only_ms(x, fp8.weight, grad), 3),
             }
         )
         print(rows[-1], flush=True)

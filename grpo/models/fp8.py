@@ -7,8 +7,10 @@ turns FP8 values back into real ones (`x ~= q * scale_inv`).
 - Activations are quantized per 1 x 128 tile along the reduction dimension, weights per 128 x 128
   block, with online scales `amax / 448` (optionally rounded up to a power of two).
 - All three GEMMs (forward, input gradient, weight gradient) take FP8 operands and accumulate in
-  FP32; each is a sum over 128-wide reduction blocks of row/column-scaled `torch._scaled_mm` calls,
-  which run on CPU too, so every property is testable here. The output is in the input's dtype.
+  FP32. On CUDA each is one blockwise-scaled cuBLASLt GEMM fed by the fused Triton quantizers of
+  `fp8_triton`; elsewhere a sum over 128-wide reduction blocks of row/column-scaled
+  `torch._scaled_mm` calls, which run on CPU too, so every property is testable here. The output is
+  in the input's dtype.
 - Dimensions that are not multiples of 128 are zero-padded inside the quantizers (zeros change
   neither the amax of a tile nor any product).
 """
@@ -128,43 +130,50 @@ def fp8_gemm(
     return out_MN.to(out_dtype)
 
 
-def _fused_on_cuda(quantize):
-    """Quantizers in eager PyTorch cost as much as the GEMM on a GPU; compiled they run near the
-    copy ceiling. CPU calls stay eager. Shapes are left to torch.compile's automatic dynamism: token
-    counts change every micro-batch and per expert, and a static compile per shape would never end."""
-    compiled = torch.compile(quantize)
-    return lambda x, power_of_two=False: (compiled if x.is_cuda else quantize)(x, power_of_two)
-
-
-_tiles = _fused_on_cuda(quantize_tiles)
-_blocks = _fused_on_cuda(quantize_blocks)
-
-
 class Fp8LinearFunction(torch.autograd.Function):
+    """The three GEMMs of a linear layer in FP8. On CUDA the operands come from the fused Triton
+    quantizers (`fp8_triton`), and the forward keeps the FP8 copies the backward needs instead of
+    the BF16 input; elsewhere from the portable quantizers above."""
+
     @staticmethod
     def forward(ctx, x_MK, w_NK, power_of_two: bool):
         m, k = x_MK.shape
         n = w_NK.shape[0]
-        xq_MK, xs_MJ = _tiles(x_MK, power_of_two)
-        wq_NK, ws_IJ = _blocks(w_NK, power_of_two)
-        y_MN = fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[:, :n]
-        ctx.save_for_backward(x_MK, wq_NK, ws_IJ)
         ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
-        return y_MN
+        if x_MK.is_cuda:
+            from grpo.models import fp8_triton
+
+            xq_MK, xs_MJ, xq_KM, xs_PL = fp8_triton.quantize_activation(x_MK, power_of_two)
+            wq_NK, ws_IJ, wq_KN, ws_JI = fp8_triton.quantize_weight(w_NK, power_of_two)
+            ctx.save_for_backward(xq_KM, xs_PL, wq_KN, ws_JI)
+        else:
+            xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
+            wq_NK, ws_IJ = quantize_blocks(w_NK, power_of_two)
+            ctx.save_for_backward(x_MK, wq_NK, ws_IJ)
+        return fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[:m, :n]
 
     @staticmethod
     def backward(ctx, grad_MN):
-        x_MK, wq_NK, ws_IJ = ctx.saved_tensors
         m, k, n = ctx.shape
-        p2, dtype = ctx.power_of_two, x_MK.dtype
+        p2 = ctx.power_of_two
         # input gradient: grad (M x N) @ w (N x K), reducing over N: grad in tiles along N, the
-        # weight's 128 x 128 blocks transposed (a block of w.T is the transpose of a block of w)
-        gq_MN, gs_MI = _tiles(grad_MN.to(dtype), p2)
-        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_NK.t().contiguous(), ws_IJ.t().contiguous(), dtype)[:, :k]
+        # weight's 128 x 128 blocks transposed (a block of w.T is the transpose of a block of w).
         # weight gradient: grad.T (N x M) @ x (M x K), reducing over the tokens: grad.T in tiles
         # along M, x.T in 128 x 128 blocks
-        gq_NM, gs_NL = _tiles(grad_MN.t().to(dtype), p2)
-        xq_KM, xs_PL = _blocks(x_MK.t(), p2)
+        if grad_MN.is_cuda:
+            from grpo.models import fp8_triton
+
+            xq_KM, xs_PL, wq_KN, ws_JI = ctx.saved_tensors
+            dtype = grad_MN.dtype
+            gq_MN, gs_MI, gq_NM, gs_NL = fp8_triton.quantize_output_grad(grad_MN, p2)
+        else:
+            x_MK, wq_NK, ws_IJ = ctx.saved_tensors
+            dtype = x_MK.dtype
+            gq_MN, gs_MI = quantize_tiles(grad_MN.to(dtype), p2)
+            wq_KN, ws_JI = wq_NK.t().contiguous(), ws_IJ.t().contiguous()
+            gq_NM, gs_NL = quantize_tiles(grad_MN.t().to(dtype), p2)
+            xq_KM, xs_PL = quantize_blocks(x_MK.t(), p2)
+        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, dtype)[:m, :k]
         grad_w_NK = fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype)[:n, :k]
         return grad_x_MK, grad_w_NK, None
 

@@ -1,0 +1,167 @@
+"""Fused FP8 quantizers for the GPU path of `Fp8Linear` (Triton).
+
+Each GEMM operand of the DeepSeek-V3 recipe needs a quantized copy in a given layout: activations in
+1 x 128 tiles for the forward, and transposed for the weight gradient (where the tokens are the
+reduction); output gradients likewise; weights in 128 x 128 blocks, and transposed for the input
+gradient. Done in separate PyTorch passes (quantize, transpose, pad) these copies cost more than the
+FP8 GEMMs save. Here one kernel reads each 128 x 128 tile of its input once and writes both copies,
+already zero-padded to what cuBLASLt's blockwise GEMM accepts, and the scales already in the layout
+it reads (so `fp8.fp8_gemm` copies nothing).
+
+Scales and rounding are those of `fp8.quantize_tiles` / `fp8.quantize_blocks` (`scale_inv = amax /
+448`, optionally a power of two; all-zero tiles get the 1e-12 floor); the GPU tests compare them.
+
+Padding: the rows of a GEMM's left operand to 16, every other dimension to 512 (4 scale blocks:
+cuBLASLt reads scale rows 16-byte aligned). Zeros change no product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo.models.fp8 import E4M3, T
+
+ROW_ALIGN = 16
+ALIGN = 4 * T
+
+# what the transposed copy is scaled by (the direct copy: ROWS or BLOCKS)
+ROWS, BLOCKS, COLUMNS = 0, 1, 2
+
+
+def _up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@triton.jit
+def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
+    scale_inv = tl.maximum(amax, 1e-12) / 448.0  # E4M3_MAX (a literal: jit code reads no globals)
+    if POWER_OF_TWO:
+        scale_inv = tl.exp2(tl.ceil(tl.log2(scale_inv)))
+    return scale_inv
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    stride_xr,
+    stride_xc,
+    rows,
+    cols,
+    q_ptr,
+    q_rows,
+    q_cols,
+    qs_ptr,
+    qs_stride,
+    t_ptr,
+    t_rows,
+    t_cols,
+    ts_ptr,
+    ts_stride,
+    DIRECT: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    POWER_OF_TWO: tl.constexpr,
+):
+    """One 128 x 128 tile of `x` -> its direct copy `q` (scaled per row of the tile or per block)
+    and its transposed copy `t` (scaled per block or per column of the tile)."""
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    r = pid_r * 128 + tl.arange(0, 128)
+    c = pid_c * 128 + tl.arange(0, 128)
+    inside = (r[:, None] < rows) & (c[None, :] < cols)
+    x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    magnitude = tl.abs(x)
+    block_scale = _scale_inv(tl.max(tl.max(magnitude, axis=1), axis=0), POWER_OF_TWO)
+
+    # direct copy: rows x cols, padded to q_rows x q_cols
+    if DIRECT == 1:
+        q = x / block_scale
+        direct_scale_at = qs_ptr + pid_r * qs_stride + pid_c
+        tl.store(direct_scale_at, block_scale, mask=(pid_r * 128 < q_rows) & (pid_c * 128 < q_cols))
+    else:
+        row_scale = _scale_inv(tl.max(magnitude, axis=1), POWER_OF_TWO)
+        q = x / row_scale[:, None]
+        # stored (cols/128) x rows: the column-major layout cuBLASLt reads tile scales in
+        tl.store(
+            qs_ptr + pid_c * qs_stride + r, row_scale, mask=(r < q_rows) & (c * 0 + pid_c * 128 < q_cols)
+        )
+    q = tl.clamp(q, -448.0, 448.0).to(tl.float8e4nv)
+    q_inside = (r[:, None] < q_rows) & (c[None, :] < q_cols)
+    tl.store(q_ptr + r[:, None] * q_cols + c[None, :], q, mask=q_inside)
+
+    # transposed copy: cols x rows, padded to t_rows x t_cols
+    if TRANSPOSED == 1:
+        t = x / block_scale
+        transposed_scale_at = ts_ptr + pid_c * ts_stride + pid_r
+        tl.store(transposed_scale_at, block_scale, mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols))
+    else:
+        column_scale = _scale_inv(tl.max(magnitude, axis=0), POWER_OF_TWO)
+        t = x / column_scale[None, :]
+        tl.store(
+            ts_ptr + pid_r * ts_stride + c, column_scale, mask=(c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
+        )
+    t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
+    t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
+    tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
+
+
+def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
+    """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
+    padded to ALIGN x ALIGN. Tile scales come as column-major views, block scales contiguous."""
+    rows, cols = x_RC.shape
+    q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
+    t_rows, t_cols = _up(cols, ALIGN), _up(rows, ALIGN)
+    device = x_RC.device
+    q = torch.empty(q_rows, q_cols, dtype=E4M3, device=device)
+    t = torch.empty(t_rows, t_cols, dtype=E4M3, device=device)
+    if direct == BLOCKS:
+        q_scale = torch.empty(q_rows // T, q_cols // T, device=device)
+    else:
+        q_scale = torch.empty(q_cols // T, q_rows, device=device)
+    if transposed == BLOCKS:
+        t_scale = torch.empty(t_rows // T, t_cols // T, device=device)
+    else:
+        t_scale = torch.empty(t_cols // T, t_rows, device=device)
+    grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T)
+    _quantize_kernel[grid](
+        x_RC,
+        x_RC.stride(0),
+        x_RC.stride(1),
+        rows,
+        cols,
+        q,
+        q_rows,
+        q_cols,
+        q_scale,
+        q_scale.stride(0),
+        t,
+        t_rows,
+        t_cols,
+        t_scale,
+        t_scale.stride(0),
+        DIRECT=direct,
+        TRANSPOSED=transposed,
+        POWER_OF_TWO=power_of_two,
+        num_warps=8,
+    )
+    q_scale = q_scale if direct == BLOCKS else q_scale.t()
+    t_scale = t_scale if transposed == BLOCKS else t_scale.t()
+    return q, q_scale, t, t_scale
+
+
+def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
+    """`x` in 1 x 128 tiles (forward's left operand) and `x.T` in 128 x 128 blocks (the weight
+    gradient's right operand, reducing over tokens)."""
+    return _quantize(x_MK, ROWS, BLOCKS, ROW_ALIGN, power_of_two)
+
+
+def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False):
+    """`g` in 1 x 128 tiles along N (input gradient's left operand) and `g.T` in 1 x 128 tiles along
+    the tokens (weight gradient's left operand)."""
+    return _quantize(g_MN, ROWS, COLUMNS, ROW_ALIGN, power_of_two)
+
+
+def quantize_weight(w_NK: torch.Tensor, power_of_two: bool = False):
+    """`w` and `w.T` in 128 x 128 blocks (right operands of the forward and the input gradient)."""
+    return _quantize(w_NK, BLOCKS, BLOCKS, ALIGN, power_of_two)

@@ -1,0 +1,98 @@
+"""The fused Triton quantizers write what the portable ones do, in the padded layouts cuBLASLt reads.
+
+On CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1) on inputs whose
+every tile has amax 448 * 2^k, so every quantized value is exact: the interpreter's own FP8 rounding
+differs from the GPU's on inexact values. On a GPU the same checks run on random inputs, and the
+layer's fused path is compared with the portable one.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grpo.models.fp8 import Fp8LinearFunction, quantize_blocks, quantize_tiles
+
+
+def _exactly_representable(rows: int, cols: int) -> torch.Tensor:
+    values = torch.randint(-7, 8, (rows, cols)).float() * 16
+    values[:, ::128] = 448.0
+    values[::128, :] = 448.0
+    return values * 0.5
+
+
+def _same(padded: torch.Tensor, reference: torch.Tensor) -> bool:
+    """`padded` starts with `reference` and is zero elsewhere."""
+    inner = padded[: reference.shape[0], : reference.shape[1]]
+    rest = padded.float().clone()
+    rest[: reference.shape[0], : reference.shape[1]] = 0
+    return torch.equal(inner.float(), reference.float()) and not rest.any()
+
+
+def check_against_portable_quantizers(x: torch.Tensor) -> None:
+    from grpo.models import fp8_triton
+
+    rows, cols = x.shape
+    q, q_scale, t, t_scale = fp8_triton.quantize_activation(x)
+    assert (q.shape, t.shape) == ((208, 512), (512, 512))
+    assert q_scale.stride() == (1, 208)  # column-major, as cuBLASLt reads tile scales
+    reference_q, reference_scale = quantize_tiles(x)
+    assert _same(q, reference_q)
+    assert torch.equal(q_scale[:rows, : reference_scale.shape[1]], reference_scale)
+    reference_q, reference_scale = quantize_blocks(x.t())
+    assert _same(t, reference_q)
+    assert torch.equal(t_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
+
+    q, q_scale, t, t_scale = fp8_triton.quantize_output_grad(x)
+    reference_q, reference_scale = quantize_tiles(x.t())
+    assert _same(t, reference_q)
+    assert torch.equal(t_scale[:cols, : reference_scale.shape[1]], reference_scale)
+
+    q, q_scale, t, t_scale = fp8_triton.quantize_weight(x)
+    reference_q, reference_scale = quantize_blocks(x)
+    assert _same(q, reference_q)
+    assert torch.equal(q_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
+    assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
+
+
+def test_fused_quantizers_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_quantizers_on_the_gpu():
+    torch.manual_seed(0)
+    check_against_portable_quantizers(_exactly_representable(200, 300).cuda())
+    check_against_portable_quantizers((torch.randn(200, 300) * torch.logspace(-3, 3, 300)).cuda())
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_fp8_linear_equals_the_portable_path():
+    torch.manual_seed(1)
+    x = torch.randn(200, 300, dtype=torch.bfloat16)
+    w = torch.randn(260, 300, dtype=torch.bfloat16)
+    grad = torch.randn(200, 260, dtype=torch.bfloat16)
+    results = []
+    for device in ("cpu", "cuda"):
+        x_, w_ = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        y = Fp8LinearFunction.apply(x_, w_, False)
+        y.backward(grad.to(device))
+        results.append([t.float().cpu() for t in (y, x_.grad, w_.grad)])
+    for portable, fused in zip(*results):
+        # same FP8 operands; the GEMMs' FP32 accumulation order and the BF16 output rounding differ
+        assert ((fused - portable).norm() / portable.norm()).item() < 1e-2
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    check_against_portable_quantizers(_exactly_representable(200, 300))
