@@ -5,7 +5,9 @@ both layers fed the same BF16 input and weights; relative error of the FP8 outpu
 against an FP32 reference. The FP8 path is `grpo.models.fp8.Fp8LinearFunction` on CUDA: fused Triton
 quantizers (`fp8_triton`, each input read once for both of its quantized copies) and cuBLASLt's
 blockwise-scaled GEMM. `gemm_only_ms` times the three FP8 GEMMs alone on pre-quantized operands, the
-floor the layer can reach. Last line: one JSON object.
+floor the layer can reach. Each step is timed twice: eager (Python's launch overhead included: a
+single layer at these sizes is launch-bound in FP8) and replayed from a CUDA graph (GPU time alone).
+Last line: one JSON object.
 
     python benchmarks/fp8_linear_gpu.py
 """
@@ -41,6 +43,21 @@ def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float
     return median_ms(lambda: layer(x).backward(grad))
 
 
+def time_fwd_bwd_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """The same step replayed from a CUDA graph: GPU time alone, without Python's launch overhead
+    (what a layer costs inside a model whose GPU queue stays full)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            layer(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x).backward(grad)
+    return median_ms(graph.replay)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
@@ -69,6 +86,7 @@ def main() -> None:
         fp8 = Fp8Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
         fp8.weight.data.copy_(bf16.weight.data)
         ms_bf16, ms_fp8 = time_fwd_bwd(bf16, x, grad), time_fwd_bwd(fp8, x, grad)
+        graph_bf16, graph_fp8 = time_fwd_bwd_graphed(bf16, x, grad), time_fwd_bwd_graphed(fp8, x, grad)
         # accuracy against FP32
         x.grad = fp8.weight.grad = None
         y = fp8(x)
@@ -84,6 +102,9 @@ def main() -> None:
                 "bf16_ms": round(ms_bf16, 3),
                 "fp8_ms": round(ms_fp8, 3),
                 "speedup": round(ms_bf16 / ms_fp8, 3),
+                "bf16_graph_ms": round(graph_bf16, 3),
+                "fp8_graph_ms": round(graph_fp8, 3),
+                "graph_speedup": round(graph_bf16 / graph_fp8, 3),
                 "bf16_tflops": round(flops / ms_bf16 / 1e9, 1),
                 "fp8_tflops": round(flops / ms_fp8 / 1e9, 1),
                 "fp8_rel_err_out": round(rel, 5),

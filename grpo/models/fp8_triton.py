@@ -26,8 +26,9 @@ from grpo.models.fp8 import E4M3, T
 ROW_ALIGN = 16
 ALIGN = 4 * T
 
-# what the transposed copy is scaled by (the direct copy: ROWS or BLOCKS)
-ROWS, BLOCKS, COLUMNS = 0, 1, 2
+# how a copy is scaled: the direct copy by ROWS or BLOCKS, the transposed one by BLOCKS or COLUMNS
+# (of the input tile), or NONE made
+NONE, ROWS, BLOCKS, COLUMNS = 0, 1, 2, 3
 
 
 def _up(n: int, multiple: int) -> int:
@@ -42,7 +43,10 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
     return scale_inv
 
 
-@triton.jit
+# integer arguments are sizes that change every call (token counts): no specialization on them
+@triton.jit(
+    do_not_specialize=["rows", "cols", "q_rows", "q_cols", "qs_stride", "t_rows", "t_cols", "ts_stride"]
+)
 def _quantize_kernel(
     x_ptr,
     stride_xr,
@@ -75,7 +79,7 @@ def _quantize_kernel(
     block_scale = _scale_inv(tl.max(tl.max(magnitude, axis=1), axis=0), POWER_OF_TWO)
 
     # direct copy: rows x cols, padded to q_rows x q_cols
-    if DIRECT == 1:
+    if DIRECT == 2:
         q = x / block_scale
         direct_scale_at = qs_ptr + pid_r * qs_stride + pid_c
         tl.store(direct_scale_at, block_scale, mask=(pid_r * 128 < q_rows) & (pid_c * 128 < q_cols))
@@ -91,38 +95,35 @@ def _quantize_kernel(
     tl.store(q_ptr + r[:, None] * q_cols + c[None, :], q, mask=q_inside)
 
     # transposed copy: cols x rows, padded to t_rows x t_cols
-    if TRANSPOSED == 1:
-        t = x / block_scale
-        transposed_scale_at = ts_ptr + pid_c * ts_stride + pid_r
-        tl.store(transposed_scale_at, block_scale, mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols))
-    else:
-        column_scale = _scale_inv(tl.max(magnitude, axis=0), POWER_OF_TWO)
-        t = x / column_scale[None, :]
-        tl.store(
-            ts_ptr + pid_r * ts_stride + c, column_scale, mask=(c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
-        )
-    t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
-    t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
-    tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
+    if TRANSPOSED != 0:
+        if TRANSPOSED == 2:
+            t = tl.trans(x) / block_scale
+            transposed_scale_at = ts_ptr + pid_c * ts_stride + pid_r
+            tl.store(transposed_scale_at, block_scale, mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols))
+        else:
+            column_scale = _scale_inv(tl.max(magnitude, axis=0), POWER_OF_TWO)
+            t = tl.trans(x) / column_scale[:, None]
+            scale_ok = (c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
+            tl.store(ts_ptr + pid_r * ts_stride + c, column_scale, mask=scale_ok)
+        t = tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv)
+        t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
+        tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
 
 
 def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
     """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
-    padded to ALIGN x ALIGN. Tile scales come as column-major views, block scales contiguous."""
+    padded to ALIGN x ALIGN (None with NONE). Tile scales come as column-major views, block scales
+    contiguous."""
     rows, cols = x_RC.shape
     q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
-    t_rows, t_cols = _up(cols, ALIGN), _up(rows, ALIGN)
+    t_rows, t_cols = (_up(cols, ALIGN), _up(rows, ALIGN)) if transposed != NONE else (0, 0)
     device = x_RC.device
-    q = torch.empty(q_rows, q_cols, dtype=E4M3, device=device)
-    t = torch.empty(t_rows, t_cols, dtype=E4M3, device=device)
-    if direct == BLOCKS:
-        q_scale = torch.empty(q_rows // T, q_cols // T, device=device)
-    else:
-        q_scale = torch.empty(q_cols // T, q_rows, device=device)
-    if transposed == BLOCKS:
-        t_scale = torch.empty(t_rows // T, t_cols // T, device=device)
-    else:
-        t_scale = torch.empty(t_cols // T, t_rows, device=device)
+
+    def scales(mode, rows, cols):
+        return torch.empty((rows // T, cols // T) if mode == BLOCKS else (cols // T, rows), device=device)
+
+    q, q_scale = torch.empty(q_rows, q_cols, dtype=E4M3, device=device), scales(direct, q_rows, q_cols)
+    t, t_scale = torch.empty(t_rows, t_cols, dtype=E4M3, device=device), scales(transposed, t_rows, t_cols)
     grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T)
     _quantize_kernel[grid](
         x_RC,
@@ -139,15 +140,15 @@ def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two
         t_rows,
         t_cols,
         t_scale,
-        t_scale.stride(0),
+        max(t_scale.stride(0), 1),
         DIRECT=direct,
         TRANSPOSED=transposed,
         POWER_OF_TWO=power_of_two,
-        num_warps=8,
+        num_warps=4,
     )
     q_scale = q_scale if direct == BLOCKS else q_scale.t()
-    t_scale = t_scale if transposed == BLOCKS else t_scale.t()
-    return q, q_scale, t, t_scale
+    t_scale = t_scale if transposed != COLUMNS else t_scale.t()
+    return q, q_scale, (t if transposed != NONE else None), t_scale
 
 
 def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
@@ -163,5 +164,11 @@ def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False):
 
 
 def quantize_weight(w_NK: torch.Tensor, power_of_two: bool = False):
-    """`w` and `w.T` in 128 x 128 blocks (right operands of the forward and the input gradient)."""
-    return _quantize(w_NK, BLOCKS, BLOCKS, ALIGN, power_of_two)
+    """`w` and `w.T` in 128 x 128 blocks (right operands of the forward and the input gradient).
+
+    Two direct copies, of `w` and of its transposed view: with both copies from one program, the
+    H100 build of Triton 3.6 wrote wrong transposed values (seen in `probe_fp8_quantizers_gpu.py`;
+    the interpreter got them right)."""
+    q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, ALIGN, power_of_two)
+    q_t, q_t_scale, _, _ = _quantize(w_NK.t(), BLOCKS, NONE, ALIGN, power_of_two)
+    return q, q_scale, q_t, q_t_scale

@@ -106,11 +106,14 @@ def grouped_linear(
         return torch._grouped_mm(x_NK, w_EOK.transpose(1, 2), offs=offsets_E)
     from grpo.models.fp8 import Fp8LinearFunction
 
-    starts = [0, *offsets_E.tolist()[:-1]]
+    ends = offsets_E.tolist()
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    # split/unbind, not per-expert indexing: the backward of `w[e]` or `x[a:b]` materializes a
+    # zero gradient of the whole tensor for every expert (gigabytes per layer at DeepSeek-V3 sizes)
     parts = [
-        Fp8LinearFunction.apply(x_NK[start:end], w_EOK[e], False)
-        for e, (start, end) in enumerate(zip(starts, offsets_E.tolist()))
-        if end > start
+        Fp8LinearFunction.apply(x_nK, w_OK, False)
+        for x_nK, w_OK, size in zip(x_NK.split(sizes), w_EOK.unbind(0), sizes)
+        if size > 0
     ]
     return torch.cat(parts) if parts else x_NK.new_zeros(0, w_EOK.shape[1])
 

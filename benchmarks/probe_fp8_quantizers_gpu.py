@@ -1,0 +1,114 @@
+"""Times the fused FP8 quantizers (`grpo.models.fp8_triton`) on a CUDA GPU against a plain copy of the same input (the memory-bound floor), and checks each variant
+against the portable quantizers; then profiles one `Fp8Linear` forward+backward (GPU time per kernel
+against the wall time). Last line: one JSON object.
+
+    PYTHONPATH=. python benchmarks/probe_fp8_quantizers_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+from grpo.models import fp8_triton
+from grpo.models.fp8 import Fp8Linear
+
+sys.path.insert(0, "tests")
+from test_fp8_triton import _exactly_representable, check_against_portable_quantizers  # noqa: E402
+
+CASES = {
+    "activation 8192x7168": (fp8_triton.quantize_activation, (8192, 7168)),
+    "output_grad 8192x2048": (fp8_triton.quantize_output_grad, (8192, 2048)),
+    "weight 2048x7168": (fp8_triton.quantize_weight, (2048, 7168)),
+}
+
+
+def correct() -> bool:
+    torch.manual_seed(0)
+    try:
+        check_against_portable_quantizers(_exactly_representable(200, 300).cuda())
+        check_against_portable_quantizers((torch.randn(200, 300) * torch.logspace(-3, 3, 300)).cuda())
+    except AssertionError:
+        return False
+    return True
+
+
+def profile_layer() -> dict:
+    layer = Fp8Linear(7168, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8192, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        layer(x).backward(grad)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        layer(x).backward(grad)
+    cpu_ms = (time.perf_counter() - start) / 20 * 1e3  # launch-bound if this is the larger
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / 20 * 1e3
+    activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(10):
+            layer(x).backward(grad)
+        torch.cuda.synchronize()
+    kernels, cpu = {}, {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0:
+            kernels[event.key[:80]] = round(event.device_time_total / 10, 1)
+        if event.self_cpu_time_total > 0:
+            cpu[event.key[:60]] = round(event.self_cpu_time_total / 10, 1)
+    kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+    cpu = dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:15])
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.grad = layer.weight.grad = None
+            layer(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = layer.weight.grad = None
+    with torch.cuda.graph(graph):
+        layer(x).backward(grad)
+    graph_ms = do_bench(graph.replay)
+    return {
+        "cpu_ms_per_call": round(cpu_ms, 3),
+        "wall_ms_per_call": round(wall_ms, 3),
+        "cuda_graph_ms_per_call": round(graph_ms, 3),
+        "gpu_us": kernels,
+        "self_cpu_us": cpu,
+    }
+
+
+def main() -> None:
+    rows = []
+    inputs = {
+        name: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for name, (_, shape) in CASES.items()
+    }
+    copy_us = {name: round(do_bench(lambda x=x: x.clone()) * 1e3, 1) for name, x in inputs.items()}
+    row = {"correct": correct()}
+    for name, (quantize, _) in CASES.items():
+        row[name + " us"] = round(do_bench(lambda q=quantize, x=inputs[name]: q(x)) * 1e3, 1)
+    rows.append(row)
+    print(row, flush=True)
+    profile = profile_layer()
+    print(profile, flush=True)
+    print(
+        json.dumps(
+            {
+                "probe": "fp8_quantizers",
+                "device": torch.cuda.get_device_name(),
+                "copy_us": copy_us,
+                "rows": rows,
+                "profile_8192x7168->2048": profile,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
