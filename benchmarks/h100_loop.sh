@@ -3,13 +3,18 @@
 # Prerequisite: the vLLM 0.26 / Ray wheels unpacked into /tmp/site (../shared/gpu/README.md) plus
 # setuptools and matplotlib (the image lacks them). Each stage writes its log and results to $OUT.
 #   usage: OUT=/some/dir benchmarks/h100_loop.sh STAGE...
-#   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench
+#   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench | fp8_bench
+#           | sft_1b | smoke_1b | grpo_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/grpo_site:/tmp/site VLLM_LOGGING_LEVEL=WARNING
 # the installed entry point: `python3 -m` would import the source tree (cwd) instead of the install
 grpo() { python3 /tmp/grpo_site/bin/grpo "$@"; }
+# the ~1.1 B variant: the H100 recipe with 96 routed experts (active parameters unchanged); its GRPO
+# run samples in FP8 too (vLLM's online quantization, redone at every in-place weight reload)
+ONE_B=(--set model.tiny_overrides.n_routed_experts=96)
+ONE_B_GRPO=(--set model.path=runs/arithmetic-sft-h100-1b/final --set rollout.engine_kwargs.quantization=fp8)
 
 stage() {
   local name=$1
@@ -50,6 +55,22 @@ for what in "$@"; do
     stage breakdown_bf16 python3 benchmarks/loop_breakdown.py runs/bf16-20 ;;
   moe_bench)
     stage moe_bench python3 benchmarks/moe_layer_gpu.py ;;
+  fp8_bench)
+    stage fp8_bench python3 benchmarks/fp8_linear_gpu.py
+    stage fp8_quantizers python3 benchmarks/probe_fp8_quantizers_gpu.py ;;
+  sft_1b)
+    stage sft_1b grpo sft recipes/arithmetic_sft_h100.yaml "${ONE_B[@]}" \
+      --set run.name=arithmetic-sft-h100-1b ;;
+  smoke_1b)
+    stage smoke_1b grpo train recipes/arithmetic_grpo_h100.yaml "${ONE_B_GRPO[@]}" --set run.name=smoke-1b \
+      --set train.steps=2 --set eval.prompts=8 ;;
+  grpo_1b)
+    stage grpo_1b grpo train recipes/arithmetic_grpo_h100.yaml "${ONE_B_GRPO[@]}" \
+      --set run.name=grpo-h100-1b --set train.steps="${STEPS_1B:-20}"
+    run_summary grpo-h100-1b
+    stage breakdown_1b_fp8_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b
+    stage breakdown_1b_bf16_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b \
+      --engine-kwarg quantization=none ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

@@ -15,6 +15,7 @@ JSON line:
 - the vLLM/trainer parity of the run (max and mean absolute logprob difference per token).
 
     python benchmarks/loop_breakdown.py runs/arithmetic-grpo-h100 [--peak-tflops 989]
+        [--engine-kwarg quantization=none]
 """
 
 from __future__ import annotations
@@ -76,9 +77,23 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak (H100 SXM: 989)")
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument(
+        "--engine-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's engine argument for the standalone engine (VALUE none removes it), "
+        "e.g. quantization=none to time BF16 sampling for a run that sampled in FP8",
+    )
     args = parser.parse_args()
 
     recipe = load_recipe(args.run_dir / "config.yaml")
+    for item in args.engine_kwarg:
+        key, _, value = item.partition("=")
+        if value == "none":
+            recipe.rollout.engine_kwargs.pop(key, None)
+        else:
+            recipe.rollout.engine_kwargs[key] = value
     records = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     final = str(args.run_dir / "checkpoints" / "final")
     sync = [r for r in records if "sync/gigabytes" in r]
@@ -86,6 +101,7 @@ def main() -> None:
         "run": str(args.run_dir),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "fp8": recipe.model.fp8,
+        "standalone_engine_kwargs": recipe.rollout.engine_kwargs,
         "steps_measured": len(records),
         **{
             f"{name}_s": median(records, f"time/{name}_s")
