@@ -4,7 +4,7 @@
 # setuptools and matplotlib (the image lacks them). Each stage writes its log and results to $OUT.
 #   usage: OUT=/some/dir benchmarks/h100_loop.sh STAGE...
 #   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench | fp8_bench
-#           | sft_1b | smoke_1b | grpo_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
+#           | sft_1b | smoke_1b | grpo_1b | breakdown_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -67,7 +67,8 @@ for what in "$@"; do
   grpo_1b)
     stage grpo_1b grpo train recipes/arithmetic_grpo_h100.yaml "${ONE_B_GRPO[@]}" \
       --set run.name=grpo-h100-1b --set train.steps="${STEPS_1B:-20}"
-    run_summary grpo-h100-1b
+    run_summary grpo-h100-1b ;;
+  breakdown_1b)
     stage breakdown_1b_fp8_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b
     stage breakdown_1b_bf16_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b \
       --engine-kwarg quantization=none ;;
