@@ -37,27 +37,27 @@ def _same(padded: torch.Tensor, reference: torch.Tensor) -> bool:
     return torch.equal(inner.float(), reference.float()) and not rest.any()
 
 
-def check_against_portable_quantizers(x: torch.Tensor) -> None:
+def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None:
     from grpo.models import fp8_triton
 
     rows, cols = x.shape
-    q, q_scale, t, t_scale = fp8_triton.quantize_activation(x)
+    q, q_scale, t, t_scale = fp8_triton.quantize_activation(x, p2)
     assert (q.shape, t.shape) == ((208, 512), (512, 512))
     assert q_scale.stride() == (1, 208)  # column-major, as cuBLASLt reads tile scales
-    reference_q, reference_scale = quantize_tiles(x)
+    reference_q, reference_scale = quantize_tiles(x, p2)
     assert _same(q, reference_q)
     assert torch.equal(q_scale[:rows, : reference_scale.shape[1]], reference_scale)
-    reference_q, reference_scale = quantize_blocks(x.t())
+    reference_q, reference_scale = quantize_blocks(x.t(), p2)
     assert _same(t, reference_q)
     assert torch.equal(t_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
 
-    q, q_scale, t, t_scale = fp8_triton.quantize_output_grad(x)
-    reference_q, reference_scale = quantize_tiles(x.t())
+    q, q_scale, t, t_scale = fp8_triton.quantize_output_grad(x, p2)
+    reference_q, reference_scale = quantize_tiles(x.t(), p2)
     assert _same(t, reference_q)
     assert torch.equal(t_scale[:cols, : reference_scale.shape[1]], reference_scale)
 
-    q, q_scale, t, t_scale = fp8_triton.quantize_weight(x)
-    reference_q, reference_scale = quantize_blocks(x)
+    q, q_scale, t, t_scale = fp8_triton.quantize_weight(x, p2)
+    reference_q, reference_scale = quantize_blocks(x, p2)
     assert _same(q, reference_q)
     assert torch.equal(q_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
     assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
@@ -77,8 +77,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 def test_fused_quantizers_on_the_gpu():
     torch.manual_seed(0)
-    check_against_portable_quantizers(_exactly_representable(200, 300).cuda())
-    check_against_portable_quantizers((torch.randn(200, 300) * torch.logspace(-3, 3, 300)).cuda())
+    for p2 in (False, True):
+        check_against_portable_quantizers(_exactly_representable(200, 300).cuda(), p2)
+        check_against_portable_quantizers((torch.randn(200, 300) * torch.logspace(-3, 3, 300)).cuda(), p2)
 
 
 @pytest.mark.gpu
@@ -109,5 +110,6 @@ def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    check_against_portable_quantizers(_exactly_representable(200, 300))
+    for p2 in (False, True):
+        torch.manual_seed(0)
+        check_against_portable_quantizers(_exactly_representable(200, 300), p2)
