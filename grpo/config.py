@@ -133,6 +133,11 @@ class TrainConfig(Section):
     Needs `model.moe: grouped`."""
     balance_loss_alpha: float = Field(0.0, ge=0.0)
     """Weight of DeepSeek-V3's sequence-wise balance loss in `grpo train` (0: off). Needs `model.moe: grouped`."""
+    expert_parallel_size: int = Field(1, ge=1)
+    """Trainer ranks in `grpo train`, one process each (gloo on CPU, NCCL on GPUs, on one host): the
+    routed experts are sharded over them and the rollout batch is split between them, while every
+    other weight is replicated and its gradients summed (`grpo.parallel.expert_parallel`). Needs
+    `model.moe: grouped` and a number of routed experts it divides."""
 
 
 class RewardSpec(Section):
@@ -185,6 +190,12 @@ class Recipe(Section):
     @property
     def run_dir(self) -> Path:
         return self.run.output_dir / self.run.name
+
+    @model_validator(mode="after")
+    def _expert_parallel_needs_the_moe_layer(self) -> Recipe:
+        if self.train.expert_parallel_size > 1 and self.model.moe != "grouped":
+            raise ValueError("train.expert_parallel_size: needs model.moe: grouped")
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

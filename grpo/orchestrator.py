@@ -21,31 +21,26 @@ from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
-from grpo.rollout.engines import THREAD_ENV, rollout, start_engines, start_ray
+from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec
-from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+from grpo.trainer.policy_trainer import RolloutBatch
+from grpo.trainer.ranks import TrainerRanks
 
 
 @dataclass
 class Actors:
-    trainer: object
+    trainer: TrainerRanks
     engines: list
 
 
 def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
-    import ray
 
     rollout_config = recipe.rollout
     gpus = 0.0
     if torch.cuda.is_available():
         gpus = 1 / (rollout_config.engines + 1) if rollout_config.colocate else 1.0
-    trainer = (
-        ray.remote(PolicyTrainer)
-        .options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": THREAD_ENV})
-        .remote(model_path, recipe.model_dump(mode="json"), pad_id)
-    )
-    # vLLM sizes its cache from the memory free when it starts: let the trainer settle first
-    ray.get(trainer.__ray_ready__.remote())
+    # vLLM sizes its cache from the memory free when it starts: the trainer settles first
+    trainer = TrainerRanks(recipe, model_path, pad_id, gpus_per_rank=gpus)
     engines = start_engines(
         model_path,
         recipe.model.dtype,
@@ -110,7 +105,7 @@ def parity(
     the max and mean absolute differences per token (plus the FP8 gap when training in FP8)."""
     import ray
 
-    trainer_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids]))[0])
+    trainer_lp = torch.tensor(actors.trainer.call("sequence_logprobs", [parity_ids])[0])
     engine_lps = [
         torch.tensor(lp[0])
         for lp in ray.get([e.sequence_logprobs.remote([parity_ids]) for e in actors.engines])
@@ -124,7 +119,7 @@ def parity(
         )
     diffs = {"sync/parity_max_abs_diff": diff, "sync/parity_mean_abs_diff": mean}
     if fp8:  # what FP8 training adds on top: the trainer's own FP8 forward against vLLM, not checked
-        fp8_lp = torch.tensor(ray.get(actors.trainer.sequence_logprobs.remote([parity_ids], fp8=True))[0])
+        fp8_lp = torch.tensor(actors.trainer.call("sequence_logprobs", [parity_ids], fp8=True)[0])
         diffs["sync/fp8_gap_max_abs_diff"] = float((engine_lps[0] - fp8_lp).abs().max())
         diffs["sync/fp8_gap_mean_abs_diff"] = float((engine_lps[0] - fp8_lp).abs().mean())
     return engine_lps[0].tolist(), diffs
@@ -137,7 +132,7 @@ def sync_weights(
     import ray
 
     started = time.perf_counter()
-    manifest = ray.get(actors.trainer.publish_weights.remote())
+    manifest = actors.trainer.call("publish_weights")
     ray.get([engine.load_weights.remote(manifest) for engine in actors.engines])
     seconds = time.perf_counter() - started
     current, diffs = parity(actors, parity_ids, tolerance, f"at step {step}", fp8)
@@ -178,7 +173,6 @@ class Session:
 
 def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
     """Sample, score, update, sync: one GRPO step. Returns its metrics record."""
-    import ray
 
     recipe, actors = session.recipe, session.actors
     spec = SamplingSpec(
@@ -203,7 +197,7 @@ def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
     keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
     advantages_BG = ADVANTAGES[recipe.algorithm.advantage](rewards_BG)
     batch = build_batch(groups, prompt_ids, advantages_BG, keep_B)
-    train_metrics = ray.get(actors.trainer.train_step.remote(batch)) if batch.prompt_ids else {}
+    train_metrics = actors.trainer.train_step(batch) if batch.prompt_ids else {}
     t3 = time.perf_counter()
     sync_metrics = {}
     if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
@@ -276,7 +270,10 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
     log = MetricsLog(run_dir)
-    start_ray(ray_address, 1 + recipe.rollout.engines * recipe.rollout.cpus_per_engine)
+    start_ray(
+        ray_address,
+        recipe.train.expert_parallel_size + recipe.rollout.engines * recipe.rollout.cpus_per_engine,
+    )
     try:
         with RewardRuntime(
             reward_entries, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
@@ -305,16 +302,12 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                 if show_progress:
                     bar.write(console_line(record))
                 if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
-                    ray.get(
-                        session.actors.trainer.save.remote(
-                            str(run_dir / "checkpoints" / f"step-{step}"), model_path
-                        )
+                    session.actors.trainer.call(
+                        "save", str(run_dir / "checkpoints" / f"step-{step}"), model_path
                     )
             after = run_eval("eval_after.jsonl")
-            final = ray.get(
-                session.actors.trainer.save.remote(str(run_dir / "checkpoints" / "final"), model_path)
-            )
-            ray.get(session.actors.trainer.close.remote())
+            final = session.actors.trainer.call("save", str(run_dir / "checkpoints" / "final"), model_path)
+            session.actors.trainer.call("close")
     finally:
         ray.shutdown()
     summary = {

@@ -222,12 +222,16 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def update_routing_bias(model: nn.Module, gamma: float) -> dict[str, float]:
+def update_routing_bias(model: nn.Module, gamma: float, group=None) -> dict[str, float]:
     """Auxiliary-loss-free balancing step (call after the optimizer step); returns load statistics
-    of the tokens routed since the last call: the worst layer's max/mean expert load, and the mean."""
+    of the tokens routed since the last call: the worst layer's max/mean expert load, and the mean.
+    With a process `group` (data or expert parallel ranks) the loads are summed over its ranks
+    first, so every rank moves its replica of the bias the same way."""
     ratios = []
     for layer in moe_layers(model):
         load_E = layer.load_since_update
+        if group is not None:
+            torch.distributed.all_reduce(load_E, group=group)
         if load_E.sum() == 0:
             continue
         ratios.append((load_E.max() / load_E.mean()).item())

@@ -7,6 +7,14 @@ with the routing weights. Both all-to-alls are autograd-aware, so the backward p
 gradients the same way in reverse and each rank's expert gradients cover every token routed to them.
 The same code runs under gloo (CPU) and NCCL (GPU).
 
+Training over such a group (`grpo train` with `train.expert_parallel_size`): each rank trains on its
+share of the rollout batch with the batch's global normalizers, so the global loss is the sum of
+the ranks' losses. Expert-shard gradients are then already complete (the all-to-all backward brings
+every token's contribution to the rank that holds the expert); every other weight is replicated and
+its gradients are summed over the ranks (`sum_replicated_gradients`), never averaged with the
+experts'. Clipping uses the global norm (`clip_grad_norm_`), and checkpoints and weight syncs see the
+gathered experts under their unsharded names (`full_state_dict`).
+
 Shape legend as in `grpo.models.moe`; N = (token, expert) pairs sent, M = pairs received,
 R = ranks, L = experts held locally.
 """
@@ -72,6 +80,65 @@ class ExpertParallelExperts(nn.Module):
             dist.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
             out.append(full)
         return out[0], out[1]
+
+
+def is_expert_shard(name: str) -> bool:
+    return ".experts.local." in name
+
+
+def _replicated_gradients(model: nn.Module) -> list[torch.Tensor]:
+    grads = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and not is_expert_shard(name):
+            if param.grad is None:  # every rank must send the same tensors, in the same order
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+    return grads
+
+
+def sum_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Sum the gradients of every weight but the expert shards over the group (one all-reduce per
+    dtype, through a flat buffer)."""
+    grads = _replicated_gradients(model)
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch._utils._flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)
+        for grad, summed in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
+            grad.copy_(summed)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> float:
+    """`torch.nn.utils.clip_grad_norm_` over the whole sharded model: replicated gradients (equal on
+    every rank once summed) count once, each rank's expert shards once. Returns the total norm."""
+    replicated, shards = [], []
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            (shards if is_expert_shard(name) else replicated).append(param.grad)
+
+    def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
+
+    device = (replicated + shards)[0].device
+    shard_square = sum_of_squares(shards) if shards else torch.zeros((), dtype=torch.float64, device=device)
+    dist.all_reduce(shard_square, group=group)
+    total = float((sum_of_squares(replicated) + shard_square).sqrt())
+    coefficient = min(max_norm / (total + 1e-6), 1.0)
+    for grad in replicated + shards:
+        grad.mul_(coefficient)
+    return total
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every expert shard gathered and named as in the unsharded model.
+    A collective: every rank of the experts' group must call it."""
+    state = model.state_dict()
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            gate_up, down = module.gathered()
+            del state[f"{prefix}.local.gate_up_proj"], state[f"{prefix}.local.down_proj"]
+            state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"] = gate_up, down
+    return state
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:

@@ -1,7 +1,10 @@
 """The policy trainer: logprobs under the current/reference policy, the GRPO update, weight export.
 
-Plain Python; the orchestrator runs it as a Ray actor. It builds an `accelerate.Accelerator`, so the
-same code serves one CPU rank here and several ranks under Accelerate's FSDP2/DeepSpeed configs.
+Plain Python; the orchestrator runs it as a Ray actor, or as `train.expert_parallel_size` actors
+that form one process group: each holds a shard of the routed experts and trains on its share of the
+rollout batch (`grpo.parallel.expert_parallel` says how the gradients combine). Device placement and
+the backward pass go through an `accelerate.Accelerator` (one process each: the ranks' gradients are
+combined here, not by a DDP wrapper, which would average expert shards that differ per rank).
 
 Shape legend: B = completions, L = prompt + completion tokens (right-padded), V = vocabulary.
 Tensors named `_BL1` are aligned with next-token targets (length L - 1).
@@ -20,6 +23,7 @@ from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
+from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
 from grpo.trainer.optim import build_optimizer
 
@@ -32,6 +36,16 @@ class RolloutBatch:
     completion_ids: list[list[int]]
     advantages: list[float]
     sampler_logprobs: list[list[float]]
+
+    def shard(self, rank: int, ranks: int) -> RolloutBatch:
+        """Rank `rank`'s contiguous share of the rows (the shares differ by at most one row)."""
+        rows = slice(rank * len(self.advantages) // ranks, (rank + 1) * len(self.advantages) // ranks)
+        return RolloutBatch(
+            self.prompt_ids[rows],
+            self.completion_ids[rows],
+            self.advantages[rows],
+            self.sampler_logprobs[rows],
+        )
 
 
 @dataclass
@@ -71,8 +85,23 @@ def token_logprobs(model, packed: Packed, with_entropy: bool = False):
     return logp_BL1, entropy_BL1
 
 
+# the additive metrics of a train step: sums over the batch's rows and tokens with global
+# normalizers, so expert-parallel ranks add theirs up
+ADDITIVE = (
+    "loss",
+    "policy_loss",
+    "kl",
+    "clip_fraction",
+    "entropy",
+    "sampler_logprob_diff",
+    "moe/balance_loss",
+)
+
+
 class PolicyTrainer:
-    def __init__(self, model_path: str, recipe: dict, pad_id: int):
+    def __init__(self, model_path: str, recipe: dict, pad_id: int, rank: int = 0, init_method: str = ""):
+        """`rank` and `init_method` (a `tcp://host:port` rendezvous) join the expert-parallel group
+        of `train.expert_parallel_size` ranks."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -81,10 +110,22 @@ class PolicyTrainer:
         if train.threads:
             torch.set_num_threads(train.threads)
         set_seed(self.recipe.run.seed)
+        self.group = None
+        if train.expert_parallel_size > 1:
+            import torch.distributed as dist
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=train.expert_parallel_size
+            )
+            self.group = dist.group.WORLD
+        self.rank = rank
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.pad_id = pad_id
         converters = converters_for(self.recipe.model)
         model = load_policy(model_path, self.recipe.model.dtype, converters)
+        if self.group is not None:
+            expert_parallel.shard_experts(model, self.group)
         self.reference = None
         if self.recipe.algorithm.beta > 0:
             self.reference = (
@@ -131,10 +172,9 @@ class PolicyTrainer:
         algo = self.recipe.algorithm
         start = time.perf_counter()
         completion_tokens = [len(c) for c in batch.completion_ids]
+        sequences, tokens = self._over_ranks(len(completion_tokens), sum(completion_tokens))
         totals = BatchTotals(
-            sequences=len(completion_tokens),
-            tokens=max(1, sum(completion_tokens)),
-            max_completion_tokens=self.recipe.rollout.max_tokens,
+            sequences=sequences, tokens=max(1, tokens), max_completion_tokens=self.recipe.rollout.max_tokens
         )
         aggregate = AGGREGATIONS[algo.loss_aggregation]
         advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=self.accelerator.device)
@@ -173,19 +213,38 @@ class PolicyTrainer:
                 )
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
-            grad_norm = self.accelerator.clip_grad_norm_(
-                self.model.parameters(), self.recipe.train.max_grad_norm
-            )
+            grad_norm = self._clip_gradients()
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            load = update_routing_bias(self.model, self.recipe.train.routing_bias_gamma)
+            load = update_routing_bias(self.model, self.recipe.train.routing_bias_gamma, self.group)
             for key, value in load.items():
                 sums[key] = sums.get(key, 0.0) + value / algo.mu
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
+        if self.group is not None:  # every rank's share of the batch adds up, throughput too
+            additive = [key for key in (*ADDITIVE, "trainer_tokens_per_s") if key in sums]
+            summed = self._over_ranks(*(sums[key] for key in additive))
+            sums.update(zip(additive, summed))
         return sums
+
+    def _over_ranks(self, *values: float) -> tuple:
+        """`values` summed over the expert-parallel ranks (unchanged with one rank)."""
+        if self.group is None:
+            return values
+        import torch.distributed as dist
+
+        summed = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        dist.all_reduce(summed, group=self.group)
+        return tuple(v if isinstance(v0, float) else int(v) for v, v0 in zip(summed.tolist(), values))
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.recipe.train.max_grad_norm
+        if self.group is None:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        expert_parallel.sum_replicated_gradients(self.model, self.group)
+        return expert_parallel.clip_grad_norm_(self.model, max_norm, self.group)
 
     @staticmethod
     def _sampler_gap(
@@ -202,21 +261,35 @@ class PolicyTrainer:
         return total
 
     # ---- export ---------------------------------------------------------------------------
-    def _checkpoint_state(self):
+    def _state(self) -> dict[str, torch.Tensor]:
+        """The model's weights under their unsharded names (a collective with several ranks)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.state_dict() if self.group is None else expert_parallel.full_state_dict(model)
+
+    def publish_weights(self) -> Manifest | None:
+        """Rank 0 publishes (every rank must call: the experts are gathered first)."""
         from transformers.core_model_loading import revert_weight_conversion
 
+        state = self._state()
+        if self.rank != 0:
+            return None
         model = self.accelerator.unwrap_model(self.model)
-        return revert_weight_conversion(model, model.state_dict()).items()
-
-    def publish_weights(self) -> Manifest:
-        return self.weights.publish(self._checkpoint_state())
+        return self.weights.publish(revert_weight_conversion(model, state).items())
 
     def save(self, path: str, tokenizer_path: str) -> str:
+        """Rank 0 writes the checkpoint (every rank must call)."""
         from transformers import AutoTokenizer
 
-        self.accelerator.unwrap_model(self.model).save_pretrained(path)
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+        model = self.accelerator.unwrap_model(self.model)
+        gathered = {} if self.group is None else {"state_dict": expert_parallel.full_state_dict(model)}
+        if self.rank == 0:
+            model.save_pretrained(path, **gathered)
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
 
     def close(self) -> None:
         self.weights.close()
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
