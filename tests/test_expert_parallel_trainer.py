@@ -25,9 +25,8 @@ def _recipe(model_path: str, ranks: int) -> dict:
         "train": {
             "learning_rate": 1e-2,
             "max_grad_norm": 0.05,
-            # one row per micro-batch: padding then matches too (padded positions are routed, and
-            # count in the expert loads and the balance loss)
-            "micro_batch_size": 1,
+            # rows grouped (and padded) differently on one rank and on two: padding must not count
+            "micro_batch_size": 2,
             "routing_bias_gamma": 0.01,
             "balance_loss_alpha": 0.01,
             "expert_parallel_size": ranks,

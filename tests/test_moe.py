@@ -9,6 +9,7 @@ from grpo.models.moe import (
     MoeLayer,
     Routing,
     convert_moe,
+    real_tokens,
     select_experts,
     sequence_balance_loss,
     update_routing_bias,
@@ -57,6 +58,16 @@ def test_sequence_balance_loss_is_one_for_uniform_routing_and_grows_with_imbalan
     scores = torch.tensor([[0.9, 0.1]] * 4)
     skewed = sequence_balance_loss(scores, torch.tensor([[0], [0], [0], [0]]), rows=1, top_k=1)
     assert skewed.item() == pytest.approx(2 * 0.9)  # f = (2, 0), P = (0.9, 0.1)
+
+
+def test_padding_is_left_out_of_the_balance_loss():
+    scores = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])  # 3 tokens + 1 padded
+    indices = torch.tensor([[0], [0], [1], [1]])
+    padded = sequence_balance_loss(scores, indices, rows=1, top_k=1, real_T=torch.tensor([1, 1, 1, 0]))
+    alone = sequence_balance_loss(scores[:3], indices[:3], rows=1, top_k=1)
+    assert padded.item() == pytest.approx(alone.item())
+    # f = (4/3, 2/3), P = (2/3, 1/3): 8/9 + 2/9
+    assert alone.item() == pytest.approx(10 / 9)
 
 
 def _deepseek(seed=0):
@@ -155,3 +166,7 @@ def test_training_counts_expert_load_and_adds_a_balance_loss():
     model(torch.randint(3, 40, (2, 9)))
     assert all(layer.load_since_update.sum().item() == 2 * 9 * 2 for layer in layers)  # tokens x top-2
     assert all(layer.balance_loss is not None and layer.balance_loss.requires_grad for layer in layers)
+    with real_tokens(model, torch.tensor([[1] * 9, [1] * 5 + [0] * 4])):
+        model(torch.randint(3, 40, (2, 9)))
+    assert all(layer.load_since_update.sum().item() == 2 * 9 * 2 + 14 * 2 for layer in layers)
+    assert all(layer.real_tokens_T is None for layer in layers)

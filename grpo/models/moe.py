@@ -21,6 +21,7 @@ Shape legend: T tokens, H hidden, E experts, K experts per token, I expert inter
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -178,17 +179,21 @@ class MoeLayer(nn.Module):
         self.balance_loss_alpha = 0.0
         self.balance_loss: torch.Tensor | None = None
         self.register_buffer("load_since_update", torch.zeros(routing.num_experts), persistent=False)
+        self.real_tokens_T: torch.Tensor | None = None
+        """Set by `real_tokens` for one forward: which positions are tokens rather than padding."""
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
         scores_TE, weights_TK, indices_TK = self.gate(x_TH)
         if self.training:
+            real_T = self.real_tokens_T
             with torch.no_grad():
-                self.load_since_update += torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+                counted_TK = indices_TK if real_T is None else indices_TK[real_T]
+                self.load_since_update += torch.bincount(counted_TK.flatten(), minlength=scores_TE.shape[1])
             if self.balance_loss_alpha > 0:
                 rows = hidden_BSH.shape[0] if hidden_BSH.dim() == 3 else 1
                 self.balance_loss = self.balance_loss_alpha * sequence_balance_loss(
-                    scores_TE, indices_TK, rows, self.gate.routing.top_k
+                    scores_TE, indices_TK, rows, self.gate.routing.top_k, real_T
                 )
         out_TH = self.experts(x_TH, indices_TK, weights_TK)
         if self.shared_experts is not None:
@@ -197,22 +202,43 @@ class MoeLayer(nn.Module):
 
 
 def sequence_balance_loss(
-    scores_TE: torch.Tensor, indices_TK: torch.Tensor, rows: int, top_k: int
+    scores_TE: torch.Tensor,
+    indices_TK: torch.Tensor,
+    rows: int,
+    top_k: int,
+    real_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss (without alpha), averaged over rows:
     `sum_e f_e * P_e`, f_e = E / (K * S) * tokens routed to e, P_e = mean over tokens of the
-    normalised scores. Uniform routing gives 1."""
+    normalised scores, S the row's tokens (`real_T` leaves padding out). Uniform routing gives 1."""
     num_experts = scores_TE.shape[1]
     scores_BSE = scores_TE.view(rows, -1, num_experts)
     seq_len = scores_BSE.shape[1]
+    real_BS1 = (torch.ones(rows, seq_len) if real_T is None else real_T.view(rows, seq_len)).unsqueeze(-1)
+    real_BS1 = real_BS1.to(scores_BSE)
     chosen_BSE = torch.zeros_like(scores_BSE).scatter_(2, indices_TK.view(rows, seq_len, top_k), 1.0)
-    f_BE = chosen_BSE.sum(dim=1) * num_experts / (top_k * seq_len)
-    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    tokens_B1 = real_BS1.sum(dim=1).clamp(min=1)
+    f_BE = (chosen_BSE * real_BS1).sum(dim=1) * num_experts / (top_k * tokens_B1)
+    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True) * real_BS1).sum(dim=1) / tokens_B1
     return (f_BE * p_BE).sum(dim=-1).mean()
 
 
 def moe_layers(model: nn.Module) -> list[MoeLayer]:
     return [module for module in model.modules() if isinstance(module, MoeLayer)]
+
+
+@contextlib.contextmanager
+def real_tokens(model: nn.Module, attention_mask_BS: torch.Tensor):
+    """For the forwards inside: padded positions (mask 0) are routed like tokens, but left out of
+    the expert loads and the balance loss, which then do not depend on how rows are padded together."""
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.real_tokens_T = attention_mask_BS.flatten().bool()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.real_tokens_T = None
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
-from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
+from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
 from grpo.trainer.optim import build_optimizer
@@ -74,7 +74,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
 
 def token_logprobs(model, packed: Packed, with_entropy: bool = False):
     """`logp_BL1` of each next token, and its entropy under the model when asked."""
-    logits_BLV = model(input_ids=packed.input_ids_BL, attention_mask=packed.attention_mask_BL).logits
+    with real_tokens(model, packed.attention_mask_BL):
+        logits_BLV = model(input_ids=packed.input_ids_BL, attention_mask=packed.attention_mask_BL).logits
     logits_BL1V = logits_BLV[:, :-1].float()
     logprobs_BL1V = torch.log_softmax(logits_BL1V, dim=-1)
     targets_BL1 = packed.input_ids_BL[:, 1:]
