@@ -4,7 +4,6 @@ process on the whole batch: same weights after the update, same metrics, and ran
 saves the gathered model under the unsharded names."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+from grpo.trainer.ranks import free_port
 
 PAD = 0
 
@@ -80,12 +80,6 @@ def _rank_main(rank: int, model_path: str, init_method: str, expected_file: str,
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +89,7 @@ def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
     expected_file = str(tmp_path / "expected.pt")
     torch.save((expected_state, expected_metrics), expected_file)
     out_dir = str(tmp_path / "saved")
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     mp.spawn(_rank_main, args=(model_path, init_method, expected_file, out_dir), nprocs=2)
 
     saved = AutoModelForCausalLM.from_pretrained(out_dir).state_dict()

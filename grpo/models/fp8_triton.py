@@ -104,7 +104,7 @@ def _quantize_kernel(
             t = x / column_scale[None, :]
             scale_ok = (c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
             tl.store(ts_ptr + pid_r * ts_stride + c, column_scale, mask=scale_ok)
-        # transposed in FP8 (a quarter of the shared memory of an FP32 transpose: 1.6x faster here)
+        # transposed in FP8: a quarter of the shared memory of an FP32 transpose (same speed measured)
         t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
         t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
         tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)

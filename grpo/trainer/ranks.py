@@ -17,7 +17,7 @@ from grpo.rollout.engines import THREAD_ENV
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -44,7 +44,7 @@ class TrainerRanks:
                 "train.expert_parallel_size: on GPUs each trainer rank needs a GPU of its own "
                 "(NCCL ranks cannot share one): set rollout.colocate: false"
             )
-        init_method = f"tcp://127.0.0.1:{_free_port()}" if ranks > 1 else ""
+        init_method = f"tcp://127.0.0.1:{free_port()}" if ranks > 1 else ""
         actor = ray.remote(PolicyTrainer).options(
             num_cpus=1, num_gpus=gpus_per_rank, runtime_env={"env_vars": THREAD_ENV}
         )
