@@ -34,7 +34,6 @@ class Actors:
 
 
 def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
-
     rollout_config = recipe.rollout
     gpus = 0.0
     if torch.cuda.is_available():
@@ -173,7 +172,6 @@ class Session:
 
 def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
     """Sample, score, update, sync: one GRPO step. Returns its metrics record."""
-
     recipe, actors = session.recipe, session.actors
     spec = SamplingSpec(
         n=recipe.rollout.group_size,
