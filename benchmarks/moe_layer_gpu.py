@@ -4,7 +4,9 @@ expert, `grpo.models.moe.grouped_linear`) against the BF16 grouped path.
 
 All three get the same BF16 weights, tokens and routing (random top-k, weights from a softmax).
 Median milliseconds over repeated runs (CUDA events); the FP8 output's relative error against BF16.
-Last line: one JSON object.
+`fp8_grouped_*`: the same FP8 experts through the grouped FP8 GEMMs of `grpo.models.fp8_grouped`
+(not wired into the layer yet; patched in here), with their output's and input gradient's relative
+error against the per-expert FP8 path. Last line: one JSON object.
 
     python benchmarks/moe_layer_gpu.py
 """
@@ -17,6 +19,8 @@ import torch
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
+from grpo.models import moe
+from grpo.models.fp8_grouped import GroupedFp8Function
 from grpo.models.moe import GroupedExperts
 
 # (tokens, hidden, expert intermediate, experts, top-k): DeepSeek-V3's expert shape with fewer experts
@@ -62,6 +66,21 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
     ours.fp8 = True
     ms_fp8 = median_ms(step(ours))
     fp8_out = ours(x, indices, weights).detach().float()
+    x.grad = None
+    ours(x, indices, weights).backward(grad)
+    fp8_dx = x.grad.float()
+    per_expert = moe.grouped_linear
+    moe.grouped_linear = lambda x_NK, w_EOK, offsets_E, fp8: GroupedFp8Function.apply(
+        x_NK, w_EOK, tuple(offsets_E.tolist())
+    )
+    try:
+        ms_fp8_grouped = median_ms(step(ours))
+        grouped_out = ours(x, indices, weights).detach().float()
+        x.grad = None
+        ours(x, indices, weights).backward(grad)
+        grouped_dx = x.grad.float()
+    finally:
+        moe.grouped_linear = per_expert
     return {
         "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
         "loop_ms": round(ms_loop, 3),
@@ -70,6 +89,14 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
         "grouped_over_loop_speedup": round(ms_loop / ms_grouped, 3),
         "fp8_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8, 3),
         "fp8_rel_error": round(((fp8_out - bf16_out).norm() / bf16_out.norm()).item(), 4),
+        "fp8_grouped_ms": round(ms_fp8_grouped, 3),
+        "fp8_grouped_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8_grouped, 3),
+        "fp8_grouped_vs_per_expert_rel_error_out": round(
+            ((grouped_out - fp8_out).norm() / fp8_out.norm()).item(), 4
+        ),
+        "fp8_grouped_vs_per_expert_rel_error_dx": round(
+            ((grouped_dx - fp8_dx).norm() / fp8_dx.norm()).item(), 4
+        ),
     }
 
 
