@@ -144,6 +144,8 @@ def expert_gemm(a_q, a_scale, w_q, w_scale, offsets: list[int], n: int, n_out: i
         scale_strides = (s_e.stride(0), s_e.stride(1), s_e.stride(2))
         reduction = w_q.shape[1]
     out = torch.empty(rows, n_out, dtype=dtype, device=a_q.device)
+    if rows == 0:
+        return out
     grid = (len(tile_expert), triton.cdiv(n_out, 128))
     _expert_gemm_kernel[grid](
         a_q,
