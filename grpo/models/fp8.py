@@ -76,10 +76,15 @@ def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(q.contiguous().view(torch.uint8), (0, cols, 0, rows)).view(q.dtype)
 
 
+CUBLAS_ROWS = 16
+CUBLAS_BLOCKS = 4
+"""cuBLASLt's blockwise GEMM needs 16-byte aligned scale rows (a multiple of 4 K-blocks) and, here,
+a multiple of 16 rows of `a` (measured on H100: 22 K-blocks gave garbage)."""
+
+
 def _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):
-    """cuBLASLt needs 16-byte aligned scale rows (a multiple of 4 K-blocks) and, here, a multiple of
-    16 rows of `a` (measured on H100: 22 K-blocks gave garbage). Zero padding changes no product."""
-    blocks, rows = (-a_scale_MJ.shape[1]) % 4, (-a_MK.shape[0]) % 16
+    """Zero-pad operands to CUBLAS_ROWS / CUBLAS_BLOCKS (zero padding changes no product)."""
+    blocks, rows = (-a_scale_MJ.shape[1]) % CUBLAS_BLOCKS, (-a_MK.shape[0]) % CUBLAS_ROWS
     if blocks or rows:
         a_MK = _pad_fp8(a_MK, rows, blocks * T)
         a_scale_MJ = torch.nn.functional.pad(a_scale_MJ, (0, blocks, 0, rows), value=1.0)

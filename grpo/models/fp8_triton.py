@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models.fp8 import E4M3, T
+from grpo.models.fp8 import CUBLAS_BLOCKS, CUBLAS_ROWS, E4M3, T
 
-ROW_ALIGN = 16
-ALIGN = 4 * T
+ROW_ALIGN = CUBLAS_ROWS
+ALIGN = CUBLAS_BLOCKS * T
 
 # how a copy is scaled: the direct copy by ROWS or BLOCKS, the transposed one by BLOCKS or COLUMNS
 # (of the input tile), or NONE made

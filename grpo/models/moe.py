@@ -187,9 +187,12 @@ class MoeLayer(nn.Module):
         scores_TE, weights_TK, indices_TK = self.gate(x_TH)
         if self.training:
             real_T = self.real_tokens_T
-            with torch.no_grad():
-                counted_TK = indices_TK if real_T is None else indices_TK[real_T]
-                self.load_since_update += torch.bincount(counted_TK.flatten(), minlength=scores_TE.shape[1])
+            with torch.no_grad():  # a scatter, not bincount or a boolean mask: no host sync per layer
+                load = self.load_since_update
+                counts_TK = torch.ones_like(indices_TK, dtype=load.dtype)
+                if real_T is not None:
+                    counts_TK *= real_T.unsqueeze(1)
+                load.scatter_add_(0, indices_TK.flatten(), counts_TK.flatten())
             if self.balance_loss_alpha > 0:
                 rows = hidden_BSH.shape[0] if hidden_BSH.dim() == 3 else 1
                 self.balance_loss = self.balance_loss_alpha * sequence_balance_loss(
@@ -214,8 +217,8 @@ def sequence_balance_loss(
     num_experts = scores_TE.shape[1]
     scores_BSE = scores_TE.view(rows, -1, num_experts)
     seq_len = scores_BSE.shape[1]
-    real_BS1 = (torch.ones(rows, seq_len) if real_T is None else real_T.view(rows, seq_len)).unsqueeze(-1)
-    real_BS1 = real_BS1.to(scores_BSE)
+    real_BS = scores_BSE.new_ones(rows, seq_len) if real_T is None else real_T.view(rows, seq_len)
+    real_BS1 = real_BS.unsqueeze(-1).to(scores_BSE)
     chosen_BSE = torch.zeros_like(scores_BSE).scatter_(2, indices_TK.view(rows, seq_len, top_k), 1.0)
     tokens_B1 = real_BS1.sum(dim=1).clamp(min=1)
     f_BE = (chosen_BSE * real_BS1).sum(dim=1) * num_experts / (top_k * tokens_B1)
@@ -231,9 +234,9 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
 def real_tokens(model: nn.Module, attention_mask_BS: torch.Tensor):
     """For the forwards inside: padded positions (mask 0) are routed like tokens, but left out of
     the expert loads and the balance loss, which then do not depend on how rows are padded together."""
-    layers = moe_layers(model)
+    layers, real_T = moe_layers(model), attention_mask_BS.flatten().bool()
     for layer in layers:
-        layer.real_tokens_T = attention_mask_BS.flatten().bool()
+        layer.real_tokens_T = real_T
     try:
         yield
     finally:
