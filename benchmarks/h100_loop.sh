@@ -5,6 +5,9 @@
 #   usage: OUT=/some/dir benchmarks/h100_loop.sh STAGE...
 #   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench | fp8_bench
 #           | sft_1b | smoke_1b | grpo_1b | breakdown_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
+#           | gpu_tests | grouped_bench | export_vllm | ep (ep: a machine of 2+ GPUs)
+# `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
+# Ray need the wheels of ../shared/gpu/README.md in /tmp/site.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -72,6 +75,15 @@ for what in "$@"; do
     stage breakdown_1b_fp8_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b
     stage breakdown_1b_bf16_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b \
       --engine-kwarg quantization=none ;;
+  gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
+    stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py ;;
+  grouped_bench)
+    stage grouped_bench python3 -P benchmarks/fp8_grouped_gpu.py ;;
+  export_vllm)
+    stage export_vllm python3 -P benchmarks/fp8_export_vllm_gpu.py ;;
+  ep)
+    stage ep_tests python3 -P -m pytest -q tests/test_expert_parallel.py tests/test_expert_parallel_trainer.py
+    stage ep_bench python3 -P benchmarks/expert_parallel_gpu.py ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

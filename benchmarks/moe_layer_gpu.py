@@ -1,12 +1,13 @@
 """Routed experts forward + backward on a CUDA GPU: transformers' per-expert loop against the project's
-grouped GEMM (`torch._grouped_mm`, BF16), and the project's FP8 experts (one blockwise FP8 GEMM per
-expert, `grpo.models.moe.grouped_linear`) against the BF16 grouped path.
+grouped GEMM (`torch._grouped_mm`, BF16), and the project's FP8 experts against the BF16 grouped path.
 
-All three get the same BF16 weights, tokens and routing (random top-k, weights from a softmax).
-Median milliseconds over repeated runs (CUDA events); the FP8 output's relative error against BF16.
-`fp8_grouped_*`: the same FP8 experts through the grouped FP8 GEMMs of `grpo.models.fp8_grouped`
-(not wired into the layer yet; patched in here), with their output's and input gradient's relative
-error against the per-expert FP8 path. Last line: one JSON object.
+The FP8 experts run as the layer runs them on CUDA: the grouped FP8 GEMMs of
+`grpo.models.fp8_grouped` (`fp8_*`); `fp8_per_expert_*` is the earlier path, one blockwise FP8 GEMM
+per expert (`grpo.models.moe.per_expert_fp8`, patched in here), for comparison.
+All get the same BF16 weights, tokens and routing (random top-k, weights from a softmax).
+Median milliseconds over repeated runs (CUDA events); relative errors of the FP8 outputs and input
+gradients against BF16, and of the grouped FP8 path against the per-expert one. Last line: one JSON
+object.
 
     python benchmarks/moe_layer_gpu.py
 """
@@ -20,7 +21,6 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
 from grpo.models import moe
-from grpo.models.fp8_grouped import GroupedFp8Function
 from grpo.models.moe import GroupedExperts
 
 # (tokens, hidden, expert intermediate, experts, top-k): DeepSeek-V3's expert shape with fewer experts
@@ -59,44 +59,43 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
     def step(module):
         return lambda: module(x, indices, weights).backward(grad)
 
+    def outputs(module):
+        x.grad = None
+        out = module(x, indices, weights)
+        out.backward(grad)
+        return out.detach().float(), x.grad.float()
+
     ms_loop = median_ms(step(reference))
     ours.fp8 = False
     ms_grouped = median_ms(step(ours))
-    bf16_out = ours(x, indices, weights).detach().float()
+    bf16_out, bf16_dx = outputs(ours)
     ours.fp8 = True
     ms_fp8 = median_ms(step(ours))
-    fp8_out = ours(x, indices, weights).detach().float()
-    x.grad = None
-    ours(x, indices, weights).backward(grad)
-    fp8_dx = x.grad.float()
-    per_expert = moe.grouped_linear
-    moe.grouped_linear = lambda x_NK, w_EOK, offsets_E, fp8: GroupedFp8Function.apply(
-        x_NK, w_EOK, tuple(offsets_E.tolist())
-    )
+    fp8_out, fp8_dx = outputs(ours)
+    grouped_linear = moe.grouped_linear
+    moe.grouped_linear = lambda x_NK, w_EOK, offsets_E, fp8: moe.per_expert_fp8(x_NK, w_EOK, offsets_E)
     try:
-        ms_fp8_grouped = median_ms(step(ours))
-        grouped_out = ours(x, indices, weights).detach().float()
-        x.grad = None
-        ours(x, indices, weights).backward(grad)
-        grouped_dx = x.grad.float()
+        ms_per_expert = median_ms(step(ours))
+        per_expert_out, per_expert_dx = outputs(ours)
     finally:
-        moe.grouped_linear = per_expert
+        moe.grouped_linear = grouped_linear
+
+    def error(got, want):
+        return round(((got - want).norm() / want.norm()).item(), 4)
+
     return {
         "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
         "loop_ms": round(ms_loop, 3),
         "grouped_bf16_ms": round(ms_grouped, 3),
         "fp8_ms": round(ms_fp8, 3),
+        "fp8_per_expert_ms": round(ms_per_expert, 3),
         "grouped_over_loop_speedup": round(ms_loop / ms_grouped, 3),
         "fp8_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8, 3),
-        "fp8_rel_error": round(((fp8_out - bf16_out).norm() / bf16_out.norm()).item(), 4),
-        "fp8_grouped_ms": round(ms_fp8_grouped, 3),
-        "fp8_grouped_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8_grouped, 3),
-        "fp8_grouped_vs_per_expert_rel_error_out": round(
-            ((grouped_out - fp8_out).norm() / fp8_out.norm()).item(), 4
-        ),
-        "fp8_grouped_vs_per_expert_rel_error_dx": round(
-            ((grouped_dx - fp8_dx).norm() / fp8_dx.norm()).item(), 4
-        ),
+        "fp8_per_expert_over_grouped_bf16_speedup": round(ms_grouped / ms_per_expert, 3),
+        "fp8_rel_error_out": error(fp8_out, bf16_out),
+        "fp8_rel_error_dx": error(fp8_dx, bf16_dx),
+        "fp8_vs_per_expert_rel_error_out": error(fp8_out, per_expert_out),
+        "fp8_vs_per_expert_rel_error_dx": error(fp8_dx, per_expert_dx),
     }
 
 

@@ -1,4 +1,5 @@
-"""Expert parallelism under gloo with 2 and 4 processes equals the single-process MoE layer."""
+"""Expert parallelism with 2 and 4 processes equals the single-process MoE layer: under gloo on the CPU,
+and under NCCL with one GPU per rank where the machine has the GPUs."""
 
 import os
 
@@ -23,29 +24,32 @@ def _layer() -> MoeLayer:
     return layer
 
 
-def _inputs(ranks: int):
+def _inputs(ranks: int, device):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(ranks * TOKENS_PER_RANK, HIDDEN, generator=generator)
     upstream = torch.randn(ranks * TOKENS_PER_RANK, HIDDEN, generator=generator)
-    return x, upstream
+    return x.to(device), upstream.to(device)
 
 
-def _reference(ranks: int):
-    layer = _layer()
-    x, upstream = _inputs(ranks)
+def _reference(ranks: int, device):
+    layer = _layer().to(device)
+    x, upstream = _inputs(ranks, device)
     x.requires_grad_()
     out = layer(x)
     (out * upstream).sum().backward()
     return layer, x, out
 
 
-def _rank_main(rank: int, ranks: int, init_file: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
-    reference, x_ref, out_ref = _reference(ranks)
-    layer = _layer()
+def _rank_main(rank: int, ranks: int, init_file: str, backend: str):
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=ranks)
+    reference, x_ref, out_ref = _reference(ranks, device)
+    layer = _layer().to(device)
     assert shard_experts(layer) == 1
     mine = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
-    x, upstream = _inputs(ranks)
+    x, upstream = _inputs(ranks, device)
     x = x[mine].clone().requires_grad_()
     out = layer(x)
     (out * upstream[mine]).sum().backward()
@@ -72,7 +76,16 @@ def _rank_main(rank: int, ranks: int, init_file: str):
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_sharded_experts_equal_the_single_process_layer(ranks, tmp_path):
-    mp.spawn(_rank_main, args=(ranks, str(tmp_path / "init")), nprocs=ranks)
+    mp.spawn(_rank_main, args=(ranks, str(tmp_path / "init"), "gloo"), nprocs=ranks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sharded_experts_equal_the_single_process_layer_under_nccl(ranks, tmp_path):
+    """FP32 on the GPUs (TF32 off, torch's default for matmuls): the same tolerances as on the CPU."""
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} CUDA GPUs, found {torch.cuda.device_count()}")
+    mp.spawn(_rank_main, args=(ranks, str(tmp_path / "init"), "nccl"), nprocs=ranks)
 
 
 def test_experts_must_split_evenly_over_the_ranks():

@@ -42,29 +42,34 @@ def _rows(expert: int) -> slice:
 
 
 def check_grouped_gemms() -> None:
-    from grpo.models.fp8_grouped import expert_gemm, expert_weight_gradient
+    from grpo.models.fp8_grouped import ExpertWeights, GemmConfig, expert_gemm, expert_weight_gradient
 
     generator = torch.Generator().manual_seed(0)
     rows, experts = OFFSETS[-1], len(OFFSETS)
     w_q = _fp8(experts * N, K, generator)
     w_scale = _scales(experts * N // T, K // T, generator=generator)
     w = _blocks(w_q, w_scale)
+    # small tiles and groups: tiles of one expert in several groups, a group spanning experts
+    for config in (GemmConfig(), GemmConfig(block_m=16, group=2)):
+        # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
+        x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
+        forward = ExpertWeights.forward(w_q, w_scale, N, K)
+        out = expert_gemm(x_q, x_scale, forward, OFFSETS, torch.float32, config)
+        x = _tiles(x_q, x_scale)
+        for e in range(experts):
+            expected = x[_rows(e)] @ w[e * N : (e + 1) * N].t()
+            torch.testing.assert_close(out[_rows(e)], expected, rtol=1e-4, atol=1e-3)
 
-    # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
-    x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
-    out = expert_gemm(x_q, x_scale, w_q, w_scale, OFFSETS, N, N, transposed=False, dtype=torch.float32)
-    x = _tiles(x_q, x_scale)
-    for e in range(experts):
-        expected = x[_rows(e)] @ w[e * N : (e + 1) * N].t()
-        torch.testing.assert_close(out[_rows(e)], expected, rtol=1e-4, atol=1e-3)
-
-    # input gradient: g (rows x N) in tiles along N, times each expert's weight untransposed
-    g_q, g_scale = _fp8(rows, N, generator), _scales(N // T, rows, generator=generator).t()
-    grad_x = expert_gemm(g_q, g_scale, w_q, w_scale, OFFSETS, N, K, transposed=True, dtype=torch.float32)
-    g = _tiles(g_q, g_scale)
-    for e in range(experts):
-        expected = g[_rows(e)] @ w[e * N : (e + 1) * N]
-        torch.testing.assert_close(grad_x[_rows(e)], expected, rtol=1e-4, atol=1e-3)
+        # input gradient: g (rows x N) in tiles along N, times each expert's weight untransposed,
+        # read from the transposed copy of the stacked weight (blocks and scales transposed)
+        g_q, g_scale = _fp8(rows, N, generator), _scales(N // T, rows, generator=generator).t()
+        w_t_q = w_q.view(torch.uint8).t().contiguous().view(E4M3)
+        backward = ExpertWeights.input_gradient(w_t_q, w_scale.t().contiguous(), N, K)
+        grad_x = expert_gemm(g_q, g_scale, backward, OFFSETS, torch.float32, config)
+        g = _tiles(g_q, g_scale)
+        for e in range(experts):
+            expected = g[_rows(e)] @ w[e * N : (e + 1) * N]
+            torch.testing.assert_close(grad_x[_rows(e)], expected, rtol=1e-4, atol=1e-3)
 
     # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks
     padded_rows = 256
@@ -76,6 +81,16 @@ def check_grouped_gemms() -> None:
         expected = g_t[:, _rows(e)] @ x_t[:, _rows(e)].t()
         torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
     assert not grad_w[1].any()  # the empty expert
+
+
+def check_row_tiles() -> None:
+    from grpo.models.fp8_grouped import row_tiles
+
+    assert row_tiles([70, 70, 200], 64, "cpu").tolist() == [
+        [0, 0, 2, 2, 2],
+        [0, 64, 70, 134, 198],
+        [70, 70, 200, 200, 200],
+    ]
 
 
 def check_against_the_per_expert_layer() -> None:
@@ -110,5 +125,46 @@ def test_grouped_fp8_gemms_in_the_triton_interpreter():
 
 
 if __name__ == "__main__":
+    check_row_tiles()
     check_grouped_gemms()
     check_against_the_per_expert_layer()
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
+    """Random BF16 inputs, uneven routing with an empty expert. Output and input gradient quantize
+    their operands exactly as the per-expert path does (row tiles, weight blocks), so they agree to
+    the accumulation order; the weight gradient's 128-row tiles of x.T and g.T may span two experts
+    here (coarser scales), so it is held to FP8 error against the BF16 product instead."""
+    from grpo.models.fp8_grouped import GroupedFp8Function
+    from grpo.models.moe import per_expert_fp8
+
+    torch.manual_seed(0)
+    experts, n, k = 4, 256, 384
+    offsets = torch.tensor([300, 300, 700, 1000], device="cuda", dtype=torch.int32)
+    x = torch.randn(1000, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(experts, n, k, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(1000, n, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        x.grad = w.grad = None
+        out = fn()
+        out.backward(grad)
+        return out.float(), x.grad.float(), w.grad.float()
+
+    grouped = run(lambda: GroupedFp8Function.apply(x, w, tuple(offsets.tolist())))
+    per_expert = run(lambda: per_expert_fp8(x, w, offsets))
+    bf16 = run(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets))
+
+    def error(got, want):
+        return ((got - want).norm() / want.norm()).item()
+
+    assert error(grouped[0], per_expert[0]) < 1e-2
+    assert error(grouped[1], per_expert[1]) < 1e-2
+    assert not grouped[2][1].any()  # the empty expert
+    for got, want in zip(grouped, bf16):
+        assert error(got, want) < 0.06  # FP8 (E4M3) rounding of both operands: about 3.6% measured

@@ -45,3 +45,7 @@ def test_the_built_wheel_holds_only_the_grpo_root(tmp_path):
     roots = {name.split("/")[0] for name in names if not name.startswith("grpo-")}
     assert roots == {"grpo"}
     assert "grpo/rewards/math.py" in names and "grpo/eval/__init__.py" in names
+    # every subpackage of the source tree is listed in pyproject (a missing one imports fine from
+    # the editable install and fails only once installed from the wheel)
+    for init in (ROOT / "grpo").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names

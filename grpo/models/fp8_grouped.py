@@ -1,24 +1,34 @@
 """Grouped blockwise FP8 GEMMs for the routed experts (Triton): all experts in one launch per GEMM.
 
-Not wired into the MoE layer yet: checked in Triton's CPU interpreter only (`tests/test_fp8_grouped.py`),
-never run on a GPU. `benchmarks/moe_layer_gpu.py` times `GroupedFp8Function` and checks it against
-the per-expert FP8 path; once that holds on a GPU, `grouped_linear` can use it instead of its loop.
+`grpo.models.moe.grouped_linear` runs the FP8 experts through `GroupedFp8Function` on CUDA (the
+per-expert loop of `Fp8LinearFunction` stays for other devices and for shapes these kernels do not
+take). Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
+(`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`).
 
 Rows of `x` are sorted by expert (expert e owns rows `offsets[e-1]:offsets[e]`, any length). Operands
 come from the fused quantizers of `fp8_triton`: activations and output gradients in 1 x 128 tiles
 along the reduction, their transposes for the weight gradient, weights `[E, N, K]` as one `[E*N, K]`
 matrix in 128 x 128 blocks (N a multiple of 128, so that no block spans two experts).
 
-- `expert_gemm` (forward and input gradient): out[m] = a[m] @ w[e(m)].T, or with `transposed`
-  a[m] @ w[e(m)]; a row tile never mixes experts.
+- `expert_gemm` (forward and input gradient): out[m] = a[m] @ B_e(m), where `ExpertWeights` says
+  how B_e is read from the quantized weight: `w_e.T` (forward) or `w_e` (input gradient), the
+  latter from the transposed copy of the stacked weight, so that both GEMMs read their right
+  operand with the reduction contiguous (what Hopper's FP8 tensor-core instructions take). A row
+  tile never mixes experts.
 - `expert_weight_gradient`: dW[e] = g[rows of e].T @ x[rows of e], reducing over each expert's rows
   in steps aligned to the 128-row tiles of the quantized transposes. A tile that spans two experts
   was scaled by the amax of both: its values still dequantize exactly, only less precisely.
+
+Both kernels order their programs so that the operands a wave of programs shares stay in L2: a
+group of row tiles sweeps all output columns before the next group starts (the forward), and one
+expert's weight-gradient blocks run together.
 
 Shape legend as in `grpo.models.fp8`: M rows, K reduction, N outputs, E experts.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,7 +37,18 @@ import triton.language as tl
 from grpo.models import fp8_triton
 from grpo.models.fp8 import T
 
-BLOCK_M = 64
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 64
+    """Rows per program (a program never spans two experts, so small experts waste less)."""
+    group: int = 8
+    """Row tiles that sweep the output columns together (their rows stay in L2 meanwhile)."""
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT = GemmConfig()
 
 
 @triton.jit
@@ -37,9 +58,8 @@ def _expert_gemm_kernel(
     w_ptr,
     w_scale_ptr,
     out_ptr,
-    tile_expert_ptr,
-    tile_start_ptr,
-    tile_end_ptr,
+    tiles_ptr,
+    n_tiles,
     a_stride,
     a_scale_stride,
     w_stride_e,
@@ -52,30 +72,33 @@ def _expert_gemm_kernel(
     n_out,
     reduction_blocks,
     BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """One (row tile, 128 output columns) of `a @ w_e`, with `w_e` addressed by strides so that the
-    same kernel reads `w` (forward) or its transpose (input gradient)."""
-    tile, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
-    start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
+    """One (row tile, 128 output columns) of `a @ B_e`; B_e[r, o] = w[e * stride_e + o * stride_out
+    + r * stride_red], its scale likewise per 128 x 128 block."""
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(n_out, 128)
+    per_group = GROUP * col_blocks
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_tiles - first, GROUP)
+    tile = first + (pid % per_group) % size
+    pid_n = (pid % per_group) // size
+    expert = tl.load(tiles_ptr + tile)
+    start, end = tl.load(tiles_ptr + n_tiles + tile), tl.load(tiles_ptr + 2 * n_tiles + tile)
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     outs = pid_n * 128 + tl.arange(0, 128)
     reds = tl.arange(0, 128)
+    w_base = w_ptr + expert * w_stride_e
+    ws_base = w_scale_ptr + expert * ws_stride_e + pid_n * ws_stride_out
     acc = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     for kb in range(reduction_blocks):
         a = tl.load(
             a_ptr + rows[:, None] * a_stride + (kb * 128 + reds)[None, :], mask=row_ok[:, None], other=0.0
         )
         a_scale = tl.load(a_scale_ptr + kb * a_scale_stride + rows, mask=row_ok, other=0.0)
-        w_at = (
-            w_ptr
-            + expert * w_stride_e
-            + (kb * 128 + reds)[:, None] * w_stride_red
-            + outs[None, :] * w_stride_out
-        )
-        w = tl.load(w_at)
-        w_scale = tl.load(w_scale_ptr + expert * ws_stride_e + pid_n * ws_stride_out + kb * ws_stride_red)
+        w = tl.load(w_base + (kb * 128 + reds)[:, None] * w_stride_red + outs[None, :] * w_stride_out)
+        w_scale = tl.load(ws_base + kb * ws_stride_red)
         acc += tl.dot(a, w) * a_scale[:, None] * w_scale
     out_at = out_ptr + rows[:, None] * out_stride + outs[None, :]
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (outs[None, :] < n_out))
@@ -96,8 +119,13 @@ def _weight_gradient_kernel(
     n_out,
     k_out,
 ):
-    """One 128 x 128 block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T."""
-    expert, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One 128 x 128 block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T. The
+    expert is the slowest index: one expert's rows of g.T and x.T are read while they sit in L2."""
+    pid = tl.program_id(0)
+    n_blocks, k_blocks = tl.cdiv(n_out, 128), tl.cdiv(k_out, 128)
+    expert = pid // (n_blocks * k_blocks)
+    pid_n = (pid % (n_blocks * k_blocks)) // k_blocks
+    pid_k = pid % k_blocks
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
     ns = pid_n * 128 + tl.arange(0, 128)
@@ -115,68 +143,99 @@ def _weight_gradient_kernel(
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(ns[:, None] < n_out) & (ks[None, :] < k_out))
 
 
-def _row_tiles(offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(expert, first row, end row) of every BLOCK_M-row tile; tiles never cross experts."""
-    experts, starts, ends = [], [], []
-    for expert, (start, end) in enumerate(zip([0, *offsets[:-1]], offsets)):
-        for first in range(start, end, BLOCK_M):
-            experts.append(expert)
-            starts.append(first)
-            ends.append(end)
-    return torch.tensor(experts), torch.tensor(starts), torch.tensor(ends)
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Quantized expert weights as `expert_gemm` reads them: B_e[r, o] at `q` offset
+    `e * strides[0] + o * strides[1] + r * strides[2]`, its block scale at `scale` offset
+    `e * scale_strides[0] + (o // 128) * scale_strides[1] + (r // 128) * scale_strides[2]`."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    strides: tuple[int, int, int]
+    scale_strides: tuple[int, int, int]
+    reduction: int
+    outputs: int
+
+    @classmethod
+    def forward(cls, q_NK, scale_IJ, n: int, k: int) -> ExpertWeights:
+        """B_e = w_e.T from the stacked `[E*N, K]` weight in blocks (reduces over K)."""
+        return cls(
+            q_NK,
+            scale_IJ,
+            (n * q_NK.stride(0), q_NK.stride(0), 1),
+            (n // T * scale_IJ.stride(0), scale_IJ.stride(0), 1),
+            reduction=k,
+            outputs=n,
+        )
+
+    @classmethod
+    def input_gradient(cls, q_KN, scale_JI, n: int, k: int) -> ExpertWeights:
+        """B_e = w_e from the transposed copy `[K, E*N]` in blocks (reduces over N)."""
+        return cls(
+            q_KN,
+            scale_JI,
+            (n, q_KN.stride(0), 1),
+            (n // T, scale_JI.stride(0), 1),
+            reduction=n,
+            outputs=k,
+        )
 
 
-def expert_gemm(a_q, a_scale, w_q, w_scale, offsets: list[int], n: int, n_out: int, transposed: bool, dtype):
-    """`a` (rows x reduction, 1 x 128 tiles, scales a column-major view) times each row's expert's
-    weight: `w_q` holds the experts' `[n, K]` weights stacked, in 128 x 128 blocks (`w_scale` one
-    row per 128 of them). The forward reduces over K (`transposed=False`, n_out = n), the input
-    gradient over n (`transposed=True`, n_out = K)."""
-    experts, rows = len(offsets), offsets[-1]
-    tile_expert, tile_start, tile_end = (t.to(a_q.device) for t in _row_tiles(offsets))
-    w_e = w_q[: experts * n].view(experts, n, w_q.shape[1])
-    s_e = w_scale[: experts * n // T].view(experts, n // T, w_scale.shape[1])
-    if transposed:  # reduce over n: the output columns run along K
-        strides = (w_e.stride(0), w_e.stride(2), w_e.stride(1))
-        scale_strides = (s_e.stride(0), s_e.stride(2), s_e.stride(1))
-        reduction = n
-    else:
-        strides = (w_e.stride(0), w_e.stride(1), w_e.stride(2))
-        scale_strides = (s_e.stride(0), s_e.stride(1), s_e.stride(2))
-        reduction = w_q.shape[1]
+def row_tiles(offsets: list[int], block_m: int, device) -> torch.Tensor:
+    """`[3, tiles]` int32: expert, first row and end row of every `block_m`-row tile; tiles never
+    cross experts."""
+    bounds = torch.tensor([0, *offsets])
+    per_expert = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
+    expert = torch.repeat_interleave(torch.arange(len(offsets)), per_expert)
+    first_tile = per_expert.cumsum(0) - per_expert
+    start = bounds[:-1][expert] + (torch.arange(len(expert)) - first_tile[expert]) * block_m
+    return torch.stack([expert, start, bounds[1:][expert]]).to(device=device, dtype=torch.int32)
+
+
+def expert_gemm(
+    a_q, a_scale, weights: ExpertWeights, offsets: list[int], dtype, config: GemmConfig = DEFAULT
+) -> torch.Tensor:
+    """`a` (rows x reduction in 1 x 128 tiles, scales a column-major view) times each row's
+    expert's B_e: `[rows, weights.outputs]` in `dtype`."""
+    rows, n_out = offsets[-1], weights.outputs
     out = torch.empty(rows, n_out, dtype=dtype, device=a_q.device)
     if rows == 0:
         return out
-    grid = (len(tile_expert), triton.cdiv(n_out, 128))
+    tiles = row_tiles(offsets, config.block_m, a_q.device)
+    n_tiles = tiles.shape[1]
+    grid = (n_tiles * triton.cdiv(n_out, 128),)
     _expert_gemm_kernel[grid](
         a_q,
         a_scale,
-        w_e,
-        s_e,
+        weights.q,
+        weights.scale,
         out,
-        tile_expert,
-        tile_start,
-        tile_end,
+        tiles,
+        n_tiles,
         a_q.stride(0),
         a_scale.stride(1),
-        *strides,
-        *scale_strides,
+        *weights.strides,
+        *weights.scale_strides,
         out.stride(0),
         n_out,
-        reduction // T,
-        BLOCK_M=BLOCK_M,
+        triton.cdiv(weights.reduction, T),
+        BLOCK_M=config.block_m,
+        GROUP=config.group,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
 
 def expert_weight_gradient(
-    g_t_q, g_t_scale, x_t_q, x_t_scale, offsets: list[int], n_out: int, k_out: int, dtype
+    g_t_q, g_t_scale, x_t_q, x_t_scale, offsets: list[int], n_out: int, k_out: int, dtype, num_warps=8
 ):
     """dW `[E, N, K]` from the transposed quantized copies: `g.T` `[N', M']` in 1 x 128 tiles along
     M (scales a column-major view `[N', M'/128]`), `x.T` `[K', M']` in 128 x 128 blocks."""
     experts = len(offsets)
     out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
-    bounds = torch.tensor([0, *offsets], dtype=torch.int32, device=g_t_q.device)
-    grid = (experts, triton.cdiv(n_out, 128), triton.cdiv(k_out, 128))
+    bounds = torch.tensor([0, *offsets], dtype=torch.int32).to(g_t_q.device)
+    grid = (experts * triton.cdiv(n_out, 128) * triton.cdiv(k_out, 128),)
     _weight_gradient_kernel[grid](
         g_t_q,
         g_t_scale,
@@ -190,8 +249,19 @@ def expert_weight_gradient(
         x_t_scale.stride(0),
         n_out,
         k_out,
+        num_warps=num_warps,
     )
     return out
+
+
+def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False):
+    """`(forward, input_gradient)` `ExpertWeights` of `w` (two quantizer launches: the stacked
+    weight and its transposed view, as `fp8_triton.quantize_weight` does for one matrix)."""
+    experts, n, k = w_ENK.shape
+    stacked_NK = w_ENK.reshape(experts * n, k)
+    q_NK, s_IJ = fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two)
+    q_KN, s_JI = fp8_triton.quantize_weight_blocks(stacked_NK.t(), power_of_two)
+    return ExpertWeights.forward(q_NK, s_IJ, n, k), ExpertWeights.input_gradient(q_KN, s_JI, n, k)
 
 
 class GroupedFp8Function(torch.autograd.Function):
@@ -202,16 +272,17 @@ class GroupedFp8Function(torch.autograd.Function):
     def forward(ctx, x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False):
         experts, n, k = w_ENK.shape
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
-        wq, ws = fp8_triton.quantize_weight_blocks(w_ENK.reshape(experts * n, k), power_of_two)
-        ctx.save_for_backward(xq_t, xs_t, wq, ws)
+        forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
+        ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)
         ctx.meta = (list(offsets), n, k, x_MK.dtype, power_of_two)
-        return expert_gemm(xq, xs, wq, ws, list(offsets), n, n, False, x_MK.dtype)
+        return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
 
     @staticmethod
     def backward(ctx, grad_MN):
-        xq_t, xs_t, wq, ws = ctx.saved_tensors
+        xq_t, xs_t, wq_KN, ws_JI = ctx.saved_tensors
         offsets, n, k, dtype, power_of_two = ctx.meta
         gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_MN, power_of_two)
-        grad_x = expert_gemm(gq, gs, wq, ws, offsets, n, k, True, dtype)
+        weights = ExpertWeights.input_gradient(wq_KN, ws_JI, n, k)
+        grad_x = expert_gemm(gq, gs, weights, offsets, dtype)
         grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, dtype)
         return grad_x, grad_w, None, None

@@ -14,7 +14,8 @@ parameters, and checkpoints keep loading in transformers and vLLM.
   forward routes, padding included).
 - Optional sequence-wise balance loss (DeepSeek-V3, eq. 17-20), one sequence per batch row.
 - Routed experts run as two grouped GEMMs (`torch._grouped_mm`) over the tokens sorted by expert;
-  with `fp8` each expert's GEMMs go through the FP8 linear function instead.
+  with `fp8` as grouped blockwise FP8 GEMMs on CUDA (`fp8_grouped`), elsewhere through one FP8
+  linear function per expert.
 
 Shape legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size.
 """
@@ -102,9 +103,19 @@ def grouped_linear(
     x_NK: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor, fp8: bool
 ) -> torch.Tensor:
     """Rows of `x` sorted by expert (expert e owns rows offsets[e-1]:offsets[e]) times each expert's
-    `[out, in]` weight, transposed: one grouped GEMM, or one FP8 GEMM per non-empty expert."""
+    `[out, in]` weight, transposed: one grouped GEMM. In FP8: on CUDA the grouped FP8 GEMMs of
+    `fp8_grouped` (out features a multiple of 128), otherwise one FP8 linear per non-empty expert."""
     if not fp8:
         return torch._grouped_mm(x_NK, w_EOK.transpose(1, 2), offs=offsets_E)
+    if w_EOK.is_cuda and w_EOK.shape[1] % 128 == 0:  # no 128-row weight block spans two experts
+        from grpo.models.fp8_grouped import GroupedFp8Function
+
+        return GroupedFp8Function.apply(x_NK, w_EOK, tuple(offsets_E.tolist()))
+    return per_expert_fp8(x_NK, w_EOK, offsets_E)
+
+
+def per_expert_fp8(x_NK: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """One `Fp8LinearFunction` per non-empty expert."""
     from grpo.models.fp8 import Fp8LinearFunction
 
     ends = offsets_E.tolist()
