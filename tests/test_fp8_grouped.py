@@ -49,8 +49,9 @@ def check_grouped_gemms() -> None:
     w_q = _fp8(experts * N, K, generator)
     w_scale = _scales(experts * N // T, K // T, generator=generator)
     w = _blocks(w_q, w_scale)
-    # small tiles and groups: tiles of one expert in several groups, a group spanning experts
-    for config in (GemmConfig(), GemmConfig(block_m=16, group=2)):
+    # small tiles and groups: tiles of one expert in several groups, a group spanning experts;
+    # 256 columns: a program past the last output column (N = 128), two weight blocks per program
+    for config in (GemmConfig(), GemmConfig(block_m=16, block_n=256, group=2)):
         # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
         x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
         forward = ExpertWeights.forward(w_q, w_scale, N, K)
