@@ -41,12 +41,16 @@ SHAPES = [
     ("h100-recipe down", 16384, 4, 32, 512, 1024),
 ]
 CONFIGS = [
-    GemmConfig(block_m=64, block_n=128, group=8, num_warps=4, num_stages=3),
-    GemmConfig(block_m=128, block_n=128, group=8, num_warps=8, num_stages=3),
-    GemmConfig(block_m=64, block_n=256, group=8, num_warps=4, num_stages=3),
-    GemmConfig(block_m=64, block_n=256, group=8, num_warps=8, num_stages=3),
-    GemmConfig(block_m=128, block_n=256, group=8, num_warps=8, num_stages=3),
-    GemmConfig(block_m=128, block_n=256, group=8, num_warps=8, num_stages=4),
+    GemmConfig(block_m=64, group=8, num_warps=4, num_stages=3),
+    GemmConfig(block_m=64, group=8, num_warps=4, num_stages=4),
+    GemmConfig(block_m=64, group=16, num_warps=4, num_stages=3),
+    GemmConfig(block_m=128, group=8, num_warps=8, num_stages=3),
+]
+WEIGHT_GRADIENT_CONFIGS = [
+    GemmConfig(num_warps=8, num_stages=3),
+    GemmConfig(num_warps=8, num_stages=2),
+    GemmConfig(num_warps=4, num_stages=3),
+    GemmConfig(num_warps=8, num_stages=4),
 ]
 
 
@@ -129,12 +133,12 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
         )
     row["configs"] = configs
     dw = {}
-    for warps in (4, 8):
-        got = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, warps)
-        dw[f"num_warps={warps}"] = {
+    for config in WEIGHT_GRADIENT_CONFIGS:
+        got = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, config)
+        dw[f"num_warps={config.num_warps},num_stages={config.num_stages}"] = {
             "ms": ms(
-                lambda nw=warps: expert_weight_gradient(
-                    gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, nw
+                lambda c=config: expert_weight_gradient(
+                    gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, c
                 )
             ),
             "rel_error": rel_error(got, want_dw),

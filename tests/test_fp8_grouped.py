@@ -37,8 +37,12 @@ def _blocks(q, scale_IJ):
     )
 
 
+def _spans(offsets: list[int]) -> list[slice]:
+    return [slice(start, end) for start, end in zip([0, *offsets[:-1]], offsets)]
+
+
 def _rows(expert: int) -> slice:
-    return slice(([0, *OFFSETS])[expert], OFFSETS[expert])
+    return _spans(OFFSETS)[expert]
 
 
 def check_grouped_gemms() -> None:
@@ -49,9 +53,8 @@ def check_grouped_gemms() -> None:
     w_q = _fp8(experts * N, K, generator)
     w_scale = _scales(experts * N // T, K // T, generator=generator)
     w = _blocks(w_q, w_scale)
-    # small tiles and groups: tiles of one expert in several groups, a group spanning experts;
-    # 256 columns: a program past the last output column (N = 128), two weight blocks per program
-    for config in (GemmConfig(), GemmConfig(block_m=16, block_n=256, group=2)):
+    # small tiles and groups: tiles of one expert in several groups, a group spanning experts
+    for config in (GemmConfig(), GemmConfig(block_m=16, group=2)):
         # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
         x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
         forward = ExpertWeights.forward(w_q, w_scale, N, K)
@@ -72,14 +75,15 @@ def check_grouped_gemms() -> None:
             expected = g[_rows(e)] @ w[e * N : (e + 1) * N]
             torch.testing.assert_close(grad_x[_rows(e)], expected, rtol=1e-4, atol=1e-3)
 
-    # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks
-    padded_rows = 256
+    # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks;
+    # experts with a partial tile at either end, whole tiles, one exactly one whole tile, one empty
+    offsets, padded_rows = [70, 70, 384, 512], 512
     g_t_q, g_t_scale = _fp8(N, padded_rows, generator), _scales(padded_rows // T, N, generator=generator).t()
     x_t_q, x_t_scale = _fp8(K, padded_rows, generator), _scales(K // T, padded_rows // T, generator=generator)
-    grad_w = expert_weight_gradient(g_t_q, g_t_scale, x_t_q, x_t_scale, OFFSETS, N, K, torch.float32)
+    grad_w = expert_weight_gradient(g_t_q, g_t_scale, x_t_q, x_t_scale, offsets, N, K, torch.float32)
     g_t, x_t = _tiles(g_t_q, g_t_scale), _blocks(x_t_q, x_t_scale)
-    for e in range(experts):
-        expected = g_t[:, _rows(e)] @ x_t[:, _rows(e)].t()
+    for e, rows in enumerate(_spans(offsets)):
+        expected = g_t[:, rows] @ x_t[:, rows].t()
         torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
     assert not grad_w[1].any()  # the empty expert
 
