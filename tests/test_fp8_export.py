@@ -4,24 +4,25 @@ import torch
 
 from grpo.cli import main
 from grpo.models.fp8 import E4M3, quantize_blocks
-from grpo.models.fp8_export import QUANTIZATION_CONFIG, export_fp8, fp8_state
+from grpo.models.fp8_export import QUANTIZATION_CONFIG, export_fp8, fp8_state, high_precision_linears
 from grpo.models.tiny import save_tiny_checkpoint
 
 
 def test_linear_weights_become_e4m3_with_block_scales_and_the_rest_stays_high_precision():
     weight = torch.randn(256, 384)
-    state = fp8_state(
-        {
-            "model.layers.0.self_attn.o_proj.weight": weight,
-            "model.layers.1.mlp.experts.3.down_proj.weight": torch.randn(128, 128),
-            "model.embed_tokens.weight": torch.randn(10, 256),
-            "lm_head.weight": torch.randn(10, 256),
-            "model.layers.1.mlp.gate.weight": torch.randn(8, 256),
-            "model.layers.1.mlp.gate.e_score_correction_bias": torch.randn(8),
-            "model.norm.weight": torch.randn(256),
-            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": torch.randn(576, 256),
-        }
-    )
+    original = {
+        "model.layers.0.self_attn.o_proj.weight": weight,
+        "model.layers.1.mlp.experts.3.down_proj.weight": torch.randn(128, 128),
+        "model.embed_tokens.weight": torch.randn(10, 256),
+        "lm_head.weight": torch.randn(10, 256),
+        "model.layers.1.mlp.gate.weight": torch.randn(8, 256),
+        "model.layers.1.mlp.gate.e_score_correction_bias": torch.randn(8),
+        "model.norm.weight": torch.randn(256),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": torch.randn(576, 256),
+    }
+    kept = high_precision_linears({name: tuple(t.shape) for name, t in original.items()})
+    assert kept == ["model.layers.0.self_attn.kv_a_proj_with_mqa"]
+    state = fp8_state(original, set(kept))
     q, scale = (
         state["model.layers.0.self_attn.o_proj.weight"],
         state["model.layers.0.self_attn.o_proj.weight_scale_inv"],
@@ -45,6 +46,24 @@ def test_linear_weights_become_e4m3_with_block_scales_and_the_rest_stays_high_pr
         )
     assert state["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.bfloat16  # 576 rows
+
+
+def test_a_projection_that_vllm_fuses_with_a_ragged_one_stays_bf16_too():
+    shapes = {
+        "model.layers.0.self_attn.q_a_proj.weight": (512, 1024),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (576, 1024),
+        "model.layers.0.self_attn.o_proj.weight": (1024, 1024),
+        "model.layers.0.mlp.gate_proj.weight": (2816, 1024),
+        "model.layers.0.mlp.up_proj.weight": (2816, 1024),
+        "model.layers.1.mlp.experts.0.gate_proj.weight": (200, 1024),
+        "model.layers.1.mlp.experts.0.up_proj.weight": (200, 1024),
+    }
+    assert high_precision_linears(shapes) == [
+        "model.layers.0.self_attn.kv_a_proj_with_mqa",
+        "model.layers.0.self_attn.q_a_proj",
+        "model.layers.1.mlp.experts.0.gate_proj",
+        "model.layers.1.mlp.experts.0.up_proj",
+    ]
 
 
 def test_transformers_loads_the_export(tmp_path):

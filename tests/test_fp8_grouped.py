@@ -113,6 +113,8 @@ def check_against_the_per_expert_layer() -> None:
     rows, experts = OFFSETS[-1], len(OFFSETS)
     x, w, grad = signs(rows, K).requires_grad_(), signs(experts, N, K).requires_grad_(), signs(rows, N)
     out = GroupedFp8Function.apply(x, w, tuple(OFFSETS))
+    with torch.no_grad():  # the forward-only path quantizes the same way, without the transposes
+        assert torch.equal(GroupedFp8Function.apply(x, w, tuple(OFFSETS)), out.detach())
     out.backward(grad)
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     expected = torch.cat([Fp8LinearFunction.apply(x_ref[_rows(e)], w_ref[e], False) for e in (0, 2)])
@@ -162,6 +164,9 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
         return out.float(), x.grad.float(), w.grad.float()
 
     grouped = run(lambda: GroupedFp8Function.apply(x, w, tuple(offsets.tolist())))
+    with torch.no_grad():
+        forward_only = GroupedFp8Function.apply(x, w, tuple(offsets.tolist()))
+    assert torch.equal(forward_only.float(), grouped[0])
     per_expert = run(lambda: per_expert_fp8(x, w, offsets))
     bf16 = run(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets))
 

@@ -1,9 +1,10 @@
 """Export a Hugging Face checkpoint in DeepSeek-V3's FP8 format (`grpo export-fp8 SRC DST`).
 
 Every linear weight but the embedding, output head and router gates becomes E4M3 with an FP32
-`weight_scale_inv` per 128 x 128 block (ceil-sized at ragged edges), as in DeepSeek-V3's own
-release; everything else is written in BF16, except the routing bias, which stays FP32 as there
-(it only breaks near-ties between experts). `config.json` gains the `quantization_config` that
+`weight_scale_inv` per 128 x 128 block, as in DeepSeek-V3's own release, except those not in whole
+blocks and those vLLM fuses with such a one (`high_precision_linears`); everything else is written
+in BF16, except the routing bias, which stays FP32 as there (it only breaks near-ties between
+experts). `config.json` gains the `quantization_config` that
 transformers (FineGrainedFP8) and vLLM (block-wise FP8) read. Norms are 1-D and never quantized.
 """
 
@@ -26,40 +27,55 @@ QUANTIZATION_CONFIG = {
 KEEP_HIGH_PRECISION = ("embed_tokens", "lm_head", ".gate.weight")
 
 
-def _fp8_candidate(name: str, tensor: torch.Tensor) -> bool:
-    """A linear weight that DeepSeek-V3 stores in FP8."""
-    return (
-        tensor.dim() == 2
-        and name.endswith(".weight")
-        and tensor.is_floating_point()
-        and not any(part in name for part in KEEP_HIGH_PRECISION)
-    )
+def _fp8_candidate(name: str, dims: int) -> bool:
+    """A linear weight that DeepSeek-V3 stores in FP8 (checkpoints hold floating-point weights)."""
+    return dims == 2 and name.endswith(".weight") and not any(part in name for part in KEEP_HIGH_PRECISION)
 
 
-def _whole_blocks(tensor: torch.Tensor) -> bool:
-    return tensor.shape[0] % 128 == 0 and tensor.shape[1] % 128 == 0
+def _whole_blocks(shape) -> bool:
+    return shape[0] % 128 == 0 and shape[1] % 128 == 0
 
 
-def quantized_in_export(name: str, tensor: torch.Tensor) -> bool:
-    """Linear weights in whole 128 x 128 blocks. DeepSeek-V3's release also quantizes ragged ones
-    (kv_a_proj_with_mqa: 576 rows), but transformers cannot dequantize those ("not divisible by
-    scale grid"), so they stay BF16 and are listed as not converted."""
-    return _fp8_candidate(name, tensor) and _whole_blocks(tensor)
+# vLLM loads these projections of one block as a single fused layer, whose parts must share one
+# precision ("Detected some but not all shards of ...fused_qkv_a_proj are quantized", seen on the H100)
+FUSED_PARTNERS = {
+    "q_a_proj": ("kv_a_proj_with_mqa",),
+    "kv_a_proj_with_mqa": ("q_a_proj",),
+    "q_proj": ("k_proj", "v_proj"),
+    "k_proj": ("q_proj", "v_proj"),
+    "v_proj": ("q_proj", "k_proj"),
+    "gate_proj": ("up_proj",),
+    "up_proj": ("gate_proj",),
+}
 
 
-def ragged_linears(state: dict[str, torch.Tensor]) -> list[str]:
-    """Module names of linear weights left in BF16 only for their shape."""
-    return [
+def high_precision_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Module names of the linear weights (given `name -> shape` of a whole checkpoint) that stay
+    BF16 for their shape: not in whole 128 x 128 blocks, or fused by vLLM with one that is not.
+    DeepSeek-V3's release also quantizes ragged ones (kv_a_proj_with_mqa: 576 rows), but
+    transformers cannot dequantize those ("not divisible by scale grid")."""
+    ragged = [
         name.removesuffix(".weight")
-        for name, tensor in state.items()
-        if _fp8_candidate(name, tensor) and not _whole_blocks(tensor)
+        for name, shape in shapes.items()
+        if _fp8_candidate(name, len(shape)) and not _whole_blocks(shape)
     ]
+    kept = set(ragged)
+    for module in ragged:
+        prefix, _, leaf = module.rpartition(".")
+        kept.update(
+            f"{prefix}.{partner}"
+            for partner in FUSED_PARTNERS.get(leaf, ())
+            if f"{prefix}.{partner}.weight" in shapes
+        )
+    return sorted(kept)
 
 
-def fp8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fp8_state(state: dict[str, torch.Tensor], high_precision: set[str]) -> dict[str, torch.Tensor]:
+    """The export's tensors: linear weights E4M3 with block scales, but the modules in
+    `high_precision`; other floating-point tensors BF16, the routing bias FP32."""
     out = {}
     for name, tensor in state.items():
-        if quantized_in_export(name, tensor):
+        if _fp8_candidate(name, tensor.dim()) and name.removesuffix(".weight") not in high_precision:
             rows, cols = tensor.shape
             q, scale_inv = quantize_blocks(tensor)
             out[name] = q[:rows, :cols].contiguous()
@@ -73,6 +89,7 @@ def fp8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
     """Write the FP8 copy of the checkpoint folder `src` into `dst`; returns tensor counts."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
@@ -86,13 +103,17 @@ def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
         raise ValueError(
             f"export-fp8: {src} is already quantized ({config['quantization_config'].get('quant_method')})"
         )
+    shapes = {}
+    for shard in shards:  # the whole checkpoint's shapes first: fused partners may sit in two shards
+        with safe_open(str(shard), "pt") as f:
+            names = f.keys()  # the handle itself is not iterable
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
+    not_converted = high_precision_linears(shapes)
     dst.mkdir(parents=True, exist_ok=True)
     counts = {"fp8": 0, "bf16": 0}
-    index, not_converted = {}, []
+    index = {}
     for shard in shards:
-        original = load_file(str(shard))
-        not_converted += ragged_linears(original)
-        state = fp8_state(original)
+        state = fp8_state(load_file(str(shard)), set(not_converted))
         counts["fp8"] += sum(t.dtype == E4M3 for t in state.values())
         counts["bf16"] += sum(t.dtype == torch.bfloat16 for t in state.values())
         save_file(state, str(dst / shard.name), metadata={"format": "pt"})

@@ -124,10 +124,11 @@ def _weight_gradient_kernel(
     """One 128 x 128 block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T. The
     expert is the slowest index: one expert's rows of g.T and x.T are read while they sit in L2.
 
-    The 128-row tiles that lie wholly inside the expert are loaded unmasked (they stream into shared
-    memory asynchronously); the one or two it shares with a neighbour are loaded with a mask along
-    the rows, which is also the contiguous dimension, so those loads go byte by byte (all tiles
-    that way measured 121 TFLOP/s on the H100)."""
+    Loads are never masked along the rows, which are also the contiguous dimension: such a mask
+    turns them into single-byte accesses (all tiles that way: 121 TFLOP/s on the H100; the one or
+    two edge tiles an expert shares with a neighbour that way: about half that again). Whole tiles
+    stream into shared memory as they are; in an edge tile the neighbour's rows of g.T are zeroed
+    after the load (one zeroed operand suffices; the copies are zero-padded past the last row)."""
     pid = tl.program_id(0)
     n_blocks, k_blocks = tl.cdiv(n_out, 128), tl.cdiv(k_out, 128)
     expert = pid // (n_blocks * k_blocks)
@@ -152,8 +153,9 @@ def _weight_gradient_kernel(
         if (tile < whole_from) | (tile >= whole_to):
             ms = tile * 128 + tl.arange(0, 128)
             mine = (ms >= start) & (ms < end)
-            g = tl.load(g_at + ms[None, :], mask=mine[None, :], other=0.0)
-            x = tl.load(x_at + ms[:, None], mask=mine[:, None], other=0.0)
+            g = tl.load(g_at + ms[None, :])
+            g = tl.where(mine[None, :], g, tl.zeros_like(g))
+            x = tl.load(x_at + ms[:, None])
             g_scale = tl.load(g_t_scale_ptr + tile * g_t_scale_stride + ns)
             x_scale = tl.load(x_t_scale_ptr + pid_k * x_t_scale_stride + tile)
             acc += tl.dot(g, x) * g_scale[:, None] * x_scale
@@ -298,6 +300,10 @@ class GroupedFp8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False):
         experts, n, k = w_ENK.shape
+        if not any(ctx.needs_input_grad):  # logprobs without a backward: skip the transposed copies
+            xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
+            wq, ws = fp8_triton.quantize_weight_blocks(w_ENK.reshape(experts * n, k), power_of_two)
+            return expert_gemm(xq, xs, ExpertWeights.forward(wq, ws, n, k), list(offsets), x_MK.dtype)
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
         ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)

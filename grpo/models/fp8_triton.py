@@ -157,6 +157,12 @@ def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
     return _quantize(x_MK, ROWS, BLOCKS, ROW_ALIGN, power_of_two)
 
 
+def quantize_activation_rows(x_MK: torch.Tensor, power_of_two: bool = False):
+    """`x` alone in 1 x 128 tiles (a forward with no backward to follow): `(q, scale)`."""
+    q, q_scale, _, _ = _quantize(x_MK, ROWS, NONE, ROW_ALIGN, power_of_two)
+    return q, q_scale
+
+
 def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False):
     """`g` in 1 x 128 tiles along N (input gradient's left operand) and `g.T` in 1 x 128 tiles along
     the tokens (weight gradient's left operand)."""
