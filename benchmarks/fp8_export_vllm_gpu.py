@@ -126,8 +126,9 @@ def main() -> None:
     sequences = torch.randint(3, vocab, (SEQUENCES, LENGTH), generator=generator).tolist()
 
     reference = transformers_logprobs(src, sequences)
-    bf16, bf16_load_s = vllm_logprobs(src, sequences)
     fp8, fp8_load_s = vllm_logprobs(work / "fp8", sequences)
+    print("vllm_fp8_vs_transformers_bf16", compare(fp8, reference), flush=True)
+    bf16, bf16_load_s = vllm_logprobs(src, sequences)
     spread = torch.tensor(reference).std().item()
     result = {
         "benchmark": "fp8_export_vllm_gpu",
