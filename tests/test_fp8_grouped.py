@@ -177,4 +177,4 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
     assert error(grouped[1], per_expert[1]) < 1e-2
     assert not grouped[2][1].any()  # the empty expert
     for got, want in zip(grouped, bf16):
-        assert error(got, want) < 0.06  # FP8 (E4M3) rounding of both operands: about 3.6% measured
+        assert error(got, want) < 0.06  # E4M3 rounding of both operands: the FP8 linear measured 3.6-3.7%
