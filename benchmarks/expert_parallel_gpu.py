@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cuda_timing import median_ms
 
 from grpo.models.moe import MoeLayer, Routing
 from grpo.parallel.expert_parallel import shard_experts
@@ -33,20 +34,6 @@ TOKENS, HIDDEN, INTER = 4096, 7168, 2048
 ROUTING = Routing(
     num_experts=64, top_k=8, scoring="sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5
 )
-
-
-def median_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def build_layer(device) -> MoeLayer:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 import torch
+from cuda_timing import median_ms
 from torch import nn
 
 from grpo.models import fp8_triton
@@ -25,22 +26,8 @@ from grpo.models.fp8 import Fp8Linear, fp8_gemm
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 7168, 18432)]
 
 
-def median_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    return median_ms(lambda: layer(x).backward(grad))
+    return median_ms(lambda: layer(x).backward(grad), repeats=20)
 
 
 def time_fwd_bwd_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
@@ -55,7 +42,7 @@ def time_fwd_bwd_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         layer(x).backward(grad)
-    return median_ms(graph.replay)
+    return median_ms(graph.replay, repeats=20)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -72,7 +59,7 @@ def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
         fp8_gemm(gq, gs, wq_t, ws_t, torch.bfloat16)
         fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16)
 
-    return median_ms(gemms)
+    return median_ms(gemms, repeats=20)
 
 
 def main() -> None:

@@ -78,12 +78,12 @@ for what in "$@"; do
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
     stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py ;;
   grouped_bench)
-    stage grouped_bench python3 -P benchmarks/fp8_grouped_gpu.py ;;
+    stage grouped_bench python3 benchmarks/fp8_grouped_gpu.py ;;
   export_vllm)
-    stage export_vllm python3 -P benchmarks/fp8_export_vllm_gpu.py ;;
+    stage export_vllm env VLLM_USE_DEEP_GEMM=0 python3 benchmarks/fp8_export_vllm_gpu.py ;;
   ep)
     stage ep_tests python3 -P -m pytest -q tests/test_expert_parallel.py tests/test_expert_parallel_trainer.py
-    stage ep_bench python3 -P benchmarks/expert_parallel_gpu.py ;;
+    stage ep_bench python3 benchmarks/expert_parallel_gpu.py ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

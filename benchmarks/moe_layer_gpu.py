@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 import torch
+from cuda_timing import median_ms
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
@@ -26,20 +27,6 @@ from grpo.models.moe import GroupedExperts
 # (tokens, hidden, expert intermediate, experts, top-k): DeepSeek-V3's expert shape with fewer experts
 # (so that weights and gradients fit one card), and the H100 recipe's model.
 SHAPES = [(4096, 7168, 2048, 64, 8), (16384, 1024, 512, 32, 4)]
-
-
-def median_ms(fn, repeats: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> dict:
