@@ -4,8 +4,8 @@ Every linear weight but the embedding, output head and router gates becomes E4M3
 `weight_scale_inv` per 128 x 128 block, as in DeepSeek-V3's own release, except those not in whole
 blocks and those vLLM fuses with such a one (`high_precision_linears`); everything else is written
 in BF16, except the routing bias, which stays FP32 as there (it only breaks near-ties between
-experts). `config.json` gains the `quantization_config` that
-transformers (FineGrainedFP8) and vLLM (block-wise FP8) read. Norms are 1-D and never quantized.
+experts). `config.json` gains the `quantization_config` that transformers (FineGrainedFP8) and vLLM
+(block-wise FP8) read. Norms are 1-D and never quantized.
 """
 
 from __future__ import annotations
