@@ -25,34 +25,21 @@ from pathlib import Path
 
 import torch
 
-H100_RECIPE_MODEL = dict(
-    hidden_size=1024,
-    intermediate_size=2816,
-    moe_intermediate_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    q_lora_rank=512,
-    qk_nope_head_dim=128,
-    v_head_dim=128,
-    n_routed_experts=32,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    max_position_embeddings=512,
-)
+H100_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "arithmetic_sft_h100.yaml"
 SEQUENCES, LENGTH, HEAD_SCALE = 32, 96, 30.0
 
 
 def build_checkpoint(path: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
+    from grpo.config import load_recipe
     from grpo.models.tiny import build_tokenizer, tiny_deepseek_v3_config
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
+    sizes = load_recipe(H100_RECIPE).model.tiny_overrides
     model = AutoModelForCausalLM.from_config(
-        tiny_deepseek_v3_config(len(tokenizer), **H100_RECIPE_MODEL), dtype=torch.bfloat16
+        tiny_deepseek_v3_config(len(tokenizer), **sizes), dtype=torch.bfloat16
     )
     with torch.no_grad():
         model.lm_head.weight.mul_(HEAD_SCALE)

@@ -109,11 +109,12 @@ def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
             names = f.keys()  # the handle itself is not iterable
             shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
     not_converted = high_precision_linears(shapes)
+    keep_high_precision = set(not_converted)
     dst.mkdir(parents=True, exist_ok=True)
     counts = {"fp8": 0, "bf16": 0}
     index = {}
     for shard in shards:
-        state = fp8_state(load_file(str(shard)), set(not_converted))
+        state = fp8_state(load_file(str(shard)), keep_high_precision)
         counts["fp8"] += sum(t.dtype == E4M3 for t in state.values())
         counts["bf16"] += sum(t.dtype == torch.bfloat16 for t in state.values())
         save_file(state, str(dst / shard.name), metadata={"format": "pt"})

@@ -285,14 +285,17 @@ def expert_weight_gradient(
     return out
 
 
-def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False):
-    """`(forward, input_gradient)` `ExpertWeights` of `w` (two quantizer launches: the stacked
-    weight and its transposed view, as `fp8_triton.quantize_weight` does for one matrix)."""
+def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
+    """`(forward, input_gradient)` `ExpertWeights` of `w`: the stacked weight in blocks, and (unless
+    `input_gradient` is False, then None) its transposed view, in a second quantizer launch as
+    `fp8_triton.quantize_weight` does for one matrix."""
     experts, n, k = w_ENK.shape
     stacked_NK = w_ENK.reshape(experts * n, k)
-    q_NK, s_IJ = fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two)
+    forward = ExpertWeights.forward(*fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two), n, k)
+    if not input_gradient:
+        return forward, None
     q_KN, s_JI = fp8_triton.quantize_weight_blocks(stacked_NK.t(), power_of_two)
-    return ExpertWeights.forward(q_NK, s_IJ, n, k), ExpertWeights.input_gradient(q_KN, s_JI, n, k)
+    return forward, ExpertWeights.input_gradient(q_KN, s_JI, n, k)
 
 
 class GroupedFp8Function(torch.autograd.Function):
@@ -301,14 +304,14 @@ class GroupedFp8Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False):
-        experts, n, k = w_ENK.shape
         if not any(ctx.needs_input_grad):  # logprobs without a backward: skip the transposed copies
             xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
-            wq, ws = fp8_triton.quantize_weight_blocks(w_ENK.reshape(experts * n, k), power_of_two)
-            return expert_gemm(xq, xs, ExpertWeights.forward(wq, ws, n, k), list(offsets), x_MK.dtype)
+            forward, _ = quantize_expert_weights(w_ENK, power_of_two, input_gradient=False)
+            return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
         ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)
+        _, n, k = w_ENK.shape
         ctx.meta = (list(offsets), n, k, x_MK.dtype, power_of_two)
         return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
 
