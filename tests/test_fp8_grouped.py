@@ -103,7 +103,7 @@ def check_against_the_per_expert_layer() -> None:
     expert. Values in {-224, 0, 224}: every tile's scale is then 0.5 whichever rows it spans, so both
     quantize exactly alike (the interpreter rounds inexact values to FP8 differently from the GPU)."""
     from grpo.models.fp8 import Fp8LinearFunction
-    from grpo.models.fp8_grouped import GroupedFp8Function
+    from grpo.models.fp8_grouped import GroupedFp8Function, grouped_fp8
 
     generator = torch.Generator().manual_seed(1)
 
@@ -114,7 +114,9 @@ def check_against_the_per_expert_layer() -> None:
     x, w, grad = signs(rows, K).requires_grad_(), signs(experts, N, K).requires_grad_(), signs(rows, N)
     out = GroupedFp8Function.apply(x, w, tuple(OFFSETS))
     with torch.no_grad():  # the forward-only path quantizes the same way, without the transposes
-        assert torch.equal(GroupedFp8Function.apply(x, w, tuple(OFFSETS)), out.detach())
+        train_apply, GroupedFp8Function.apply = GroupedFp8Function.apply, None  # must not be called
+        assert torch.equal(grouped_fp8(x, w, tuple(OFFSETS)), out.detach())
+        GroupedFp8Function.apply = train_apply
     out.backward(grad)
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     expected = torch.cat([Fp8LinearFunction.apply(x_ref[_rows(e)], w_ref[e], False) for e in (0, 2)])
@@ -147,7 +149,7 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
     their operands exactly as the per-expert path does (row tiles, weight blocks), so they agree to
     the accumulation order; the weight gradient's 128-row tiles of x.T and g.T may span two experts
     here (coarser scales), so it is held to FP8 error against the BF16 product instead."""
-    from grpo.models.fp8_grouped import GroupedFp8Function
+    from grpo.models.fp8_grouped import GroupedFp8Function, grouped_fp8
     from grpo.models.moe import per_expert_fp8
 
     torch.manual_seed(0)
@@ -165,7 +167,7 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
 
     grouped = run(lambda: GroupedFp8Function.apply(x, w, tuple(offsets.tolist())))
     with torch.no_grad():
-        forward_only = GroupedFp8Function.apply(x, w, tuple(offsets.tolist()))
+        forward_only = grouped_fp8(x, w, tuple(offsets.tolist()))
     assert torch.equal(forward_only.float(), grouped[0])
     per_expert = run(lambda: per_expert_fp8(x, w, offsets))
     bf16 = run(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets))

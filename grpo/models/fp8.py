@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from grpo.models import fp8_weight_cache
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 T = 128
@@ -135,6 +137,36 @@ def fp8_gemm(
     return out_MN.to(out_dtype)
 
 
+def weight_blocks(w_NK: torch.Tensor, power_of_two: bool, transposed: bool = False):
+    """`w` (or `w.T`) in 128 x 128 blocks: `(q, scale_inv)`, reused while `w` is unchanged inside
+    `fp8_weight_cache.reuse_quantized_weights`."""
+
+    def quantize():
+        source = w_NK.t() if transposed else w_NK
+        if w_NK.is_cuda:
+            from grpo.models import fp8_triton
+
+            return fp8_triton.quantize_weight_blocks(source, power_of_two)
+        return quantize_blocks(source, power_of_two)
+
+    return fp8_weight_cache.quantized(w_NK, ("blocks", transposed, power_of_two), quantize)
+
+
+def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
+    """`x @ w.T` with FP8 GEMMs: through the autograd function when a backward can follow, else
+    the forward alone (a logprob pass), which quantizes neither `x.T` nor `w.T`."""
+    if torch.is_grad_enabled() and (x_MK.requires_grad or w_NK.requires_grad):
+        return Fp8LinearFunction.apply(x_MK, w_NK, power_of_two)
+    wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
+    if x_MK.is_cuda:
+        from grpo.models import fp8_triton
+
+        xq_MK, xs_MJ = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
+    else:
+        xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
+    return fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[: x_MK.shape[0], : w_NK.shape[0]]
+
+
 class Fp8LinearFunction(torch.autograd.Function):
     """The three GEMMs of a linear layer in FP8. On CUDA the operands come from the fused Triton
     quantizers (`fp8_triton`), and the forward keeps the FP8 copies the backward needs instead of
@@ -145,16 +177,16 @@ class Fp8LinearFunction(torch.autograd.Function):
         m, k = x_MK.shape
         n = w_NK.shape[0]
         ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
+        wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
+        wq_KN, ws_JI = weight_blocks(w_NK, power_of_two, transposed=True)
         if x_MK.is_cuda:
             from grpo.models import fp8_triton
 
             xq_MK, xs_MJ, xq_KM, xs_PL = fp8_triton.quantize_activation(x_MK, power_of_two)
-            wq_NK, ws_IJ, wq_KN, ws_JI = fp8_triton.quantize_weight(w_NK, power_of_two)
             ctx.save_for_backward(xq_KM, xs_PL, wq_KN, ws_JI)
         else:
             xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
-            wq_NK, ws_IJ = quantize_blocks(w_NK, power_of_two)
-            ctx.save_for_backward(x_MK, wq_NK, ws_IJ)
+            ctx.save_for_backward(x_MK, wq_KN, ws_JI)
         return fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[:m, :n]
 
     @staticmethod
@@ -162,7 +194,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         m, k, n = ctx.shape
         p2 = ctx.power_of_two
         # input gradient: grad (M x N) @ w (N x K), reducing over N: grad in tiles along N, the
-        # weight's 128 x 128 blocks transposed (a block of w.T is the transpose of a block of w).
+        # weight's transpose in 128 x 128 blocks.
         # weight gradient: grad.T (N x M) @ x (M x K), reducing over the tokens: grad.T in tiles
         # along M, x.T in 128 x 128 blocks
         if grad_MN.is_cuda:
@@ -172,10 +204,9 @@ class Fp8LinearFunction(torch.autograd.Function):
             dtype = grad_MN.dtype
             gq_MN, gs_MI, gq_NM, gs_NL = fp8_triton.quantize_output_grad(grad_MN, p2)
         else:
-            x_MK, wq_NK, ws_IJ = ctx.saved_tensors
+            x_MK, wq_KN, ws_JI = ctx.saved_tensors
             dtype = x_MK.dtype
             gq_MN, gs_MI = quantize_tiles(grad_MN.to(dtype), p2)
-            wq_KN, ws_JI = wq_NK.t().contiguous(), ws_IJ.t().contiguous()
             gq_NM, gs_NL = quantize_tiles(grad_MN.t().to(dtype), p2)
             xq_KM, xs_PL = quantize_blocks(x_MK.t(), p2)
         grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, dtype)[:m, :k]
@@ -193,7 +224,7 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
             return super().forward(x)
-        y = Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.power_of_two_scales)
+        y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.power_of_two_scales)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

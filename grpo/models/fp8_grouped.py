@@ -1,7 +1,7 @@
 """Grouped blockwise FP8 GEMMs for the routed experts (Triton): all experts in one launch per GEMM.
 
-`grpo.models.moe.grouped_linear` runs the FP8 experts through `GroupedFp8Function` on CUDA (the
-per-expert loop of `Fp8LinearFunction` stays for other devices and for shapes these kernels do not
+`grpo.models.moe.grouped_linear` runs the FP8 experts through `grouped_fp8` on CUDA (the
+per-expert loop of `fp8_linear` stays for other devices and for shapes these kernels do not
 take). Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
 (`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`; figures and the versions tried in
 `benchmarks/results/fp8_grouped_h100.txt`).
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_triton
+from grpo.models import fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import T
 
 
@@ -288,26 +288,41 @@ def expert_weight_gradient(
 def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
     """`(forward, input_gradient)` `ExpertWeights` of `w`: the stacked weight in blocks, and (unless
     `input_gradient` is False, then None) its transposed view, in a second quantizer launch as
-    `fp8_triton.quantize_weight` does for one matrix."""
+    `fp8_triton.quantize_weight` does for one matrix. Each copy is reused while `w` is unchanged
+    inside `fp8_weight_cache.reuse_quantized_weights`."""
     experts, n, k = w_ENK.shape
     stacked_NK = w_ENK.reshape(experts * n, k)
-    forward = ExpertWeights.forward(*fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two), n, k)
+
+    def blocks(transposed: bool):
+        source = stacked_NK.t() if transposed else stacked_NK
+        kind = ("expert blocks", transposed, power_of_two)
+        return fp8_weight_cache.quantized(
+            w_ENK, kind, lambda: fp8_triton.quantize_weight_blocks(source, power_of_two)
+        )
+
+    forward = ExpertWeights.forward(*blocks(transposed=False), n, k)
     if not input_gradient:
         return forward, None
-    q_KN, s_JI = fp8_triton.quantize_weight_blocks(stacked_NK.t(), power_of_two)
-    return forward, ExpertWeights.input_gradient(q_KN, s_JI, n, k)
+    return forward, ExpertWeights.input_gradient(*blocks(transposed=True), n, k)
+
+
+def grouped_fp8(x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False) -> torch.Tensor:
+    """`x[rows of e] @ w[e].T` for every expert e in FP8: through the autograd function when a
+    backward can follow, else the forward alone (a logprob pass), which quantizes neither `x.T` nor
+    the transposed weights."""
+    if torch.is_grad_enabled() and (x_MK.requires_grad or w_ENK.requires_grad):
+        return GroupedFp8Function.apply(x_MK, w_ENK, offsets, power_of_two)
+    xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
+    forward, _ = quantize_expert_weights(w_ENK, power_of_two, input_gradient=False)
+    return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
 
 
 class GroupedFp8Function(torch.autograd.Function):
-    """`x[rows of e] @ w[e].T` for every expert e, its three GEMMs grouped FP8 (`w` is `[E, N, K]`,
-    N a multiple of 128; `offsets` as in `grpo.models.moe.grouped_linear`, a tuple of ints)."""
+    """The three GEMMs of `grouped_fp8`, grouped FP8 (`w` is `[E, N, K]`, N a multiple of 128;
+    `offsets` as in `grpo.models.moe.grouped_linear`, a tuple of ints)."""
 
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False):
-        if not any(ctx.needs_input_grad):  # logprobs without a backward: skip the transposed copies
-            xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
-            forward, _ = quantize_expert_weights(w_ENK, power_of_two, input_gradient=False)
-            return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
         ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)

@@ -108,22 +108,22 @@ def grouped_linear(
     if not fp8:
         return torch._grouped_mm(x_NK, w_EOK.transpose(1, 2), offs=offsets_E)
     if w_EOK.is_cuda and w_EOK.shape[1] % 128 == 0:  # no 128-row weight block spans two experts
-        from grpo.models.fp8_grouped import GroupedFp8Function
+        from grpo.models.fp8_grouped import grouped_fp8
 
-        return GroupedFp8Function.apply(x_NK, w_EOK, tuple(offsets_E.tolist()))
+        return grouped_fp8(x_NK, w_EOK, tuple(offsets_E.tolist()))
     return per_expert_fp8(x_NK, w_EOK, offsets_E)
 
 
 def per_expert_fp8(x_NK: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """One `Fp8LinearFunction` per non-empty expert."""
-    from grpo.models.fp8 import Fp8LinearFunction
+    """One `fp8_linear` per non-empty expert."""
+    from grpo.models.fp8 import fp8_linear
 
     ends = offsets_E.tolist()
     sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
     # split/unbind, not per-expert indexing: the backward of `w[e]` or `x[a:b]` materializes a
     # zero gradient of the whole tensor for every expert (gigabytes per layer at DeepSeek-V3 sizes)
     parts = [
-        Fp8LinearFunction.apply(x_nK, w_OK, False)
+        fp8_linear(x_nK, w_OK)
         for x_nK, w_OK, size in zip(x_NK.split(sizes), w_EOK.unbind(0), sizes)
         if size > 0
     ]

@@ -22,6 +22,7 @@ from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
+from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
@@ -168,6 +169,9 @@ class PolicyTrainer:
         return out
 
     # ---- the update -----------------------------------------------------------------------
+    # the weights change only at the optimizer step: each FP8 weight is quantized once per version,
+    # not once per micro-batch and logprob pass
+    @reuse_quantized_weights()
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         """`mu` optimizer steps on one rollout batch; returns metrics averaged over them."""
         algo = self.recipe.algorithm
