@@ -27,6 +27,7 @@ from grpo.models.fp8 import dequantize_blocks, dequantize_tiles
 from grpo.models.fp8_grouped import (
     ExpertWeights,
     GemmConfig,
+    WeightGradientConfig,
     expert_gemm,
     expert_weight_gradient,
     quantize_expert_weights,
@@ -47,10 +48,12 @@ CONFIGS = [
     GemmConfig(block_m=128, group=8, num_warps=8, num_stages=3),
 ]
 WEIGHT_GRADIENT_CONFIGS = [
-    GemmConfig(num_warps=8, num_stages=3),
-    GemmConfig(num_warps=8, num_stages=2),
-    GemmConfig(num_warps=4, num_stages=3),
-    GemmConfig(num_warps=8, num_stages=4),
+    WeightGradientConfig(num_warps=8, num_stages=3),
+    WeightGradientConfig(num_warps=8, num_stages=4),
+    WeightGradientConfig(block_k=256, num_warps=8, num_stages=3),
+    WeightGradientConfig(block_n=256, num_warps=8, num_stages=3),
+    WeightGradientConfig(block_k=256, num_warps=8, num_stages=4),
+    WeightGradientConfig(block_n=256, block_k=256, num_warps=8, num_stages=3),
 ]
 
 
@@ -135,7 +138,7 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
     dw = {}
     for config in WEIGHT_GRADIENT_CONFIGS:
         got = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, config)
-        dw[f"num_warps={config.num_warps},num_stages={config.num_stages}"] = {
+        dw[",".join(f"{key}={value}" for key, value in vars(config).items())] = {
             "ms": ms(
                 lambda c=config: expert_weight_gradient(
                     gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, c

@@ -1,15 +1,19 @@
 """`Fp8Linear` forward + backward against BF16 `nn.Linear` at DeepSeek-V3 shapes, on a CUDA GPU.
 
-For each (tokens, in -> out) shape: median time of forward+backward over repeated runs (CUDA events),
-both layers fed the same BF16 input and weights; relative error of the FP8 output and gradients
-against an FP32 reference. The FP8 path is `grpo.models.fp8.Fp8LinearFunction` on CUDA: fused Triton
-quantizers (`fp8_triton`, each input read once for both of its quantized copies) and cuBLASLt's
-blockwise-scaled GEMM. `gemm_only_ms` times the three FP8 GEMMs alone on pre-quantized operands, the
-floor the layer can reach. Each step is timed twice: eager (Python's launch overhead included: a
-single layer at these sizes is launch-bound in FP8) and replayed from a CUDA graph (GPU time alone).
-Last line: one JSON object.
+For each (tokens, in -> out) shape, both layers fed the same BF16 input and weights, one step being
+forward + backward of a hidden layer: the weight gradient accumulates (as over micro-batches), the
+input gradient is handed on, not accumulated (`x.grad` is reset; a hidden layer's input is no leaf).
+Times (CUDA events, medians):
+- `*_ms`: steps queued back to back, one synchronization per run of `STEPS` steps: the steady state
+  of a layer whose GPU queue stays full, which is the larger of its CPU (launch) and GPU time;
+- `*_synced_ms`: every step synchronized alone (Python's launch overhead adds to the GPU time);
+- `*_graph_ms`: the step replayed from a CUDA graph (GPU time alone);
+- `fp8_reused_ms`: the FP8 step inside `reuse_quantized_weights` with the weight unchanged: every
+  micro-batch after an optimizer step's first, where the weight's quantized copies are reused;
+- `gemm_only_ms`: the three FP8 GEMMs alone on pre-quantized operands, the floor the layer can reach.
+Relative error of the FP8 output and gradients against an FP32 reference. Last line: one JSON object.
 
-    python benchmarks/fp8_linear_gpu.py
+    python3 benchmarks/fp8_linear_gpu.py
 """
 
 from __future__ import annotations
@@ -22,24 +26,41 @@ from torch import nn
 
 from grpo.models import fp8_triton
 from grpo.models.fp8 import Fp8Linear, fp8_gemm
+from grpo.models.fp8_weight_cache import reuse_quantized_weights
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 7168, 18432)]
 
 
-def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    return median_ms(lambda: layer(x).backward(grad), repeats=20)
+STEPS = 10
 
 
-def time_fwd_bwd_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """The same step replayed from a CUDA graph: GPU time alone, without Python's launch overhead
-    (what a layer costs inside a model whose GPU queue stays full)."""
+def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    layer(x).backward(grad)
+
+
+def time_queued(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    def steps():
+        for _ in range(STEPS):
+            step(layer, x, grad)
+
+    return median_ms(steps, repeats=10) / STEPS
+
+
+def time_synced(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    return median_ms(lambda: step(layer, x, grad), repeats=20)
+
+
+def time_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """The same step replayed from a CUDA graph: GPU time alone, without Python's launch overhead."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            layer(x).backward(grad)
+            step(layer, x, grad)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    x.grad = None
     with torch.cuda.graph(graph):
         layer(x).backward(grad)
     return median_ms(graph.replay, repeats=20)
@@ -55,11 +76,12 @@ def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
     gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad)
 
     def gemms():
-        fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
-        fp8_gemm(gq, gs, wq_t, ws_t, torch.bfloat16)
-        fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16)
+        for _ in range(STEPS):
+            fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
+            fp8_gemm(gq, gs, wq_t, ws_t, torch.bfloat16)
+            fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16)
 
-    return median_ms(gemms, repeats=20)
+    return median_ms(gemms, repeats=10) / STEPS
 
 
 def main() -> None:
@@ -72,8 +94,13 @@ def main() -> None:
         bf16 = nn.Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
         fp8 = Fp8Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
         fp8.weight.data.copy_(bf16.weight.data)
-        ms_bf16, ms_fp8 = time_fwd_bwd(bf16, x, grad), time_fwd_bwd(fp8, x, grad)
-        graph_bf16, graph_fp8 = time_fwd_bwd_graphed(bf16, x, grad), time_fwd_bwd_graphed(fp8, x, grad)
+        times = {}
+        for name, layer in (("bf16", bf16), ("fp8", fp8)):
+            times[name] = time_queued(layer, x, grad)
+            times[name + "_synced"] = time_synced(layer, x, grad)
+            times[name + "_graph"] = time_graphed(layer, x, grad)
+        with reuse_quantized_weights():
+            times["fp8_reused"] = time_queued(fp8, x, grad)
         # accuracy against FP32
         x.grad = fp8.weight.grad = None
         y = fp8(x)
@@ -86,14 +113,13 @@ def main() -> None:
         rows.append(
             {
                 "shape": f"{tokens}x{fan_in}->{fan_out}",
-                "bf16_ms": round(ms_bf16, 3),
-                "fp8_ms": round(ms_fp8, 3),
-                "speedup": round(ms_bf16 / ms_fp8, 3),
-                "bf16_graph_ms": round(graph_bf16, 3),
-                "fp8_graph_ms": round(graph_fp8, 3),
-                "graph_speedup": round(graph_bf16 / graph_fp8, 3),
-                "bf16_tflops": round(flops / ms_bf16 / 1e9, 1),
-                "fp8_tflops": round(flops / ms_fp8 / 1e9, 1),
+                **{f"{name}_ms": round(ms, 3) for name, ms in times.items()},
+                "speedup": round(times["bf16"] / times["fp8"], 3),
+                "synced_speedup": round(times["bf16_synced"] / times["fp8_synced"], 3),
+                "graph_speedup": round(times["bf16_graph"] / times["fp8_graph"], 3),
+                "reused_speedup": round(times["bf16"] / times["fp8_reused"], 3),
+                "bf16_tflops": round(flops / times["bf16"] / 1e9, 1),
+                "fp8_tflops": round(flops / times["fp8"] / 1e9, 1),
                 "fp8_rel_err_out": round(rel, 5),
                 "fp8_rel_err_dx": round(rel_dx, 5),
                 "fp8_rel_err_dw": round(rel_dw, 5),

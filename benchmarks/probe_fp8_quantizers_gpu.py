@@ -84,6 +84,51 @@ def profile_layer() -> dict:
     }
 
 
+def cpu_costs() -> dict:
+    """CPU microseconds per call of each piece of the FP8 step (8192x7168->2048), from 50 calls
+    queued without synchronization: what Python and the launches cost, whatever the GPU time."""
+    from grpo.models.fp8 import fp8_gemm
+
+    x = torch.randn(8192, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2048, 7168, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    xq, xs, _, _ = fp8_triton.quantize_activation(x.detach())
+    wq, ws = fp8_triton.quantize_weight_blocks(w)
+    bf16 = torch.nn.Linear(7168, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    fp8 = Fp8Linear(7168, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    scale_a, scale_b = xs.t().contiguous().t(), ws.contiguous().t()
+
+    def step(layer):
+        x.grad = None
+        layer(x).backward(g)
+
+    pieces = {
+        "quantize_activation": lambda: fp8_triton.quantize_activation(x.detach()),
+        "quantize_activation_rows": lambda: fp8_triton.quantize_activation_rows(x.detach()),
+        "quantize_weight_blocks": lambda: fp8_triton.quantize_weight_blocks(w),
+        "quantize_output_grad": lambda: fp8_triton.quantize_output_grad(g),
+        "fp8_gemm": lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16),
+        "_scaled_mm alone": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16
+        ),
+        "bf16 mm": lambda: torch.mm(x.detach(), w.t()),
+        "empty x4": lambda: [torch.empty(8192, 7168, device="cuda") for _ in range(4)],
+        "bf16 layer step": lambda: step(bf16),
+        "fp8 layer step": lambda: step(fp8),
+    }
+    costs = {}
+    for name, fn in pieces.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            fn()
+        costs[name] = round((time.perf_counter() - start) / 50 * 1e6, 1)
+        torch.cuda.synchronize()
+    return costs
+
+
 def main() -> None:
     rows = []
     inputs = {
@@ -97,6 +142,8 @@ def main() -> None:
     print(row, flush=True)
     profile = profile_layer()
     print(profile, flush=True)
+    cpu_us = cpu_costs()
+    print(cpu_us, flush=True)
     print(
         json.dumps(
             {
@@ -105,6 +152,7 @@ def main() -> None:
                 "copy_us": copy_us,
                 "rows": rows,
                 "profile_8192x7168->2048": profile,
+                "cpu_us_per_call": cpu_us,
             }
         )
     )

@@ -26,6 +26,11 @@ def _scales(*shape, generator) -> torch.Tensor:
     return torch.rand(*shape, generator=generator) + 0.5
 
 
+def _pad_rows(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """FP8 rows zero-padded (the zero byte is 0.0 in e4m3)."""
+    return torch.nn.functional.pad(q.view(torch.uint8), (0, 0, 0, rows - q.shape[0])).view(E4M3)
+
+
 def _tiles(q, scale_RJ):
     return q.float() * scale_RJ.repeat_interleave(T, dim=1)[:, : q.shape[1]]
 
@@ -46,7 +51,13 @@ def _rows(expert: int) -> slice:
 
 
 def check_grouped_gemms() -> None:
-    from grpo.models.fp8_grouped import ExpertWeights, GemmConfig, expert_gemm, expert_weight_gradient
+    from grpo.models.fp8_grouped import (
+        ExpertWeights,
+        GemmConfig,
+        WeightGradientConfig,
+        expert_gemm,
+        expert_weight_gradient,
+    )
 
     generator = torch.Generator().manual_seed(0)
     rows, experts = OFFSETS[-1], len(OFFSETS)
@@ -75,17 +86,28 @@ def check_grouped_gemms() -> None:
             expected = g[_rows(e)] @ w[e * N : (e + 1) * N]
             torch.testing.assert_close(grad_x[_rows(e)], expected, rtol=1e-4, atol=1e-3)
 
-    # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks;
-    # experts with a partial tile at either end, whole tiles, one exactly one whole tile, one empty
+    # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks, both
+    # zero-padded to 512 rows as the quantizers pad them; experts with a partial tile at either end,
+    # whole tiles, one exactly one whole tile, one empty; 128- and 256-wide blocks of dW
     offsets, padded_rows = [70, 70, 384, 512], 512
-    g_t_q, g_t_scale = _fp8(N, padded_rows, generator), _scales(padded_rows // T, N, generator=generator).t()
-    x_t_q, x_t_scale = _fp8(K, padded_rows, generator), _scales(K // T, padded_rows // T, generator=generator)
-    grad_w = expert_weight_gradient(g_t_q, g_t_scale, x_t_q, x_t_scale, offsets, N, K, torch.float32)
-    g_t, x_t = _tiles(g_t_q, g_t_scale), _blocks(x_t_q, x_t_scale)
-    for e, rows in enumerate(_spans(offsets)):
-        expected = g_t[:, rows] @ x_t[:, rows].t()
-        torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
-    assert not grad_w[1].any()  # the empty expert
+    g_t_q, g_t_scale = (
+        _fp8(N, padded_rows, generator),
+        _scales(padded_rows // T, 512, generator=generator).t(),
+    )
+    x_t_q, x_t_scale = (
+        _fp8(K, padded_rows, generator),
+        _scales(512 // T, padded_rows // T, generator=generator),
+    )
+    g_t, x_t = _tiles(g_t_q, g_t_scale[:N]), _blocks(x_t_q, x_t_scale[: K // T])
+    g_t_q, x_t_q = _pad_rows(g_t_q, 512), _pad_rows(x_t_q, 512)
+    for config in (WeightGradientConfig(), WeightGradientConfig(block_n=256, block_k=256, num_warps=4)):
+        grad_w = expert_weight_gradient(
+            g_t_q, g_t_scale, x_t_q, x_t_scale, offsets, N, K, torch.float32, config
+        )
+        for e, rows in enumerate(_spans(offsets)):
+            expected = g_t[:, rows] @ x_t[:, rows].t()
+            torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
+        assert not grad_w[1].any()  # the empty expert
 
 
 def check_row_tiles() -> None:

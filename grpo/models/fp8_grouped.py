@@ -49,10 +49,19 @@ class GemmConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class WeightGradientConfig:
+    block_n: int = 128
+    """Rows of dW[e] per program (of g.T; a multiple of 128 dividing 512, as are the copies' padding)."""
+    block_k: int = 128
+    """Columns of dW[e] per program (of x.T; likewise)."""
+    num_warps: int = 8
+    num_stages: int = 3
+
+
 # the fastest of the configurations `benchmarks/fp8_grouped_gpu.py` tried on the H100
 DEFAULT = GemmConfig()
-WEIGHT_GRADIENT = GemmConfig(num_warps=8)
-"""The weight gradient's 128 x 128 output blocks (block_m and group do not apply)."""
+WEIGHT_GRADIENT = WeightGradientConfig()
 
 
 @triton.jit
@@ -122,8 +131,10 @@ def _weight_gradient_kernel(
     x_t_scale_stride,
     n_out,
     k_out,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """One 128 x 128 block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T. The
+    """One BLOCK_N x BLOCK_K block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T. The
     expert is the slowest index: one expert's rows of g.T and x.T are read while they sit in L2.
 
     Loads are never masked along the rows, which are also the contiguous dimension: such a mask
@@ -132,25 +143,26 @@ def _weight_gradient_kernel(
     tiles stream into shared memory as they are; in an edge tile the neighbour's rows of g.T are
     zeroed after the load (one zeroed operand suffices; the copies are zero-padded past the last row)."""
     pid = tl.program_id(0)
-    n_blocks, k_blocks = tl.cdiv(n_out, 128), tl.cdiv(k_out, 128)
+    n_blocks, k_blocks = tl.cdiv(n_out, BLOCK_N), tl.cdiv(k_out, BLOCK_K)
     expert = pid // (n_blocks * k_blocks)
     pid_n = (pid % (n_blocks * k_blocks)) // k_blocks
     pid_k = pid % k_blocks
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
-    ns = pid_n * 128 + tl.arange(0, 128)
-    ks = pid_k * 128 + tl.arange(0, 128)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     g_at = g_t_ptr + ns[:, None] * g_t_stride
     x_at = x_t_ptr + ks[None, :] * x_t_stride
-    acc = tl.zeros((128, 128), dtype=tl.float32)
+    x_scale_at = x_t_scale_ptr + (ks // 128) * x_t_scale_stride  # x.T's scales: per 128 x 128 block
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     whole_from, whole_to = (start + 127) // 128, end // 128
     for tile in range(whole_from, whole_to):
         ms = tile * 128 + tl.arange(0, 128)
         g = tl.load(g_at + ms[None, :])
         x = tl.load(x_at + ms[:, None])
         g_scale = tl.load(g_t_scale_ptr + tile * g_t_scale_stride + ns)
-        x_scale = tl.load(x_t_scale_ptr + pid_k * x_t_scale_stride + tile)
-        acc += tl.dot(g, x) * g_scale[:, None] * x_scale
+        x_scale = tl.load(x_scale_at + tile)
+        acc += tl.dot(g, x) * g_scale[:, None] * x_scale[None, :]
     for tile in range(start // 128, (end + 127) // 128):
         if (tile < whole_from) | (tile >= whole_to):
             ms = tile * 128 + tl.arange(0, 128)
@@ -159,8 +171,8 @@ def _weight_gradient_kernel(
             g = tl.where(mine[None, :], g, tl.zeros_like(g))
             x = tl.load(x_at + ms[:, None])
             g_scale = tl.load(g_t_scale_ptr + tile * g_t_scale_stride + ns)
-            x_scale = tl.load(x_t_scale_ptr + pid_k * x_t_scale_stride + tile)
-            acc += tl.dot(g, x) * g_scale[:, None] * x_scale
+            x_scale = tl.load(x_scale_at + tile)
+            acc += tl.dot(g, x) * g_scale[:, None] * x_scale[None, :]
     out_at = out_ptr + expert * n_out * k_out + ns[:, None] * k_out + ks[None, :]
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(ns[:, None] < n_out) & (ks[None, :] < k_out))
 
@@ -258,14 +270,14 @@ def expert_weight_gradient(
     n_out: int,
     k_out: int,
     dtype,
-    config: GemmConfig = WEIGHT_GRADIENT,
+    config: WeightGradientConfig = WEIGHT_GRADIENT,
 ):
     """dW `[E, N, K]` from the transposed quantized copies: `g.T` `[N', M']` in 1 x 128 tiles along
     M (scales a column-major view `[N', M'/128]`), `x.T` `[K', M']` in 128 x 128 blocks."""
     experts = len(offsets)
     out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
     bounds = torch.tensor([0, *offsets], dtype=torch.int32).to(g_t_q.device)
-    grid = (experts * triton.cdiv(n_out, 128) * triton.cdiv(k_out, 128),)
+    grid = (experts * triton.cdiv(n_out, config.block_n) * triton.cdiv(k_out, config.block_k),)
     _weight_gradient_kernel[grid](
         g_t_q,
         g_t_scale,
@@ -279,6 +291,8 @@ def expert_weight_gradient(
         x_t_scale.stride(0),
         n_out,
         k_out,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
