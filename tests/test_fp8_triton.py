@@ -17,8 +17,10 @@ from grpo.models.fp8 import (
     Fp8LinearFunction,
     dequantize_blocks,
     dequantize_tiles,
+    fp8_gemm,
     quantize_blocks,
     quantize_tiles,
+    trimmed,
 )
 
 
@@ -107,6 +109,31 @@ def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
         # the same FP8 operands: only the GEMM's accumulation order and the BF16 rounding differ
         error = ((got.float() - expected[name]).norm() / expected[name].norm()).item()
         assert error < 1e-2, name
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_blockwise_gemm_takes_operands_as_they_come():
+    """`fp8_gemm` on CUDA pads and lays out the portable quantizers' operands itself (200 rows, 3
+    K-blocks: neither is what cuBLASLt takes) and takes the fused quantizers' as they are; both give
+    the CPU path's product of the same operands."""
+    from grpo.models import fp8_triton
+
+    torch.manual_seed(2)
+    x, w = torch.randn(200, 300), torch.randn(260, 300)
+    operands = (*quantize_tiles(x), *quantize_blocks(w))
+    want = fp8_gemm(*operands, torch.float32)[:, :260]
+
+    def error(got):
+        return ((got.float().cpu() - want).norm() / want.norm()).item()
+
+    portable = fp8_gemm(*(t.cuda() for t in operands), torch.bfloat16)
+    fused_x, fused_scale, _, _ = fp8_triton.quantize_activation(x.cuda())
+    fused = fp8_gemm(fused_x, fused_scale, *fp8_triton.quantize_weight_blocks(w.cuda()), torch.bfloat16)
+    assert portable.shape == (200, 384)  # the weight's rows padded to the block
+    assert fused.shape == (208, 512)  # padded by the fused quantizers; the layer trims
+    assert error(portable[:, :260]) < 1e-2
+    assert error(trimmed(fused, 200, 260)) < 1e-2
 
 
 if __name__ == "__main__":

@@ -96,6 +96,24 @@ def _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):
     return a_MK, a_scale_MJ, b_NK, b_scale_IJ
 
 
+def _laid_out_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ) -> bool:
+    """Whether the operands already are as cuBLASLt takes them (the fused quantizers' output is):
+    checked so that the GEMM costs no extra PyTorch calls, which a launch-bound layer feels."""
+    return (
+        a_MK.shape[0] % CUBLAS_ROWS == 0
+        and a_scale_MJ.shape[1] % CUBLAS_BLOCKS == 0
+        and a_scale_MJ.stride(0) == 1
+        and a_MK.is_contiguous()
+        and b_NK.is_contiguous()
+        and b_scale_IJ.is_contiguous()
+    )
+
+
+def trimmed(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`x[:rows, :cols]`, or `x` itself where that is all of it (no view to make)."""
+    return x if x.shape == (rows, cols) else x[:rows, :cols]
+
+
 def fp8_gemm(
     a_MK: torch.Tensor,
     a_scale_MJ: torch.Tensor,
@@ -112,15 +130,15 @@ def fp8_gemm(
     """
     if a_MK.is_cuda:
         m = a_MK.shape[0]
-        a_MK, a_scale_MJ, b_NK, b_scale_IJ = _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ)
-        # the scales are read by layout, not by strides: make the layouts explicit
-        return torch._scaled_mm(
-            a_MK.contiguous(),
-            b_NK.contiguous().t(),
-            scale_a=a_scale_MJ.t().contiguous().t(),
-            scale_b=b_scale_IJ.contiguous().t(),
-            out_dtype=out_dtype,
-        )[:m]
+        if not _laid_out_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):
+            a_MK, a_scale_MJ, b_NK, b_scale_IJ = _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ)
+            # the scales are read by layout, not by strides: make the layouts explicit
+            a_MK, a_scale_MJ = a_MK.contiguous(), a_scale_MJ.t().contiguous().t()
+            b_NK, b_scale_IJ = b_NK.contiguous(), b_scale_IJ.contiguous()
+        out_MN = torch._scaled_mm(
+            a_MK, b_NK.t(), scale_a=a_scale_MJ, scale_b=b_scale_IJ.t(), out_dtype=out_dtype
+        )
+        return trimmed(out_MN, m, out_MN.shape[1])
     b_scale_NJ = b_scale_IJ.repeat_interleave(T, dim=0)
     out_MN = None
     for j in range(a_MK.shape[1] // T):
@@ -164,7 +182,7 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, power_of_two: bool = Fals
         xq_MK, xs_MJ = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
     else:
         xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
-    return fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[: x_MK.shape[0], : w_NK.shape[0]]
+    return trimmed(fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype), x_MK.shape[0], w_NK.shape[0])
 
 
 class Fp8LinearFunction(torch.autograd.Function):
@@ -187,7 +205,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         else:
             xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
             ctx.save_for_backward(x_MK, wq_KN, ws_JI)
-        return fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype)[:m, :n]
+        return trimmed(fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype), m, n)
 
     @staticmethod
     def backward(ctx, grad_MN):
@@ -209,8 +227,8 @@ class Fp8LinearFunction(torch.autograd.Function):
             gq_MN, gs_MI = quantize_tiles(grad_MN.to(dtype), p2)
             gq_NM, gs_NL = quantize_tiles(grad_MN.t().to(dtype), p2)
             xq_KM, xs_PL = quantize_blocks(x_MK.t(), p2)
-        grad_x_MK = fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, dtype)[:m, :k]
-        grad_w_NK = fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype)[:n, :k]
+        grad_x_MK = trimmed(fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, dtype), m, k)
+        grad_w_NK = trimmed(fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype), n, k)
         return grad_x_MK, grad_w_NK, None
 
 

@@ -112,7 +112,7 @@ def _quantize_kernel(
 
 def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
     """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
-    padded to ALIGN x ALIGN (None with NONE). Tile scales come as column-major views, block scales
+    padded to ALIGN x ALIGN (both None with NONE). Tile scales come as column-major views, block scales
     contiguous."""
     rows, cols = x_RC.shape
     q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
@@ -123,7 +123,13 @@ def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two
         return torch.empty((rows // T, cols // T) if mode == BLOCKS else (cols // T, rows), device=device)
 
     q, q_scale = torch.empty(q_rows, q_cols, dtype=E4M3, device=device), scales(direct, q_rows, q_cols)
-    t, t_scale = torch.empty(t_rows, t_cols, dtype=E4M3, device=device), scales(transposed, t_rows, t_cols)
+    if transposed != NONE:
+        t, t_scale = (
+            torch.empty(t_rows, t_cols, dtype=E4M3, device=device),
+            scales(transposed, t_rows, t_cols),
+        )
+    else:  # placeholders the kernel never touches (no allocations: the layer is launch-bound)
+        t, t_scale = q, q_scale
     grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T)
     _quantize_kernel[grid](
         x_RC,
@@ -147,8 +153,9 @@ def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two
         num_warps=4,
     )
     q_scale = q_scale if direct == BLOCKS else q_scale.t()
-    t_scale = t_scale if transposed != COLUMNS else t_scale.t()
-    return q, q_scale, (t if transposed != NONE else None), t_scale
+    if transposed == NONE:
+        return q, q_scale, None, None
+    return q, q_scale, t, (t_scale if transposed != COLUMNS else t_scale.t())
 
 
 def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
