@@ -76,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak (H100 SXM: 989)")
-    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument(
+        "--batches", type=int, default=5, help="standalone engine batches to time (0: no standalone engine)"
+    )
     parser.add_argument(
         "--engine-kwarg",
         action="append",
@@ -119,10 +121,10 @@ def main() -> None:
     active = active_parameters(final)
     result["active_parameters"] = active
     result["mfu_vs_bf16_peak"] = 6 * active * result["trainer_tokens_per_s"] / (args.peak_tflops * 1e12)
-    result["standalone_rollout_tokens_per_s"] = standalone_tokens_per_s(recipe, final, args.batches)
-    result["loop_over_standalone"] = (
-        result["loop_rollout_tokens_per_s"] / result["standalone_rollout_tokens_per_s"]
-    )
+    if args.batches > 0:
+        standalone = standalone_tokens_per_s(recipe, final, args.batches)
+        result["standalone_rollout_tokens_per_s"] = standalone
+        result["loop_over_standalone"] = result["loop_rollout_tokens_per_s"] / standalone
     for key, value in result.items():
         print(f"{key:34} {value}")
     print(json.dumps(result))
