@@ -116,13 +116,15 @@ def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
 def test_the_blockwise_gemm_takes_operands_as_they_come():
     """`fp8_gemm` on CUDA pads and lays out the portable quantizers' operands itself (200 rows, 3
     K-blocks: neither is what cuBLASLt takes) and takes the fused quantizers' as they are; both give
-    the CPU path's product of the same operands."""
+    the FP32 product of the same dequantized operands (not the CPU path's `fp8_gemm`: the GPU
+    image's CPU build of `_scaled_mm` takes per-tensor scales only)."""
     from grpo.models import fp8_triton
 
     torch.manual_seed(2)
     x, w = torch.randn(200, 300), torch.randn(260, 300)
     operands = (*quantize_tiles(x), *quantize_blocks(w))
-    want = fp8_gemm(*operands, torch.float32)[:, :260]
+    want = dequantize_tiles(*operands[:2]) @ dequantize_blocks(*operands[2:]).t()
+    want = want[:, :260]
 
     def error(got):
         return ((got.float().cpu() - want).norm() / want.norm()).item()
