@@ -8,8 +8,12 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
   (`train.bf16_moments`), DeepSeek-V3's BF16 baseline;
 - `fp8_bf16_masters`: the same with FP8 GEMMs, DeepSeek-V3's FP8 recipe: the pair differs only in
   the GEMMs' precision.
-Reports the final loss (mean of the last 20 steps) and, for the pairs run, the signed relative
-difference (variant - baseline) / baseline.
+Reports two final losses and, for the pairs run, their signed relative differences (variant -
+baseline) / baseline:
+- `loss`: the training loss, mean of the last 20 steps (each step a different batch);
+- `held_out_loss`: the final weights' mean completion-token NLL on the same 512 held-out problems for
+  every run, in an FP32 forward of transformers' own model (no FP8, no project layers): it compares
+  the trained weights without the batch-to-batch noise of the training loss.
 Target from the FP8 issue: FP8 within 1% of BF16. Last line: one JSON object.
 
     python benchmarks/fp8_vs_bf16_sft.py [--steps 300] [--seed 0] [--threads 2] [--variants fp32,bf16,fp8]
@@ -21,8 +25,14 @@ import argparse
 import json
 import tempfile
 
+import torch
+
 from grpo.config import recipe_from_dict
+from grpo.data import eval_prompts
+from grpo.models.build import load_policy, load_tokenizer
 from grpo.sft import sft
+from grpo.tasks.arithmetic import solution_text
+from grpo.trainer.policy_trainer import pack, token_logprobs
 
 VARIANTS = {  # (model options, train options)
     "fp32": ({"dtype": "float32"}, {}),
@@ -33,6 +43,31 @@ VARIANTS = {  # (model options, train options)
 }
 # (variant, baseline): relative difference of the first's final loss from the second's
 PAIRS = [("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32"), ("fp8_bf16_masters", "bf16_masters")]
+
+
+HELD_OUT = 512
+
+
+@torch.no_grad()
+def held_out_loss(checkpoint: str, recipe) -> float:
+    """Mean completion-token NLL of `checkpoint` on HELD_OUT held-out problems (the same set for every
+    run and seed), as `grpo sft` computes its loss, in an FP32 forward without converters."""
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_policy(checkpoint, "float32").eval()
+    rows = eval_prompts(recipe.data, HELD_OUT, seed=0)
+    nll, tokens = 0.0, 0
+    for start in range(0, len(rows), 64):
+        batch = rows[start : start + 64]
+        prompts = [tokenizer(row["prompt"])["input_ids"] for row in batch]
+        completions = [
+            tokenizer(solution_text(row["expression"], boxed=True))["input_ids"] + [tokenizer.eos_token_id]
+            for row in batch
+        ]
+        packed = pack(prompts, completions, tokenizer.pad_token_id or 0)
+        logp_BL1, _ = token_logprobs(model, packed)
+        nll -= (logp_BL1 * packed.completion_mask_BL1).sum().item()
+        tokens += int(packed.completion_mask_BL1.sum().item())
+    return nll / tokens
 
 
 def main() -> None:
@@ -71,7 +106,11 @@ def main() -> None:
                 }
             )
             summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
-            results[name] = {"final_loss": summary["final_loss"], "seconds": summary["wall_time_s"]}
+            results[name] = {
+                "loss": summary["final_loss"],
+                "held_out_loss": held_out_loss(summary["checkpoint"], recipe),
+                "seconds": summary["wall_time_s"],
+            }
     print(
         json.dumps(
             {
@@ -79,12 +118,14 @@ def main() -> None:
                 "steps": args.steps,
                 "seed": args.seed,
                 "threads": args.threads,
-                **{f"loss_{k}": round(v["final_loss"], 5) for k, v in results.items()},
+                **{f"loss_{k}": round(v["loss"], 5) for k, v in results.items()},
+                **{f"held_out_loss_{k}": round(v["held_out_loss"], 5) for k, v in results.items()},
                 **{f"seconds_{k}": round(v["seconds"], 1) for k, v in results.items()},
                 **{
-                    f"rel_diff_{a}_vs_{b}": round(
-                        (results[a]["final_loss"] - results[b]["final_loss"]) / results[b]["final_loss"], 5
+                    f"rel_diff_{metric}_{a}_vs_{b}": round(
+                        (results[a][metric] - results[b][metric]) / results[b][metric], 5
                     )
+                    for metric in ("loss", "held_out_loss")
                     for a, b in PAIRS
                     if a in results and b in results
                 },
