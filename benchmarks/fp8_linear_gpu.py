@@ -72,7 +72,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
     xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x.detach())
-    wq, ws, wq_t, ws_t = fp8_triton.quantize_weight(w.detach())
+    wq, ws = fp8_triton.quantize_weight_blocks(w.detach())
+    wq_t, ws_t = fp8_triton.quantize_weight_blocks(w.detach().t())
     gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad)
 
     def gemms():

@@ -15,7 +15,7 @@ import torch
 from triton.testing import do_bench
 
 from grpo.models import fp8_triton
-from grpo.models.fp8 import Fp8Linear
+from grpo.models.fp8 import Fp8Linear, weight_blocks
 
 sys.path.insert(0, "tests")
 from test_fp8_triton import _exactly_representable, check_against_portable_quantizers  # noqa: E402
@@ -23,7 +23,10 @@ from test_fp8_triton import _exactly_representable, check_against_portable_quant
 CASES = {
     "activation 8192x7168": (fp8_triton.quantize_activation, (8192, 7168)),
     "output_grad 8192x2048": (fp8_triton.quantize_output_grad, (8192, 2048)),
-    "weight 2048x7168": (fp8_triton.quantize_weight, (2048, 7168)),
+    "weight 2048x7168": (
+        lambda w: weight_blocks(w, False) + weight_blocks(w, False, transposed=True),
+        (2048, 7168),
+    ),
 }
 
 

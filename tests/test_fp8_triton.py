@@ -58,10 +58,13 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
     assert _same(t, reference_q)
     assert torch.equal(t_scale[:cols, : reference_scale.shape[1]], reference_scale)
 
-    q, q_scale, t, t_scale = fp8_triton.quantize_weight(x, p2)
+    q, q_scale = fp8_triton.quantize_weight_blocks(x, p2)
     reference_q, reference_scale = quantize_blocks(x, p2)
     assert _same(q, reference_q)
     assert torch.equal(q_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
+    t, t_scale = fp8_triton.quantize_weight_blocks(
+        x.t(), p2
+    )  # the layer's w.T copy: the view, read by strides
     assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
 
 

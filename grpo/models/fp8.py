@@ -160,6 +160,9 @@ def weight_blocks(w_NK: torch.Tensor, power_of_two: bool, transposed: bool = Fal
     `fp8_weight_cache.reuse_quantized_weights`."""
 
     def quantize():
+        # w.T is quantized from the transposed view, in a launch of its own on CUDA: with both
+        # copies from one program, the H100 build of Triton 3.6 wrote wrong transposed values (seen
+        # in `probe_fp8_quantizers_gpu.py`; the interpreter got them right)
         source = w_NK.t() if transposed else w_NK
         if w_NK.is_cuda:
             from grpo.models import fp8_triton

@@ -302,7 +302,7 @@ def expert_weight_gradient(
 def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
     """`(forward, input_gradient)` `ExpertWeights` of `w`: the stacked weight in blocks, and (unless
     `input_gradient` is False, then None) its transposed view, in a second quantizer launch as
-    `fp8_triton.quantize_weight` does for one matrix. Each copy is reused while `w` is unchanged
+    `fp8.weight_blocks` does for one matrix. Each copy is reused while `w` is unchanged
     inside `fp8_weight_cache.reuse_quantized_weights`."""
     experts, n, k = w_ENK.shape
     stacked_NK = w_ENK.reshape(experts * n, k)

@@ -180,12 +180,3 @@ def quantize_weight_blocks(w_NK: torch.Tensor, power_of_two: bool = False):
     """`w` alone in 128 x 128 blocks: `(q, scale)`."""
     q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, ALIGN, power_of_two)
     return q, q_scale
-
-
-def quantize_weight(w_NK: torch.Tensor, power_of_two: bool = False):
-    """`w` and `w.T` in 128 x 128 blocks (right operands of the forward and the input gradient).
-
-    Two direct copies, of `w` and of its transposed view: with both copies from one program, the
-    H100 build of Triton 3.6 wrote wrong transposed values (seen in `probe_fp8_quantizers_gpu.py`;
-    the interpreter got them right)."""
-    return (*quantize_weight_blocks(w_NK, power_of_two), *quantize_weight_blocks(w_NK.t(), power_of_two))
