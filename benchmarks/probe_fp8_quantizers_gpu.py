@@ -1,6 +1,7 @@
 """Times the fused FP8 quantizers (`grpo.models.fp8_triton`) on a CUDA GPU against a plain copy of the same input (the memory-bound floor), and checks each variant
 against the portable quantizers; then profiles one `Fp8Linear` forward+backward (GPU time per kernel
-against the wall time). Last line: one JSON object.
+against the wall time) and measures the CPU cost of each piece of that step (`cpu_costs`). Last
+line: one JSON object.
 
     PYTHONPATH=. python benchmarks/probe_fp8_quantizers_gpu.py
 """
