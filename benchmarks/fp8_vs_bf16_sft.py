@@ -13,7 +13,10 @@ baseline) / baseline:
 - `loss`: the training loss, mean of the last 20 steps (each step a different batch);
 - `held_out_loss`: the final weights' mean completion-token NLL on the same 512 held-out problems for
   every run, in an FP32 forward of transformers' own model (no FP8, no project layers): it compares
-  the trained weights without the batch-to-batch noise of the training loss.
+  the trained weights without the batch-to-batch noise of the training loss;
+- `fp8_forward_effect`: on each run's final weights, the held-out loss with the project's layers in
+  FP8 GEMMs against the same layers in BF16 GEMMs, relative: what FP8 changes in the loss of one
+  model, free of the divergence between two training runs.
 Target from the FP8 issue: FP8 within 1% of BF16. Last line: one JSON object.
 
     python benchmarks/fp8_vs_bf16_sft.py [--steps 300] [--seed 0] [--threads 2] [--variants fp32,bf16,fp8]
@@ -29,7 +32,7 @@ import torch
 
 from grpo.config import recipe_from_dict
 from grpo.data import eval_prompts
-from grpo.models.build import load_policy, load_tokenizer
+from grpo.models.build import converters_for, load_policy, load_tokenizer
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.policy_trainer import pack, token_logprobs
@@ -49,11 +52,18 @@ HELD_OUT = 512
 
 
 @torch.no_grad()
-def held_out_loss(checkpoint: str, recipe) -> float:
+def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32") -> float:
     """Mean completion-token NLL of `checkpoint` on HELD_OUT held-out problems (the same set for every
-    run and seed), as `grpo sft` computes its loss, in an FP32 forward without converters."""
+    run and seed), as `grpo sft` computes its loss. `gemms`: `fp32`, transformers' own model in FP32;
+    `bf16` or `fp8`, the project's layers (the recipe's MoE layer) on BF16 weights, GEMMs in BF16 or
+    FP8."""
     tokenizer = load_tokenizer(checkpoint)
-    model = load_policy(checkpoint, "float32").eval()
+    if gemms == "fp32":
+        model = load_policy(checkpoint, "float32")
+    else:
+        layers = recipe.model.model_copy(update={"dtype": "bfloat16", "fp8": gemms == "fp8"})
+        model = load_policy(checkpoint, "bfloat16", converters_for(layers))
+    model.eval()
     rows = eval_prompts(recipe.data, HELD_OUT, seed=0)
     nll, tokens = 0.0, 0
     for start in range(0, len(rows), 64):
@@ -106,9 +116,12 @@ def main() -> None:
                 }
             )
             summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
+            checkpoint = summary["checkpoint"]
+            bf16, fp8 = (held_out_loss(checkpoint, recipe, gemms) for gemms in ("bf16", "fp8"))
             results[name] = {
                 "loss": summary["final_loss"],
-                "held_out_loss": held_out_loss(summary["checkpoint"], recipe),
+                "held_out_loss": held_out_loss(checkpoint, recipe),
+                "fp8_forward_effect": (fp8 - bf16) / bf16,
                 "seconds": summary["wall_time_s"],
             }
     print(
@@ -120,6 +133,7 @@ def main() -> None:
                 "threads": args.threads,
                 **{f"loss_{k}": round(v["loss"], 5) for k, v in results.items()},
                 **{f"held_out_loss_{k}": round(v["held_out_loss"], 5) for k, v in results.items()},
+                **{f"fp8_forward_effect_{k}": round(v["fp8_forward_effect"], 5) for k, v in results.items()},
                 **{f"seconds_{k}": round(v["seconds"], 1) for k, v in results.items()},
                 **{
                     f"rel_diff_{metric}_{a}_vs_{b}": round(
