@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from grpo.models import fp8
 from grpo.models.fp8 import (
     E4M3,
     Fp8Linear,
@@ -49,7 +50,13 @@ def test_quantization_error_is_within_e4m3_rounding():
     assert (error <= bound).all()
 
 
-def test_the_blockwise_gemm_equals_the_product_of_the_dequantized_operands():
+@pytest.mark.parametrize("row_scales", [True, False])
+def test_the_blockwise_gemm_equals_the_product_of_the_dequantized_operands(monkeypatch, row_scales):
+    """Both CPU routes: `torch._scaled_mm` with row-wise scales, and the FP32 emulation for builds
+    whose CPU `_scaled_mm` takes per-tensor scales only."""
+    if row_scales and not fp8._cpu_scaled_mm_takes_row_scales():
+        pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
+    monkeypatch.setattr(fp8, "_cpu_scaled_mm_takes_row_scales", lambda: row_scales)
     torch.manual_seed(1)
     xq, xs = quantize_tiles(torch.randn(8, 384))
     wq, ws = quantize_blocks(torch.randn(256, 384))

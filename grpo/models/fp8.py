@@ -18,6 +18,7 @@ turns FP8 values back into real ones (`x ~= q * scale_inv`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,21 @@ def trimmed(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return x if x.shape == (rows, cols) else x[:rows, :cols]
 
 
+@functools.cache
+def _cpu_scaled_mm_takes_row_scales() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes row-wise scales: torch 2.13's does, the CPU
+    backend of the GPU image's torch 2.11 takes per-tensor scales only ("only supports per-tensor
+    scaling for CPU backend")."""
+    q = torch.zeros(16, 16, dtype=E4M3)
+    try:
+        torch._scaled_mm(
+            q, q.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32
+        )
+    except RuntimeError:
+        return False
+    return True
+
+
 def fp8_gemm(
     a_MK: torch.Tensor,
     a_scale_MJ: torch.Tensor,
@@ -125,8 +141,9 @@ def fp8_gemm(
 
     On CUDA this is one blockwise-scaled `torch._scaled_mm` (cuBLASLt wants the tile scales
     column-major and the block scales as a transposed view). Elsewhere each 128-wide K block is one
-    row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32) and the blocks are summed in FP32, the
-    "promote to FP32 every 128 elements" accumulation of DeepSeek-V3.
+    row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32; emulated in FP32 where the CPU build
+    takes per-tensor scales only) and the blocks are summed in FP32, the "promote to FP32 every 128
+    elements" accumulation of DeepSeek-V3.
     """
     if a_MK.is_cuda:
         m = a_MK.shape[0]
@@ -143,13 +160,14 @@ def fp8_gemm(
     out_MN = None
     for j in range(a_MK.shape[1] // T):
         block = slice(j * T, (j + 1) * T)
-        part = torch._scaled_mm(
-            a_MK[:, block],
-            b_NK[:, block].t(),
-            scale_a=a_scale_MJ[:, j : j + 1].contiguous(),
-            scale_b=b_scale_NJ[:, j : j + 1].t().contiguous(),
-            out_dtype=torch.float32,
-        )
+        a_Mt, a_scale_M1 = a_MK[:, block], a_scale_MJ[:, j : j + 1].contiguous()
+        b_Nt, b_scale_1N = b_NK[:, block], b_scale_NJ[:, j : j + 1].t().contiguous()
+        if _cpu_scaled_mm_takes_row_scales():
+            part = torch._scaled_mm(
+                a_Mt, b_Nt.t(), scale_a=a_scale_M1, scale_b=b_scale_1N, out_dtype=torch.float32
+            )
+        else:  # the same product, emulated in FP32 (FP8 -> FP32 is exact)
+            part = (a_Mt.float() * a_scale_M1) @ (b_Nt.float() * b_scale_1N.t()).t()
         out_MN = part if out_MN is None else out_MN + part
     assert out_MN is not None
     return out_MN.to(out_dtype)
