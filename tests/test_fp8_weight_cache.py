@@ -105,3 +105,36 @@ def test_a_forward_without_backward_skips_the_autograd_function(monkeypatch):
     monkeypatch.setattr(fp8.Fp8LinearFunction, "apply", refuse)
     with torch.no_grad():
         assert torch.equal(fp8.fp8_linear(x, w), trained.detach())
+
+
+def test_a_train_step_quantizes_each_weight_once_per_version(tmp_path, monkeypatch):
+    """`PolicyTrainer.train_step` with FP8 layers, three micro-batches, two optimizer passes (mu 2)
+    and a KL reference: a dense policy weight is quantized 4 times (its forward copy for the frozen
+    old-logprob pass, its transposed copy in the first pass, both again after the first optimizer
+    step), not 15; the frozen reference's weight once, not 3 times."""
+    from grpo.models.build import materialize
+    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+    model_path = materialize("tiny:deepseek_v3", tmp_path / "model")
+    recipe = {
+        "model": {"path": model_path, "fp8": True},
+        "algorithm": {"beta": 0.04, "mu": 2},
+        "train": {"micro_batch_size": 2},
+        "rollout": {"max_tokens": 8},
+    }
+    trainer = PolicyTrainer(model_path, recipe, pad_id=0)
+    policy = trainer.accelerator.unwrap_model(trainer.model).model.layers[0].self_attn.o_proj.weight
+    reference = trainer.reference.model.layers[0].self_attn.o_proj.weight
+    counts = {"policy": 0, "reference": 0}
+    real_quantize_blocks = fp8.quantize_blocks
+
+    def spy(t, power_of_two=False):
+        for name, weight in (("policy", policy), ("reference", reference)):
+            counts[name] += t.data_ptr() == weight.data_ptr()
+        return real_quantize_blocks(t, power_of_two)
+
+    monkeypatch.setattr(fp8, "quantize_blocks", spy)
+    ids = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10], [11, 12], [13, 14, 15]]
+    batch = RolloutBatch(ids, ids, [1.0, -1.0, 0.5, -0.5, 0.25, -0.25], [[] for _ in ids])
+    trainer.train_step(batch)
+    assert counts == {"policy": 4, "reference": 1}
