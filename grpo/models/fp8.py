@@ -191,10 +191,16 @@ def weight_blocks(w_NK: torch.Tensor, power_of_two: bool, transposed: bool = Fal
     return fp8_weight_cache.quantized(w_NK, ("blocks", transposed, power_of_two), quantize)
 
 
+def backward_can_follow(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will record an op on `inputs`. An autograd function cannot tell from
+    inside: its `ctx.needs_input_grad` stays True under `torch.no_grad()`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """`x @ w.T` with FP8 GEMMs: through the autograd function when a backward can follow, else
     the forward alone (a logprob pass), which quantizes neither `x.T` nor `w.T`."""
-    if torch.is_grad_enabled() and (x_MK.requires_grad or w_NK.requires_grad):
+    if backward_can_follow(x_MK, w_NK):
         return Fp8LinearFunction.apply(x_MK, w_NK, power_of_two)
     wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
     if x_MK.is_cuda:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from grpo.models import fp8_triton, fp8_weight_cache
-from grpo.models.fp8 import T
+from grpo.models.fp8 import T, backward_can_follow
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ def grouped_fp8(x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = Fals
     """`x[rows of e] @ w[e].T` for every expert e in FP8: through the autograd function when a
     backward can follow, else the forward alone (a logprob pass), which quantizes neither `x.T` nor
     the transposed weights."""
-    if torch.is_grad_enabled() and (x_MK.requires_grad or w_ENK.requires_grad):
+    if backward_can_follow(x_MK, w_ENK):
         return GroupedFp8Function.apply(x_MK, w_ENK, offsets, power_of_two)
     xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
     forward, _ = quantize_expert_weights(w_ENK, power_of_two, input_gradient=False)
@@ -341,8 +341,9 @@ class GroupedFp8Function(torch.autograd.Function):
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
         ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)
         _, n, k = w_ENK.shape
-        ctx.meta = (list(offsets), n, k, x_MK.dtype, power_of_two)
-        return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
+        ends = list(offsets)
+        ctx.meta = (ends, n, k, x_MK.dtype, power_of_two)
+        return expert_gemm(xq, xs, forward, ends, x_MK.dtype)
 
     @staticmethod
     def backward(ctx, grad_MN):
