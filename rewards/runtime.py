@@ -12,11 +12,16 @@ A reward returns a float, None, or `(float, note)`; the note is kept as the comp
 - `n/a`: returned None (not applicable: left out of the weighted total);
 - `error`: raised, or its worker died;   `timeout`: killed after `timeout_s`.
 
+A call's time counts from when its worker is ready: a fresh worker (a new interpreter importing sympy
+or the user's module, seconds on a loaded machine) first reports that it has loaded its rewards, so
+its start-up is never charged to the first call it gets.
+
 Identical (reward, completion, sample) calls within one `score` are run once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import time
@@ -26,6 +31,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 STATUS_ORDER = ("ok", "n/a", "wrong", "error", "timeout")  # worst last; a total takes its worst part
+READY = "ready"
+STARTUP_S = 120.0  # a worker that has not loaded its rewards by then gets its call anyway (and its timeout)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ def _serve(specs: list[tuple[str, dict]], conn: Connection) -> None:
     from grpo.rewards.registry import resolve
 
     functions = [partial(resolve(spec), **kwargs) for spec, kwargs in specs]
+    conn.send(READY)
     while True:
         try:
             index, completion, sample = conn.recv()
@@ -87,6 +95,15 @@ class _Worker:
         child.close()
         self.job: int | None = None
         self.started = 0.0
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its rewards (at most STARTUP_S)."""
+        if not self.ready and self.conn.poll(STARTUP_S):
+            # EOF: it died while starting, and the call it gets next records that
+            with contextlib.suppress(EOFError):
+                self.conn.recv()
+        self.ready = True
 
     def kill(self) -> None:
         self.process.kill()
@@ -155,9 +172,12 @@ class RewardRuntime:
         while pending or any(w.job is not None for w in self._workers):
             for worker in self._workers:
                 if worker.job is None and pending:
+                    worker.wait_ready()
                     worker.job = pending.pop()
                     worker.started = time.monotonic()
-                    worker.conn.send(jobs[worker.job])
+                    # a pipe broken by a worker that died while starting reads EOF below
+                    with contextlib.suppress(BrokenPipeError):
+                        worker.conn.send(jobs[worker.job])
             busy = [w for w in self._workers if w.job is not None]
             wait_s = max(0.0, min(w.started for w in busy) + self.timeout_s - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)

@@ -79,6 +79,23 @@ def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_fil
         assert again.components["length_bonus"].value == 0.5
 
 
+def test_a_workers_start_up_is_not_charged_to_its_first_call(tmp_path):
+    """The module takes 1.5 s to import (as sympy can on a loaded machine); the call itself is
+    instant, so it is `ok` under a 1 s timeout, in the first workers and in a replacement."""
+    path = tmp_path / "slow_import.py"
+    path.write_text(
+        "import os, time\ntime.sleep(1.5)\n\n"
+        "def instant(completion, sample):\n    return 1.0\n\n"
+        "def dies(completion, sample):\n    os._exit(3)\n"
+    )
+    specs = [RewardEntry("dies", f"{path}:dies"), RewardEntry("instant", f"{path}:instant")]
+    with RewardRuntime(specs, workers=1, timeout_s=1.0) as runtime:
+        for _ in range(2):  # the second time in the worker that replaced the dead one
+            [scored] = runtime.score(["x"], [{}])
+            statuses = {name: outcome.status for name, outcome in scored.components.items()}
+            assert statuses == {"dies": "error", "instant": "ok"}
+
+
 def test_identical_calls_in_a_batch_are_scored_once(user_file, tmp_path):
     counter = tmp_path / "calls.txt"
     path = tmp_path / "counting.py"
