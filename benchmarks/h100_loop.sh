@@ -6,6 +6,7 @@
 #   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench | fp8_bench
 #           | sft_1b | smoke_1b | grpo_1b | breakdown_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
 #           | gpu_tests | grouped_bench | export_vllm | ep (ep: a machine of 2+ GPUs)
+#           | sft_short | grpo_ep (grpo_ep: a machine of 4 GPUs, after sft or sft_short)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
 # Ray need the wheels of ../shared/gpu/README.md in /tmp/site.
 set -uo pipefail
@@ -44,6 +45,8 @@ for what in "$@"; do
       --target /tmp/grpo_site . ;;
   sft)
     stage sft grpo sft recipes/arithmetic_sft_h100.yaml ;;
+  sft_short)  # a shorter warm-up, enough for the GRPO run to start from a non-zero reward
+    stage sft_short grpo sft recipes/arithmetic_sft_h100.yaml --set sft.steps="${SFT_STEPS:-600}" ;;
   smoke)
     stage smoke grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=smoke --set train.steps=3 \
       --set eval.prompts=8 ;;
@@ -76,7 +79,8 @@ for what in "$@"; do
     stage breakdown_1b_bf16_engine python3 benchmarks/loop_breakdown.py runs/grpo-h100-1b \
       --engine-kwarg quantization=none ;;
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
-    stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py ;;
+    stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py \
+      tests/test_weight_sync.py ;;
   grouped_bench)
     stage grouped_bench python3 benchmarks/fp8_grouped_gpu.py ;;
   export_vllm)
@@ -84,6 +88,12 @@ for what in "$@"; do
   ep)
     stage ep_tests python3 -P -m pytest -q tests/test_expert_parallel.py tests/test_expert_parallel_trainer.py
     stage ep_bench python3 benchmarks/expert_parallel_gpu.py ;;
+  grpo_ep)  # the loop over 4 GPUs: 2 vLLM engines and 2 expert-parallel trainer ranks, one GPU each
+    stage grpo_ep grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=grpo-4gpu \
+      --set rollout.colocate=false --set rollout.engines=2 --set train.expert_parallel_size=2 \
+      --set train.steps="${STEPS_EP:-15}"
+    run_summary grpo-4gpu
+    stage breakdown_ep python3 benchmarks/loop_breakdown.py runs/grpo-4gpu --batches 0 ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from grpo.rollout.weight_sync import SharedWeightsWriter, read_manifest
@@ -24,5 +25,21 @@ def test_tensors_of_mixed_dtypes_round_trip_through_the_shared_buffer():
         second = writer.publish(weights.items())
         assert second.version == 2 and second.entries == manifest.entries
         assert torch.equal(dict(read_manifest(second))["layer.weight"], weights["layer.weight"])
+    finally:
+        writer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("same_card", [True, False])
+def test_gpu_weights_stay_on_the_card_only_when_the_engines_share_it(same_card):
+    writer = SharedWeightsWriter(tag=f"test-card-{same_card}", same_card=same_card)
+    try:
+        weights = {"w": torch.tensor([[1.5, -2.25]], dtype=torch.bfloat16, device="cuda")}
+        manifest = writer.publish(weights.items())
+        read = dict(read_manifest(manifest))["w"]
+        assert bool(manifest.cuda_ipc) == same_card
+        assert read.device.type == ("cuda" if same_card else "cpu")
+        assert torch.equal(read.cpu(), weights["w"].cpu())
     finally:
         writer.close()

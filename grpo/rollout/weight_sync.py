@@ -1,8 +1,10 @@
 """Trainer -> vLLM weight sync through one shared buffer, without restarting the engine.
 
 The trainer copies every tensor (in checkpoint naming, so vLLM's own loader understands it) into one
-flat buffer: in /dev/shm when it trains on CPU, in GPU memory shared through a CUDA IPC handle when it
-trains on a GPU (engine and trainer on the same card, nothing crosses the host). The engine's worker
+flat buffer: in GPU memory shared through a CUDA IPC handle when engine and trainer share a card
+(nothing crosses the host), otherwise in /dev/shm. A card given to another Ray actor is invisible to
+the engine (Ray sets CUDA_VISIBLE_DEVICES per actor), so an IPC handle to it could not be opened
+there; from host memory each engine copies to its own card. The engine's worker
 maps the same memory and runs vLLM's in-place `reload_weights`, which also redoes vLLM's post-load
 processing (packed/absorbed weights, online quantization). Only a small manifest crosses process
 boundaries: `collective_rpc` cannot carry tensors.
@@ -32,7 +34,7 @@ class Manifest:
     own dtype: a BF16 model's FP32 routing bias must reach vLLM unrounded."""
     version: int
     cuda_ipc: bytes = b""
-    """Pickled CUDA IPC handle of the flat buffer when the trainer's weights are on a GPU."""
+    """Pickled CUDA IPC handle of the flat buffer when it lies in the trainer's GPU memory."""
 
 
 def _shared_dir() -> Path:
@@ -49,17 +51,19 @@ def _open_cuda_ipc(handle: bytes) -> torch.Tensor:
 
 
 class SharedWeightsWriter:
-    """Trainer side. The layout is fixed by the first publish; later publishes rewrite the bytes."""
+    """Trainer side. The layout is fixed by the first publish; later publishes rewrite the bytes.
+    `same_card`: the engines run on the trainer's GPU, so the buffer may stay in its memory."""
 
-    def __init__(self, tag: str):
+    def __init__(self, tag: str, same_card: bool = True):
         self.path = str(_shared_dir() / f"grpo-weights-{tag}-{os.getpid()}.bin")
         self._layout: tuple | None = None
         self._flat: torch.Tensor | None = None
         self._cuda_ipc = b""
+        self._same_card = same_card
         self.version = 0
 
     def _allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        if device.type != "cuda":
+        if device.type != "cuda" or not self._same_card:
             return _flat_view(self.path, nbytes)
         from torch.multiprocessing.reductions import reduce_tensor
 

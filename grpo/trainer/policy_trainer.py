@@ -141,7 +141,7 @@ class PolicyTrainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.train()
-        self.weights = SharedWeightsWriter(tag=self.recipe.run.name)
+        self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
     # ---- logprobs -------------------------------------------------------------------------
     def _micro_batches(self, batch: RolloutBatch):
