@@ -2,9 +2,10 @@
 
 Ray hides every other card from an actor (CUDA_VISIBLE_DEVICES). This probe publishes a tensor
 through `SharedWeightsWriter` in GPU memory in a process that sees only card 1, then opens the
-handle in a process that sees only card 0, as a non-colocated engine would. The weight sync keeps
-its buffer in host memory unless trainer and engines share the card (`rollout.colocate`); this
-shows why. Needs 2 GPUs. Last line: one JSON object.
+handle in a process that sees only card 0, as a non-colocated engine would (and, as the control,
+in one that sees card 1). The weight sync does not rely on it: it keeps its buffer in host memory
+unless trainer and engines share the card (`rollout.colocate`), since the open needs peer access
+between the cards. Needs 2 GPUs. Last line: one JSON object.
 
     python benchmarks/probe_cross_gpu_ipc.py
 """
