@@ -116,18 +116,20 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
     }
     configs = []
     for config in CONFIGS:
-        out = expert_gemm(xq, xs, forward, offsets, torch.bfloat16, config)
-        dx = expert_gemm(gq, gs, input_gradient, offsets, torch.bfloat16, config)
-        dx_strided = expert_gemm(gq, gs, strided, offsets, torch.bfloat16, config)
+        out = expert_gemm(xq, xs, forward, offs, rows, torch.bfloat16, config)
+        dx = expert_gemm(gq, gs, input_gradient, offs, rows, torch.bfloat16, config)
+        dx_strided = expert_gemm(gq, gs, strided, offs, rows, torch.bfloat16, config)
         configs.append(
             {
                 "config": vars(config),
-                "forward_ms": ms(lambda c=config: expert_gemm(xq, xs, forward, offsets, torch.bfloat16, c)),
+                "forward_ms": ms(
+                    lambda c=config: expert_gemm(xq, xs, forward, offs, rows, torch.bfloat16, c)
+                ),
                 "input_gradient_ms": ms(
-                    lambda c=config: expert_gemm(gq, gs, input_gradient, offsets, torch.bfloat16, c)
+                    lambda c=config: expert_gemm(gq, gs, input_gradient, offs, rows, torch.bfloat16, c)
                 ),
                 "input_gradient_strided_ms": ms(
-                    lambda c=config: expert_gemm(gq, gs, strided, offsets, torch.bfloat16, c)
+                    lambda c=config: expert_gemm(gq, gs, strided, offs, rows, torch.bfloat16, c)
                 ),
                 "rel_error_forward": rel_error(out, want_out),
                 "rel_error_input_gradient": rel_error(dx, want_dx),
@@ -137,12 +139,10 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
     row["configs"] = configs
     dw = {}
     for config in WEIGHT_GRADIENT_CONFIGS:
-        got = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, config)
+        got = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offs, n, k, torch.bfloat16, config)
         dw[",".join(f"{key}={value}" for key, value in vars(config).items())] = {
             "ms": ms(
-                lambda c=config: expert_weight_gradient(
-                    gq_t, gs_t, xq_t, xs_t, offsets, n, k, torch.bfloat16, c
-                )
+                lambda c=config: expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offs, n, k, torch.bfloat16, c)
             ),
             "rel_error": rel_error(got, want_dw),
         }

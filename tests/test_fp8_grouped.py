@@ -50,6 +50,10 @@ def _rows(expert: int) -> slice:
     return _spans(OFFSETS)[expert]
 
 
+def _ends(offsets: list[int]) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
 def check_grouped_gemms() -> None:
     from grpo.models.fp8_grouped import (
         ExpertWeights,
@@ -60,31 +64,34 @@ def check_grouped_gemms() -> None:
     )
 
     generator = torch.Generator().manual_seed(0)
-    rows, experts = OFFSETS[-1], len(OFFSETS)
+    experts = len(OFFSETS)
     w_q = _fp8(experts * N, K, generator)
     w_scale = _scales(experts * N // T, K // T, generator=generator)
     w = _blocks(w_q, w_scale)
-    # small tiles and groups: tiles of one expert in several groups, a group spanning experts
+    # small tiles and groups: tiles of one expert in several groups, a group spanning experts; the
+    # second routing leaves the first expert empty and gives the last exactly one 64-row tile
     for config in (GemmConfig(), GemmConfig(block_m=16, group=2)):
-        # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
-        x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
-        forward = ExpertWeights.forward(w_q, w_scale, N, K)
-        out = expert_gemm(x_q, x_scale, forward, OFFSETS, torch.float32, config)
-        x = _tiles(x_q, x_scale)
-        for e in range(experts):
-            expected = x[_rows(e)] @ w[e * N : (e + 1) * N].t()
-            torch.testing.assert_close(out[_rows(e)], expected, rtol=1e-4, atol=1e-3)
+        for offsets in (OFFSETS, [0, 136, 200]):
+            rows = offsets[-1]
+            # forward: x (rows x K) in 1 x 128 tiles, scales as a column-major view
+            x_q, x_scale = _fp8(rows, K, generator), _scales(K // T, rows, generator=generator).t()
+            forward = ExpertWeights.forward(w_q, w_scale, N, K)
+            out = expert_gemm(x_q, x_scale, forward, _ends(offsets), rows, torch.float32, config)
+            x = _tiles(x_q, x_scale)
+            for e, span in enumerate(_spans(offsets)):
+                expected = x[span] @ w[e * N : (e + 1) * N].t()
+                torch.testing.assert_close(out[span], expected, rtol=1e-4, atol=1e-3)
 
-        # input gradient: g (rows x N) in tiles along N, times each expert's weight untransposed,
-        # read from the transposed copy of the stacked weight (blocks and scales transposed)
-        g_q, g_scale = _fp8(rows, N, generator), _scales(N // T, rows, generator=generator).t()
-        w_t_q = w_q.view(torch.uint8).t().contiguous().view(E4M3)
-        backward = ExpertWeights.input_gradient(w_t_q, w_scale.t().contiguous(), N, K)
-        grad_x = expert_gemm(g_q, g_scale, backward, OFFSETS, torch.float32, config)
-        g = _tiles(g_q, g_scale)
-        for e in range(experts):
-            expected = g[_rows(e)] @ w[e * N : (e + 1) * N]
-            torch.testing.assert_close(grad_x[_rows(e)], expected, rtol=1e-4, atol=1e-3)
+            # input gradient: g (rows x N) in tiles along N, times each expert's weight untransposed,
+            # read from the transposed copy of the stacked weight (blocks and scales transposed)
+            g_q, g_scale = _fp8(rows, N, generator), _scales(N // T, rows, generator=generator).t()
+            w_t_q = w_q.view(torch.uint8).t().contiguous().view(E4M3)
+            backward = ExpertWeights.input_gradient(w_t_q, w_scale.t().contiguous(), N, K)
+            grad_x = expert_gemm(g_q, g_scale, backward, _ends(offsets), rows, torch.float32, config)
+            g = _tiles(g_q, g_scale)
+            for e, span in enumerate(_spans(offsets)):
+                expected = g[span] @ w[e * N : (e + 1) * N]
+                torch.testing.assert_close(grad_x[span], expected, rtol=1e-4, atol=1e-3)
 
     # weight gradient: g.T (N x M') in tiles along the rows, x.T (K x M') in 128 x 128 blocks, both
     # zero-padded to 512 rows as the quantizers pad them; experts with a partial tile at either end,
@@ -102,22 +109,12 @@ def check_grouped_gemms() -> None:
     g_t_q, x_t_q = _pad_rows(g_t_q, 512), _pad_rows(x_t_q, 512)
     for config in (WeightGradientConfig(), WeightGradientConfig(block_n=256, block_k=256, num_warps=4)):
         grad_w = expert_weight_gradient(
-            g_t_q, g_t_scale, x_t_q, x_t_scale, offsets, N, K, torch.float32, config
+            g_t_q, g_t_scale, x_t_q, x_t_scale, _ends(offsets), N, K, torch.float32, config
         )
         for e, rows in enumerate(_spans(offsets)):
             expected = g_t[:, rows] @ x_t[:, rows].t()
             torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
         assert not grad_w[1].any()  # the empty expert
-
-
-def check_row_tiles() -> None:
-    from grpo.models.fp8_grouped import row_tiles
-
-    assert row_tiles([70, 70, 200], 64, "cpu").tolist() == [
-        [0, 0, 2, 2, 2],
-        [0, 64, 70, 134, 198],
-        [70, 70, 200, 200, 200],
-    ]
 
 
 def check_against_the_per_expert_layer() -> None:
@@ -134,10 +131,10 @@ def check_against_the_per_expert_layer() -> None:
 
     rows, experts = OFFSETS[-1], len(OFFSETS)
     x, w, grad = signs(rows, K).requires_grad_(), signs(experts, N, K).requires_grad_(), signs(rows, N)
-    out = GroupedFp8Function.apply(x, w, tuple(OFFSETS))
+    out = GroupedFp8Function.apply(x, w, _ends(OFFSETS))
     with torch.no_grad():  # the forward-only path quantizes the same way, without the transposes
         train_apply, GroupedFp8Function.apply = GroupedFp8Function.apply, None  # must not be called
-        assert torch.equal(grouped_fp8(x, w, tuple(OFFSETS)), out.detach())
+        assert torch.equal(grouped_fp8(x, w, _ends(OFFSETS)), out.detach())
         GroupedFp8Function.apply = train_apply
     out.backward(grad)
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
@@ -156,7 +153,6 @@ def test_grouped_fp8_gemms_in_the_triton_interpreter():
 
 
 if __name__ == "__main__":
-    check_row_tiles()
     check_grouped_gemms()
     check_against_the_per_expert_layer()
 
@@ -187,9 +183,9 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
         out.backward(grad)
         return out.float(), x.grad.float(), w.grad.float()
 
-    grouped = run(lambda: GroupedFp8Function.apply(x, w, tuple(offsets.tolist())))
+    grouped = run(lambda: GroupedFp8Function.apply(x, w, offsets))
     with torch.no_grad():
-        forward_only = grouped_fp8(x, w, tuple(offsets.tolist()))
+        forward_only = grouped_fp8(x, w, offsets)
     assert torch.equal(forward_only.float(), grouped[0])
     per_expert = run(lambda: per_expert_fp8(x, w, offsets))
     bf16 = run(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets))

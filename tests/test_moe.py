@@ -170,3 +170,24 @@ def test_training_counts_expert_load_and_adds_a_balance_loss():
         model(torch.randint(3, 40, (2, 9)))
     assert all(layer.load_since_update.sum().item() == 2 * 9 * 2 + 14 * 2 for layer in layers)
     assert all(layer.real_tokens_T is None for layer in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8):
+    """No host sync (bincount, `.tolist()` of the routing) in forward or backward: a launch-bound
+    trainer keeps queueing work while the GPU runs."""
+    torch.manual_seed(0)
+    routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, scoring="sigmoid")
+    layer = MoeLayer(256, 128, routing).cuda().to(torch.bfloat16)
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    layer.experts.fp8 = fp8
+    x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()  # first call: kernels compile
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

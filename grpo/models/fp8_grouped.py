@@ -6,7 +6,8 @@ take). Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on 
 (`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`; figures and the versions tried in
 `benchmarks/results/fp8_grouped_h100.txt`).
 
-Rows of `x` are sorted by expert (expert e owns rows `offsets[e-1]:offsets[e]`, any length). Operands
+Rows of `x` are sorted by expert (expert e owns rows `ends[e-1]:ends[e]`, any length; `ends` stays
+on the device and the host never reads it, so the layer costs no host sync). Operands
 come from the fused quantizers of `fp8_triton`: activations and output gradients in 1 x 128 tiles
 along the reduction, their transposes for the weight gradient, weights `[E, N, K]` as one `[E*N, K]`
 matrix in 128 x 128 blocks (N a multiple of 128, so that no block spans two experts).
@@ -71,8 +72,8 @@ def _expert_gemm_kernel(
     w_ptr,
     w_scale_ptr,
     out_ptr,
-    tiles_ptr,
-    n_tiles,
+    ends_ptr,
+    experts,
     a_stride,
     a_scale_stride,
     w_stride_e,
@@ -86,18 +87,34 @@ def _expert_gemm_kernel(
     reduction_blocks,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
+    EXPERTS: tl.constexpr,
 ):
     """One (row tile, 128 output columns) of `a @ B_e`; B_e[r, o] = w[e * stride_e + o * stride_out
-    + r * stride_red], its scale likewise per 128 x 128 block."""
+    + r * stride_red], its scale likewise per 128 x 128 block.
+
+    The row tiles are found here, from the experts' row ends on the device (expert e's rows in
+    ceil(rows_e / BLOCK_M) tiles, in expert order): the host never needs the routing, so the layer
+    queues its work without waiting for the GPU. The grid has room for the most tiles any routing of
+    these rows can make; programs past the actual tiles return at once."""
     pid = tl.program_id(0)
+    es = tl.arange(0, EXPERTS)
+    ends = tl.load(ends_ptr + es, mask=es < experts, other=0)
+    starts = tl.load(ends_ptr + es - 1, mask=(es > 0) & (es < experts), other=0)
+    tiles_of = tl.where(es < experts, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_through = tl.cumsum(tiles_of, axis=0)
+    n_tiles = tl.sum(tiles_of, axis=0)
     col_blocks = tl.cdiv(n_out, 128)
     per_group = GROUP * col_blocks
     first = (pid // per_group) * GROUP
     size = tl.minimum(n_tiles - first, GROUP)
+    if (first >= n_tiles) | (pid % per_group >= size * col_blocks):
+        return
     tile = first + (pid % per_group) % size
     pid_n = (pid % per_group) // size
-    expert = tl.load(tiles_ptr + tile)
-    start, end = tl.load(tiles_ptr + n_tiles + tile), tl.load(tiles_ptr + 2 * n_tiles + tile)
+    expert = tl.sum((tiles_through <= tile).to(tl.int32), axis=0)
+    mine = es == expert
+    start = tl.sum(tl.where(mine, starts + (tile - tiles_through + tiles_of) * BLOCK_M, 0), axis=0)
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     outs = pid_n * 128 + tl.arange(0, 128)
@@ -124,7 +141,7 @@ def _weight_gradient_kernel(
     x_t_ptr,
     x_t_scale_ptr,
     out_ptr,
-    offsets_ptr,
+    ends_ptr,
     g_t_stride,
     g_t_scale_stride,
     x_t_stride,
@@ -147,8 +164,8 @@ def _weight_gradient_kernel(
     expert = pid // (n_blocks * k_blocks)
     pid_n = (pid % (n_blocks * k_blocks)) // k_blocks
     pid_k = pid % k_blocks
-    start = tl.load(offsets_ptr + expert)
-    end = tl.load(offsets_ptr + expert + 1)
+    start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(ends_ptr + expert)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     g_at = g_t_ptr + ns[:, None] * g_t_stride
@@ -215,37 +232,25 @@ class ExpertWeights:
         )
 
 
-def row_tiles(offsets: list[int], block_m: int, device) -> torch.Tensor:
-    """`[3, tiles]` int32: expert, first row and end row of every `block_m`-row tile; tiles never
-    cross experts."""
-    bounds = torch.tensor([0, *offsets])
-    per_expert = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m
-    expert = torch.repeat_interleave(torch.arange(len(offsets)), per_expert)
-    first_tile = per_expert.cumsum(0) - per_expert
-    start = bounds[:-1][expert] + (torch.arange(len(expert)) - first_tile[expert]) * block_m
-    return torch.stack([expert, start, bounds[1:][expert]]).to(device=device, dtype=torch.int32)
-
-
 def expert_gemm(
-    a_q, a_scale, weights: ExpertWeights, offsets: list[int], dtype, config: GemmConfig = DEFAULT
+    a_q, a_scale, weights: ExpertWeights, ends_E: torch.Tensor, rows: int, dtype, config: GemmConfig = DEFAULT
 ) -> torch.Tensor:
-    """`a` (rows x reduction in 1 x 128 tiles, scales a column-major view) times each row's
-    expert's B_e: `[rows, weights.outputs]` in `dtype`."""
-    rows, n_out = offsets[-1], weights.outputs
+    """`a` (rows x reduction in 1 x 128 tiles, scales a column-major view) times each row's expert's
+    B_e: `[rows, weights.outputs]` in `dtype`. Expert e owns rows `ends_E[e-1]:ends_E[e]` (int32, on
+    the device; `ends_E[-1]` = rows)."""
+    n_out, experts = weights.outputs, ends_E.numel()
     out = torch.empty(rows, n_out, dtype=dtype, device=a_q.device)
     if rows == 0:
         return out
-    tiles = row_tiles(offsets, config.block_m, a_q.device)
-    n_tiles = tiles.shape[1]
-    grid = (n_tiles * triton.cdiv(n_out, 128),)
-    _expert_gemm_kernel[grid](
+    most_tiles = triton.cdiv(rows, config.block_m) + experts  # each expert adds at most one partial tile
+    _expert_gemm_kernel[(most_tiles * triton.cdiv(n_out, 128),)](
         a_q,
         a_scale,
         weights.q,
         weights.scale,
         out,
-        tiles,
-        n_tiles,
+        ends_E,
+        experts,
         a_q.stride(0),
         a_scale.stride(1),
         *weights.strides,
@@ -255,6 +260,7 @@ def expert_gemm(
         triton.cdiv(weights.reduction, T),
         BLOCK_M=config.block_m,
         GROUP=config.group,
+        EXPERTS=triton.next_power_of_2(experts),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -266,17 +272,17 @@ def expert_weight_gradient(
     g_t_scale,
     x_t_q,
     x_t_scale,
-    offsets: list[int],
+    ends_E: torch.Tensor,
     n_out: int,
     k_out: int,
     dtype,
     config: WeightGradientConfig = WEIGHT_GRADIENT,
 ):
     """dW `[E, N, K]` from the transposed quantized copies: `g.T` `[N', M']` in 1 x 128 tiles along
-    M (scales a column-major view `[N', M'/128]`), `x.T` `[K', M']` in 128 x 128 blocks."""
-    experts = len(offsets)
+    M (scales a column-major view `[N', M'/128]`), `x.T` `[K', M']` in 128 x 128 blocks; expert e's
+    rows `ends_E[e-1]:ends_E[e]` as in `expert_gemm`."""
+    experts = ends_E.numel()
     out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
-    bounds = torch.tensor([0, *offsets], dtype=torch.int32).to(g_t_q.device)
     grid = (experts * triton.cdiv(n_out, config.block_n) * triton.cdiv(k_out, config.block_k),)
     _weight_gradient_kernel[grid](
         g_t_q,
@@ -284,7 +290,7 @@ def expert_weight_gradient(
         x_t_q,
         x_t_scale,
         out,
-        bounds,
+        ends_E,
         g_t_q.stride(0),
         g_t_scale.stride(1),
         x_t_q.stride(0),
@@ -320,37 +326,36 @@ def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, inp
     return forward, ExpertWeights.input_gradient(*blocks(transposed=True), n, k)
 
 
-def grouped_fp8(x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False) -> torch.Tensor:
-    """`x[rows of e] @ w[e].T` for every expert e in FP8: through the autograd function when a
-    backward can follow, else the forward alone (a logprob pass), which quantizes neither `x.T` nor
-    the transposed weights."""
+def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
+    """`x[rows of e] @ w[e].T` for every expert e in FP8 (`ends_E` as in `expert_gemm`): through the
+    autograd function when a backward can follow, else the forward alone (a logprob pass), which
+    quantizes neither `x.T` nor the transposed weights."""
     if backward_can_follow(x_MK, w_ENK):
-        return GroupedFp8Function.apply(x_MK, w_ENK, offsets, power_of_two)
+        return GroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two)
     xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
     forward, _ = quantize_expert_weights(w_ENK, power_of_two, input_gradient=False)
-    return expert_gemm(xq, xs, forward, list(offsets), x_MK.dtype)
+    return expert_gemm(xq, xs, forward, ends_E, x_MK.shape[0], x_MK.dtype)
 
 
 class GroupedFp8Function(torch.autograd.Function):
     """The three GEMMs of `grouped_fp8`, grouped FP8 (`w` is `[E, N, K]`, N a multiple of 128;
-    `offsets` as in `grpo.models.moe.grouped_linear`, a tuple of ints)."""
+    `ends_E` as in `expert_gemm`)."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_ENK, offsets: tuple[int, ...], power_of_two: bool = False):
+    def forward(ctx, x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False):
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
-        ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale)
+        ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale, ends_E)
         _, n, k = w_ENK.shape
-        ends = list(offsets)
-        ctx.meta = (ends, n, k, x_MK.dtype, power_of_two)
-        return expert_gemm(xq, xs, forward, ends, x_MK.dtype)
+        ctx.meta = (x_MK.shape[0], n, k, x_MK.dtype, power_of_two)
+        return expert_gemm(xq, xs, forward, ends_E, x_MK.shape[0], x_MK.dtype)
 
     @staticmethod
     def backward(ctx, grad_MN):
-        xq_t, xs_t, wq_KN, ws_JI = ctx.saved_tensors
-        offsets, n, k, dtype, power_of_two = ctx.meta
+        xq_t, xs_t, wq_KN, ws_JI, ends_E = ctx.saved_tensors
+        rows, n, k, dtype, power_of_two = ctx.meta
         gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_MN, power_of_two)
         weights = ExpertWeights.input_gradient(wq_KN, ws_JI, n, k)
-        grad_x = expert_gemm(gq, gs, weights, offsets, dtype)
-        grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offsets, n, k, dtype)
+        grad_x = expert_gemm(gq, gs, weights, ends_E, rows, dtype)
+        grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, ends_E, n, k, dtype)
         return grad_x, grad_w, None, None

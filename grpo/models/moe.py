@@ -110,7 +110,7 @@ def grouped_linear(
     if w_EOK.is_cuda and w_EOK.shape[1] % 128 == 0:  # no 128-row weight block spans two experts
         from grpo.models.fp8_grouped import grouped_fp8
 
-        return grouped_fp8(x_NK, w_EOK, tuple(offsets_E.tolist()))
+        return grouped_fp8(x_NK, w_EOK, offsets_E)
     return per_expert_fp8(x_NK, w_EOK, offsets_E)
 
 
@@ -167,7 +167,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         order_N, token_N = sort_by_expert(indices_TK)
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        # a scatter, not bincount: bincount reads the indices' max on the host (a sync per layer)
+        counts_E = indices_TK.new_zeros(self.num_experts).scatter_add_(
+            0, indices_TK.flatten(), torch.ones_like(indices_TK.flatten())
+        )
         return combine(x_TH, token_N, self.run_sorted(x_TH[token_N], counts_E), weights_TK, order_N)
 
 
