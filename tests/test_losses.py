@@ -98,3 +98,17 @@ def test_grpo_loss_refuses_a_reference_when_beta_is_zero():
             beta=0.0,
             aggregate=token_mean,
         )
+
+
+def test_the_sampler_gap_compares_each_completion_token_with_the_engines_logprob():
+    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+    # row 0: prompt of 2 tokens, so its completion's logprobs start at position 1; row 1 has none
+    batch = RolloutBatch(
+        prompt_ids=[[5, 6], [7]],
+        completion_ids=[[8, 9], []],
+        advantages=[1.0, -1.0],
+        sampler_logprobs=[[-0.5, -1.0], []],
+    )
+    old_BL1 = torch.tensor([[-9.0, -0.25, -1.5], [-9.0, -9.0, -9.0]])
+    assert PolicyTrainer._sampler_gap(batch, slice(0, 2), old_BL1) == 0.25 + 0.5

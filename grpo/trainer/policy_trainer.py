@@ -213,9 +213,7 @@ class PolicyTrainer:
                 mask = packed.completion_mask_BL1
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
-                metrics["sampler_logprob_diff"] = (
-                    self._sampler_gap(batch, rows, old_BL1, mask) / totals.tokens
-                )
+                metrics["sampler_logprob_diff"] = self._sampler_gap(batch, rows, old_BL1) / totals.tokens
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
             grad_norm = self._clip_gradients()
@@ -252,16 +250,15 @@ class PolicyTrainer:
         return expert_parallel.clip_grad_norm_(self.model, max_norm, self.group)
 
     @staticmethod
-    def _sampler_gap(
-        batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor, mask_BL1: torch.Tensor
-    ) -> float:
+    def _sampler_gap(batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor) -> float:
         """Sum over tokens of |old-policy logprob - vLLM sampler logprob| (rollout/train mismatch)."""
+        old_BL1 = old_BL1.detach().cpu()  # one transfer for the micro-batch, not one per row
         total = 0.0
         for row, (prompt, sampler) in enumerate(zip(batch.prompt_ids[rows], batch.sampler_logprobs[rows])):
             if not sampler:
                 continue
             start = len(prompt) - 1
-            trainer = old_BL1[row, start : start + len(sampler)].detach().cpu()
+            trainer = old_BL1[row, start : start + len(sampler)]
             total += float((trainer - torch.tensor(sampler)).abs().sum())
         return total
 
