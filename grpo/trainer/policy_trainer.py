@@ -144,16 +144,21 @@ class PolicyTrainer:
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
     # ---- logprobs -------------------------------------------------------------------------
-    def _micro_batches(self, batch: RolloutBatch):
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[slice, Packed]]:
+        """The batch's rows packed per micro-batch, all on the device before any is used: a copy to
+        the GPU waits for the work queued before it, so copying between micro-batches would drain
+        the queue each time."""
         size = self.recipe.train.micro_batch_size
+        micro_batches = []
         for start in range(0, len(batch.prompt_ids), size):
             rows = slice(start, start + size)
             packed = pack(batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id)
-            yield rows, packed.to(self.accelerator.device)
+            micro_batches.append((rows, packed.to(self.accelerator.device)))
+        return micro_batches
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, batch: RolloutBatch) -> list[torch.Tensor]:
-        return [token_logprobs(model, packed)[0] for _, packed in self._micro_batches(batch)]
+    def _frozen_logprobs(self, model, micro_batches: list[tuple[slice, Packed]]) -> list[torch.Tensor]:
+        return [token_logprobs(model, packed)[0] for _, packed in micro_batches]
 
     @torch.no_grad()
     def sequence_logprobs(self, sequences: list[list[int]], fp8: bool = False) -> list[list[float]]:
@@ -183,13 +188,19 @@ class PolicyTrainer:
         )
         aggregate = AGGREGATIONS[algo.loss_aggregation]
         advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=self.accelerator.device)
-        reference = self._frozen_logprobs(self.reference, batch) if self.reference is not None else None
+        micro_batches = self._micro_batches(batch)
+        reference = (
+            self._frozen_logprobs(self.reference, micro_batches) if self.reference is not None else None
+        )
         # With mu == 1 the old policy is the current one: detaching the live logprobs is exact and
         # saves a forward pass. With mu > 1 every pass must see the logprobs from before the first.
-        old = self._frozen_logprobs(self.model, batch) if algo.mu > 1 else None
+        old = self._frozen_logprobs(self.model, micro_batches) if algo.mu > 1 else None
         sums: dict[str, float] = {"time/logprobs_s": time.perf_counter() - start}
+        # metrics stay on the device until the step's work is queued (reading one waits for the GPU)
+        pending: list[tuple[str, torch.Tensor]] = []
+        gaps: list[tuple[slice, torch.Tensor]] = []
         for _ in range(algo.mu):
-            for index, (rows, packed) in enumerate(self._micro_batches(batch)):
+            for index, (rows, packed) in enumerate(micro_batches):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
                 old_BL1 = old[index] if old is not None else logp_BL1.detach()
                 loss, metrics = grpo_loss(
@@ -213,9 +224,8 @@ class PolicyTrainer:
                 mask = packed.completion_mask_BL1
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
-                metrics["sampler_logprob_diff"] = self._sampler_gap(batch, rows, old_BL1) / totals.tokens
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
+                pending.extend(metrics.items())
+                gaps.append((rows, old_BL1.detach()))
             grad_norm = self._clip_gradients()
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
             self.optimizer.step()
@@ -223,6 +233,11 @@ class PolicyTrainer:
             load = update_routing_bias(self.model, self.recipe.train.routing_bias_gamma, self.group)
             for key, value in load.items():
                 sums[key] = sums.get(key, 0.0) + value / algo.mu
+        for key, value in pending:
+            sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
+        for rows, old_BL1 in gaps:
+            gap = self._sampler_gap(batch, rows, old_BL1) / totals.tokens
+            sums["sampler_logprob_diff"] = sums.get("sampler_logprob_diff", 0.0) + gap / algo.mu
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
