@@ -1,6 +1,7 @@
 """Times the fused FP8 quantizers (`grpo.models.fp8_triton`) on a CUDA GPU against a plain copy of the same input (the memory-bound floor), and checks each variant
 against the portable quantizers; then profiles one `Fp8Linear` forward+backward (GPU time per kernel
-against the wall time) and measures the CPU cost of each piece of that step (`cpu_costs`). Last
+against the wall time) and measures the CPU cost of each piece of that step (`cpu_costs`, at the
+layer's shape and at a tiny one). Last
 line: one JSON object.
 
     PYTHONPATH=. python benchmarks/probe_fp8_quantizers_gpu.py
@@ -88,18 +89,20 @@ def profile_layer() -> dict:
     }
 
 
-def cpu_costs() -> dict:
-    """CPU microseconds per call of each piece of the FP8 step (8192x7168->2048), from 50 calls
-    queued without synchronization: what Python and the launches cost, whatever the GPU time."""
+def cpu_costs(m: int = 8192, k: int = 7168, n: int = 2048) -> dict:
+    """Microseconds per call of each piece of the FP8 step (m x k -> n), from 50 calls queued
+    without synchronization. At the real shape a figure may include waiting for the GPU (on
+    2026-11-27 quantize_activation's 98 us equalled its GPU time; why it waited is not known); at a
+    tiny shape the GPU work is negligible, so the figures are what Python and the launches cost."""
     from grpo.models.fp8 import fp8_gemm
 
-    x = torch.randn(8192, 7168, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(2048, 7168, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     xq, xs, _, _ = fp8_triton.quantize_activation(x.detach())
     wq, ws = fp8_triton.quantize_weight_blocks(w)
-    bf16 = torch.nn.Linear(7168, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
-    fp8 = Fp8Linear(7168, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    bf16 = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    fp8 = Fp8Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     scale_a, scale_b = xs.t().contiguous().t(), ws.contiguous().t()
 
     def step(layer):
@@ -116,7 +119,7 @@ def cpu_costs() -> dict:
             xq, wq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16
         ),
         "bf16 mm": lambda: torch.mm(x.detach(), w.t()),
-        "empty x4": lambda: [torch.empty(8192, 7168, device="cuda") for _ in range(4)],
+        "empty x4": lambda: [torch.empty(m, k, device="cuda") for _ in range(4)],
         "bf16 layer step": lambda: step(bf16),
         "fp8 layer step": lambda: step(fp8),
     }
@@ -148,6 +151,8 @@ def main() -> None:
     print(profile, flush=True)
     cpu_us = cpu_costs()
     print(cpu_us, flush=True)
+    cpu_us_tiny = cpu_costs(256, 512, 256)
+    print(cpu_us_tiny, flush=True)
     print(
         json.dumps(
             {
@@ -157,6 +162,7 @@ def main() -> None:
                 "rows": rows,
                 "profile_8192x7168->2048": profile,
                 "cpu_us_per_call": cpu_us,
+                "cpu_us_per_call_256x512->256": cpu_us_tiny,
             }
         )
     )
