@@ -1,8 +1,7 @@
 """Times the fused FP8 quantizers (`grpo.models.fp8_triton`) on a CUDA GPU against a plain copy of the same input (the memory-bound floor), and checks each variant
 against the portable quantizers; then profiles one `Fp8Linear` forward+backward (GPU time per kernel
 against the wall time) and measures the CPU cost of each piece of that step (`cpu_costs`, at the
-layer's shape and at a tiny one). Last
-line: one JSON object.
+layer's shape and at a tiny one). Last line: one JSON object.
 
     PYTHONPATH=. python benchmarks/probe_fp8_quantizers_gpu.py
 """
