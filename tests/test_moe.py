@@ -9,6 +9,7 @@ from grpo.models.moe import (
     MoeLayer,
     Routing,
     convert_moe,
+    count_per_expert,
     real_tokens,
     select_experts,
     sequence_balance_loss,
@@ -24,6 +25,10 @@ def test_group_limited_top_k_only_picks_from_the_best_groups():
     weights, indices = select_experts(scores, None, routing)
     assert sorted(indices[0].tolist()) == [0, 1]  # expert 3 scores best alone but its group loses
     assert sorted(weights[0].tolist()) == pytest.approx([0.8, 0.9])
+
+
+def test_expert_counts_include_experts_nobody_chose():
+    assert count_per_expert(torch.tensor([[0, 2], [2, 3]]), 5).tolist() == [1, 0, 2, 1, 0]
 
 
 def test_the_bias_changes_the_choice_but_not_the_weights():

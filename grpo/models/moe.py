@@ -136,6 +136,13 @@ def sort_by_expert(indices_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return order_N, order_N // indices_TK.shape[1]
 
 
+def count_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of `indices` name each expert. A scatter, not `torch.bincount`, which reads the
+    indices' max on the host: a sync that drains the GPU's queued work, once per layer."""
+    flat = indices.flatten()
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def combine(
     x_TH: torch.Tensor,
     token_N: torch.Tensor,
@@ -167,10 +174,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         order_N, token_N = sort_by_expert(indices_TK)
-        # a scatter, not bincount: bincount reads the indices' max on the host (a sync per layer)
-        counts_E = indices_TK.new_zeros(self.num_experts).scatter_add_(
-            0, indices_TK.flatten(), torch.ones_like(indices_TK.flatten())
-        )
+        counts_E = count_per_expert(indices_TK, self.num_experts)
         return combine(x_TH, token_N, self.run_sorted(x_TH[token_N], counts_E), weights_TK, order_N)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from grpo.models.moe import GroupedExperts, MoeLayer, combine, moe_layers, sort_by_expert
+from grpo.models.moe import GroupedExperts, MoeLayer, combine, count_per_expert, moe_layers, sort_by_expert
 
 
 def _all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
@@ -58,16 +58,16 @@ class ExpertParallelExperts(nn.Module):
         # pairs sorted by expert, hence by destination rank (rank r holds a contiguous expert range)
         order_N, token_N = sort_by_expert(indices_TK)
         expert_N = indices_TK.flatten()[order_N]
-        send_R = torch.bincount(expert_N // self.num_local, minlength=self.ranks)
+        send_R = count_per_expert(expert_N // self.num_local, self.ranks)
         recv_R = torch.empty_like(send_R)
         dist.all_to_all_single(recv_R, send_R, group=self.group)
-        send, recv = send_R.tolist(), recv_R.tolist()
+        send, recv = send_R.tolist(), recv_R.tolist()  # the layer's one host read: the all-to-alls' sizes
 
         x_MH = _all_to_all(x_TH[token_N], recv, send, self.group)
         expert_M = _all_to_all(expert_N % self.num_local, recv, send, self.group)
         # arrivals come grouped by sender, each group sorted by expert: one more sort by local expert
         order_M = expert_M.argsort(stable=True)
-        y_sorted_MH = self.local.run_sorted(x_MH[order_M], torch.bincount(expert_M, minlength=self.num_local))
+        y_sorted_MH = self.local.run_sorted(x_MH[order_M], count_per_expert(expert_M, self.num_local))
         y_MH = y_sorted_MH[order_M.argsort()]
         y_NH = _all_to_all(y_MH, send, recv, self.group)
         return combine(x_TH, token_N, y_NH, weights_TK, order_N)
