@@ -197,7 +197,7 @@ class PolicyTrainer:
         old = self._frozen_logprobs(self.model, micro_batches) if algo.mu > 1 else None
         sums: dict[str, float] = {"time/logprobs_s": time.perf_counter() - start}
         # metrics stay on the device until the step's work is queued (reading one waits for the GPU)
-        pending: list[tuple[str, torch.Tensor]] = []
+        pending: list[tuple[str, torch.Tensor | float]] = []
         gaps: list[tuple[slice, torch.Tensor]] = []
         for _ in range(algo.mu):
             for index, (rows, packed) in enumerate(micro_batches):
@@ -226,8 +226,7 @@ class PolicyTrainer:
                 metrics["loss"] = loss.detach()
                 pending.extend(metrics.items())
                 gaps.append((rows, old_BL1.detach()))
-            grad_norm = self._clip_gradients()
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / algo.mu
+            pending.append(("grad_norm", self._clip_gradients()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             load = update_routing_bias(self.model, self.recipe.train.routing_bias_gamma, self.group)
@@ -257,10 +256,11 @@ class PolicyTrainer:
         dist.all_reduce(summed, group=self.group)
         return tuple(v if isinstance(v0, float) else int(v) for v, v0 in zip(summed.tolist(), values))
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor | float:
+        """The total gradient norm before clipping (on the device with one rank)."""
         max_norm = self.recipe.train.max_grad_norm
         if self.group is None:
-            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         expert_parallel.sum_replicated_gradients(self.model, self.group)
         return expert_parallel.clip_grad_norm_(self.model, max_norm, self.group)
 
