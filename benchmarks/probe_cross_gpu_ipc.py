@@ -32,40 +32,35 @@ except Exception as error:
 """
 
 
+def _last_line(args: list[str], env: dict, stdin: str = "") -> str:
+    """The child's last line of output (one JSON object), or its stderr's tail as one."""
+    done = subprocess.run(args, input=stdin, env=env, capture_output=True, text=True, check=False)
+    out = done.stdout.strip()
+    return out.splitlines()[-1] if out else json.dumps({"stderr": done.stderr[-300:]})
+
+
+def _write_and_read() -> None:
+    """Writer role: publish in GPU memory, then have a reader on READER_CARD open the handle."""
+    import torch
+
+    from grpo.rollout.weight_sync import SharedWeightsWriter
+
+    writer = SharedWeightsWriter(tag="probe-ipc", same_card=True)
+    manifest = dataclasses.asdict(writer.publish([("w", torch.arange(8.0, device="cuda"))]))
+    manifest["cuda_ipc"] = manifest["cuda_ipc"].hex()
+    reader_env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ["READER_CARD"]}
+    print(_last_line([sys.executable, "-c", READER], reader_env, json.dumps(manifest)))
+
+
 def main() -> None:
     if os.environ.get("PROBE_ROLE") == "writer":
-        import torch
-
-        from grpo.rollout.weight_sync import SharedWeightsWriter
-
-        writer = SharedWeightsWriter(tag="probe-ipc", same_card=True)
-        manifest = dataclasses.asdict(writer.publish([("w", torch.arange(8.0, device="cuda"))]))
-        manifest["cuda_ipc"] = manifest["cuda_ipc"].hex()
-        reader_env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ["READER_CARD"]}
-        done = subprocess.run(
-            [sys.executable, "-c", READER],
-            input=json.dumps(manifest),
-            env=reader_env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        print(
-            done.stdout.strip().splitlines()[-1]
-            if done.stdout.strip()
-            else json.dumps({"stderr": done.stderr[-300:]})
-        )
+        _write_and_read()
         return
     results = {}
     for reader_card in ("1", "0"):  # the writer's own card first (the colocated case), then another
         env = {**os.environ, "PROBE_ROLE": "writer", "CUDA_VISIBLE_DEVICES": "1", "READER_CARD": reader_card}
-        out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, check=False)
-        last = (
-            out.stdout.strip().splitlines()[-1]
-            if out.stdout.strip()
-            else json.dumps({"stderr": out.stderr[-300:]})
-        )
-        results["same_card" if reader_card == "1" else "other_card"] = json.loads(last)
+        name = "same_card" if reader_card == "1" else "other_card"
+        results[name] = json.loads(_last_line([sys.executable, __file__], env))
     print(json.dumps({"probe": "cross_gpu_ipc", **results}))
 
 

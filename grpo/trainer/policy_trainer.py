@@ -225,7 +225,7 @@ class PolicyTrainer:
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
                 pending.extend(metrics.items())
-                gaps.append((rows, old_BL1.detach()))
+                gaps.append((rows, old_BL1))  # already detached: frozen, or the live logprobs detached
             pending.append(("grad_norm", self._clip_gradients()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
