@@ -7,7 +7,9 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
 - `bf16_masters`: BF16 weights and GEMMs, FP32 master weights and BF16 Adam moments
   (`train.bf16_moments`), DeepSeek-V3's BF16 baseline;
 - `fp8_bf16_masters`: the same with FP8 GEMMs, DeepSeek-V3's FP8 recipe: the pair differs only in
-  the GEMMs' precision.
+  the GEMMs' precision;
+- `fp8_forward_bf16_masters`: FP8 in the forward GEMM only, the two backward GEMMs in BF16 on the
+  unquantized operands (an ablation: how much of the pair's gap the backward's FP8 makes).
 Reports two final losses and, for the pairs run, their signed relative differences (variant -
 baseline) / baseline:
 - `loss`: the training loss, mean of the last 20 steps (each step a different batch);
@@ -26,6 +28,7 @@ Target from the FP8 issue: FP8 within 1% of BF16. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 
@@ -33,6 +36,7 @@ import torch
 
 from grpo.config import recipe_from_dict
 from grpo.data import eval_prompts
+from grpo.models import fp8
 from grpo.models.build import converters_for, load_policy, load_tokenizer
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
@@ -44,12 +48,51 @@ VARIANTS = {  # (model options, train options)
     "fp8": ({"dtype": "float32", "fp8": True}, {}),
     "bf16_masters": ({"dtype": "bfloat16"}, {"bf16_moments": True}),
     "fp8_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
+    "fp8_forward_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
 }
+FP8_FORWARD_ONLY = {"fp8_forward_bf16_masters"}
 # (variant, baseline): relative difference of the first's final loss from the second's
-PAIRS = [("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32"), ("fp8_bf16_masters", "bf16_masters")]
+PAIRS = [
+    ("fp8", "bf16"),
+    ("fp8", "fp32"),
+    ("bf16", "fp32"),
+    ("fp8_bf16_masters", "bf16_masters"),
+    ("fp8_forward_bf16_masters", "bf16_masters"),
+]
 
 
 HELD_OUT = 512
+
+
+class Fp8ForwardOnly(torch.autograd.Function):
+    """`x @ w.T` with the forward in FP8 and both backward GEMMs in the operands' own precision."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, power_of_two: bool):
+        ctx.save_for_backward(x_MK, w_NK)
+        with torch.no_grad():
+            return fp8.fp8_linear(x_MK, w_NK, power_of_two)
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        grad_MN = grad_MN.to(x_MK.dtype)
+        return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
+
+
+@contextlib.contextmanager
+def fp8_forward_only(enabled: bool):
+    """Every FP8 linear (and, on CPU, every FP8 expert, which runs through `fp8_linear`) through
+    `Fp8ForwardOnly` for the duration."""
+    if not enabled:
+        yield
+        return
+    full = fp8.Fp8LinearFunction
+    fp8.Fp8LinearFunction = Fp8ForwardOnly
+    try:
+        yield
+    finally:
+        fp8.Fp8LinearFunction = full
 
 
 @torch.no_grad()
@@ -122,7 +165,8 @@ def main() -> None:
                     "train": {"threads": args.threads, **train},
                 }
             )
-            summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
+            with fp8_forward_only(name in FP8_FORWARD_ONLY):
+                summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
             checkpoint = summary["checkpoint"]
             bf16, fp8 = (held_out_loss(checkpoint, recipe, gemms) for gemms in ("bf16", "fp8"))
             results[name] = {
