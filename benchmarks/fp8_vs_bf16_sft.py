@@ -36,7 +36,7 @@ import torch
 
 from grpo.config import recipe_from_dict
 from grpo.data import eval_prompts
-from grpo.models import fp8
+from grpo.models import fp8 as fp8_layers
 from grpo.models.build import converters_for, load_policy, load_tokenizer
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
@@ -71,7 +71,7 @@ class Fp8ForwardOnly(torch.autograd.Function):
     def forward(ctx, x_MK, w_NK, power_of_two: bool):
         ctx.save_for_backward(x_MK, w_NK)
         with torch.no_grad():
-            return fp8.fp8_linear(x_MK, w_NK, power_of_two)
+            return fp8_layers.fp8_linear(x_MK, w_NK, power_of_two)
 
     @staticmethod
     def backward(ctx, grad_MN):
@@ -87,12 +87,12 @@ def fp8_forward_only(enabled: bool):
     if not enabled:
         yield
         return
-    full = fp8.Fp8LinearFunction
-    fp8.Fp8LinearFunction = Fp8ForwardOnly
+    full = fp8_layers.Fp8LinearFunction
+    fp8_layers.Fp8LinearFunction = Fp8ForwardOnly
     try:
         yield
     finally:
-        fp8.Fp8LinearFunction = full
+        fp8_layers.Fp8LinearFunction = full
 
 
 @torch.no_grad()
