@@ -95,6 +95,16 @@ def fp8_forward_only(enabled: bool):
         fp8_layers.Fp8LinearFunction = full
 
 
+def packed_problems(tokenizer, rows):
+    """Arithmetic problems with their boxed worked solutions, packed as `grpo sft` packs them."""
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    completions = [
+        tokenizer(solution_text(row["expression"], boxed=True))["input_ids"] + [tokenizer.eos_token_id]
+        for row in rows
+    ]
+    return pack(prompts, completions, tokenizer.pad_token_id or 0)
+
+
 @torch.no_grad()
 def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32") -> float:
     """Mean completion-token NLL of `checkpoint` on HELD_OUT held-out problems (the same set for every
@@ -111,13 +121,7 @@ def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32") -> float:
     rows = eval_prompts(recipe.data, HELD_OUT, seed=0)
     nll, tokens = 0.0, 0
     for start in range(0, len(rows), 64):
-        batch = rows[start : start + 64]
-        prompts = [tokenizer(row["prompt"])["input_ids"] for row in batch]
-        completions = [
-            tokenizer(solution_text(row["expression"], boxed=True))["input_ids"] + [tokenizer.eos_token_id]
-            for row in batch
-        ]
-        packed = pack(prompts, completions, tokenizer.pad_token_id or 0)
+        packed = packed_problems(tokenizer, rows[start : start + 64])
         logp_BL1, _ = token_logprobs(model, packed)
         nll -= (logp_BL1 * packed.completion_mask_BL1).sum().item()
         tokens += int(packed.completion_mask_BL1.sum().item())
