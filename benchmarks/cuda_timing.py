@@ -1,10 +1,13 @@
-"""The GPU benchmarks' timer: median of CUDA-event timings after warm-up runs.
+"""The GPU benchmarks' timers: median of CUDA-event timings after warm-up runs (`median_ms`), and
+the CPU time of calls queued without synchronization (`cpu_us_per_call`).
 
 A fixed number of runs (not `triton.testing.do_bench`'s time-based count) so that ranks running
 collectives together call the same number of times. Imported by the scripts beside it, which run as
 `python3 benchmarks/NAME.py` (the script's folder is then on `sys.path`)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -21,3 +24,17 @@ def median_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def cpu_us_per_call(fn, calls: int = 50, warmup: int = 5) -> float:
+    """Microseconds of host time per call of `fn`, `calls` calls queued back to back with no
+    synchronization between them: what Python and the launches cost, unless the GPU's queue fills."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return round(elapsed / calls * 1e6, 1)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+from cuda_timing import cpu_us_per_call
 from triton.testing import do_bench
 
 from grpo.models import fp8_triton
@@ -90,9 +91,10 @@ def profile_layer() -> dict:
 
 def cpu_costs(m: int = 8192, k: int = 7168, n: int = 2048) -> dict:
     """Microseconds per call of each piece of the FP8 step (m x k -> n), from 50 calls queued
-    without synchronization. At the real shape a figure may include waiting for the GPU (on
-    2026-11-27 quantize_activation's 98 us equalled its GPU time; why it waited is not known); at a
-    tiny shape the GPU work is negligible, so the figures are what Python and the launches cost."""
+    without synchronization. At the real shape a figure may include waiting for the GPU; at a tiny
+    shape the GPU work is negligible, so the figures are what Python and the launches cost (on
+    2026-11-27 the activation quantizer took 80 us there too: its 98 us at the real shape are CPU
+    time, split in `probe_triton_launch_gpu.py`)."""
     from grpo.models.fp8 import fp8_gemm
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -122,17 +124,7 @@ def cpu_costs(m: int = 8192, k: int = 7168, n: int = 2048) -> dict:
         "bf16 layer step": lambda: step(bf16),
         "fp8 layer step": lambda: step(fp8),
     }
-    costs = {}
-    for name, fn in pieces.items():
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(50):
-            fn()
-        costs[name] = round((time.perf_counter() - start) / 50 * 1e6, 1)
-        torch.cuda.synchronize()
-    return costs
+    return {name: cpu_us_per_call(fn) for name, fn in pieces.items()}
 
 
 def main() -> None:

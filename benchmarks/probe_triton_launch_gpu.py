@@ -13,53 +13,39 @@ queued without synchronization, beside one ATen kernel launch for scale. Last li
 from __future__ import annotations
 
 import json
-import time
 
 import torch
+from cuda_timing import cpu_us_per_call
 
 from grpo.models import fp8_triton
-
-
-def us_per_call(fn, calls: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return round(elapsed / calls * 1e6, 1)
 
 
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
-    q = torch.empty(256, 512, dtype=torch.float8_e4m3fn, device="cuda")
-    t = torch.empty(512, 512, dtype=torch.float8_e4m3fn, device="cuda")
-    q_scale, t_scale = torch.empty(4, 256, device="cuda"), torch.empty(4, 512, device="cuda")
+    # the call's own outputs, reused: the kernel writes the same padded buffers, scales through
+    # their storage (the call returns the scales as transposed views)
+    q, q_scale, t, t_scale = fp8_triton.quantize_output_grad(x)
+    q_scale, t_scale = q_scale.t(), t_scale.t()
+    grid = (max(q.shape[0], t.shape[1]) // 128, max(q.shape[1], t.shape[0]) // 128)
 
     def launch_only():
-        fp8_triton._quantize_kernel[(4, 4)](
-            x, x.stride(0), x.stride(1), 256, 512, q, 256, 512, q_scale, q_scale.stride(0),
-            t, 512, 512, t_scale, t_scale.stride(0),
+        fp8_triton._quantize_kernel[grid](
+            x, x.stride(0), x.stride(1), *x.shape, q, *q.shape, q_scale, q_scale.stride(0),
+            t, *t.shape, t_scale, t_scale.stride(0),
             DIRECT=fp8_triton.ROWS, TRANSPOSED=fp8_triton.COLUMNS, POWER_OF_TWO=False, num_warps=4,
         )  # fmt: skip
 
     def allocations_only():
-        return (
-            torch.empty(256, 512, dtype=torch.float8_e4m3fn, device="cuda"),
-            torch.empty(4, 256, device="cuda"),
-            torch.empty(512, 512, dtype=torch.float8_e4m3fn, device="cuda"),
-            torch.empty(4, 512, device="cuda"),
-        )
+        return [torch.empty_like(tensor) for tensor in (q, q_scale, t, t_scale)]
 
-    costs = {
-        "quantize_output_grad": us_per_call(lambda: fp8_triton.quantize_output_grad(x)),
-        "kernel launch alone": us_per_call(launch_only),
-        "4 x torch.empty": us_per_call(allocations_only),
-        "torch.neg (one aten kernel)": us_per_call(lambda: torch.neg(x)),
+    pieces = {
+        "quantize_output_grad": lambda: fp8_triton.quantize_output_grad(x),
+        "kernel launch alone": launch_only,
+        "4 x torch.empty": allocations_only,
+        "torch.neg (one aten kernel)": lambda: torch.neg(x),
     }
+    costs = {name: cpu_us_per_call(fn, calls=200, warmup=10) for name, fn in pieces.items()}
     print(costs)
     print(
         json.dumps({"probe": "triton_launch", "device": torch.cuda.get_device_name(), "us_per_call": costs})

@@ -199,7 +199,7 @@ class PolicyTrainer:
         # metrics stay on the device until the step's work is queued (reading one waits for the GPU)
         pending: list[tuple[str, torch.Tensor | float]] = []
         gaps: list[tuple[slice, torch.Tensor]] = []
-        for _ in range(algo.mu):
+        for pass_index in range(algo.mu):
             for index, (rows, packed) in enumerate(micro_batches):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
                 old_BL1 = old[index] if old is not None else logp_BL1.detach()
@@ -225,7 +225,8 @@ class PolicyTrainer:
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
                 pending.extend(metrics.items())
-                gaps.append((rows, old_BL1))  # already detached: frozen, or the live logprobs detached
+                if pass_index == 0:  # the old policy's logprobs are the same in every pass
+                    gaps.append((rows, old_BL1))
             pending.append(("grad_norm", self._clip_gradients()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,9 +235,9 @@ class PolicyTrainer:
                 sums[key] = sums.get(key, 0.0) + value / algo.mu
         for key, value in pending:
             sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
-        for rows, old_BL1 in gaps:
-            gap = self._sampler_gap(batch, rows, old_BL1) / totals.tokens
-            sums["sampler_logprob_diff"] = sums.get("sampler_logprob_diff", 0.0) + gap / algo.mu
+        sums["sampler_logprob_diff"] = sum(
+            self._sampler_gap(batch, rows, old_BL1) / totals.tokens for rows, old_BL1 in gaps
+        )
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
@@ -267,7 +268,7 @@ class PolicyTrainer:
     @staticmethod
     def _sampler_gap(batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor) -> float:
         """Sum over tokens of |old-policy logprob - vLLM sampler logprob| (rollout/train mismatch)."""
-        old_BL1 = old_BL1.detach().cpu()  # one transfer for the micro-batch, not one per row
+        old_BL1 = old_BL1.cpu()  # one transfer for the micro-batch, not one per row (detached already)
         total = 0.0
         for row, (prompt, sampler) in enumerate(zip(batch.prompt_ids[rows], batch.sampler_logprobs[rows])):
             if not sampler:
