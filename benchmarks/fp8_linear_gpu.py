@@ -8,8 +8,9 @@ Times (CUDA events, medians):
   of a layer whose GPU queue stays full, which is the larger of its CPU (launch) and GPU time;
 - `*_synced_ms`: every step synchronized alone (Python's launch overhead adds to the GPU time);
 - `*_graph_ms`: the step replayed from a CUDA graph (GPU time alone);
-- `fp8_reused_ms`: the FP8 step inside `reuse_quantized_weights` with the weight unchanged: every
-  micro-batch after an optimizer step's first, where the weight's quantized copies are reused;
+- `fp8_reused_ms`, `fp8_reused_graph_ms`: the FP8 step inside `reuse_quantized_weights` with the
+  weight unchanged, queued and from a CUDA graph: every micro-batch after an optimizer step's first,
+  where the weight's quantized copies are reused;
 - `gemm_only_ms`: the three FP8 GEMMs alone on pre-quantized operands, the floor the layer can reach.
 Relative error of the FP8 output and gradients against an FP32 reference. Last line: one JSON object.
 
@@ -102,6 +103,7 @@ def main() -> None:
             times[name + "_graph"] = time_graphed(layer, x, grad)
         with reuse_quantized_weights():
             times["fp8_reused"] = time_queued(fp8, x, grad)
+            times["fp8_reused_graph"] = time_graphed(fp8, x, grad)
         # accuracy against FP32
         x.grad = fp8.weight.grad = None
         y = fp8(x)
@@ -119,6 +121,7 @@ def main() -> None:
                 "synced_speedup": round(times["bf16_synced"] / times["fp8_synced"], 3),
                 "graph_speedup": round(times["bf16_graph"] / times["fp8_graph"], 3),
                 "reused_speedup": round(times["bf16"] / times["fp8_reused"], 3),
+                "reused_graph_speedup": round(times["bf16_graph"] / times["fp8_reused_graph"], 3),
                 "bf16_tflops": round(flops / times["bf16"] / 1e9, 1),
                 "fp8_tflops": round(flops / times["fp8"] / 1e9, 1),
                 "fp8_rel_err_out": round(rel, 5),

@@ -89,6 +89,24 @@ def test_fused_quantizers_on_the_gpu():
 
 @pytest.mark.gpu
 @gpu
+def test_a_kernel_launched_directly_is_one_compiled_for_its_arguments():
+    """After the first call a quantizer skips Triton's dispatch (`fp8_triton._launch`): inputs that
+    Triton compiles differently for (sizes that are multiples of 16 or not, an input 16-byte aligned
+    or not) must each get their own kernel, in any order."""
+    from grpo.models import fp8_triton
+
+    torch.manual_seed(2)
+    base = torch.randn(257, 513, device="cuda") * torch.logspace(-2, 2, 513, device="cuda")
+    inputs = [base[:256, :512], base[:200, :300], base[1:201, 1:301], base[:256, :512].contiguous()]
+    for x in inputs * 2:
+        q, scale = fp8_triton.quantize_activation_rows(x)
+        reference_q, reference_scale = quantize_tiles(x)
+        assert _same(q, reference_q)
+        assert torch.equal(scale[: x.shape[0], : reference_scale.shape[1]], reference_scale)
+
+
+@pytest.mark.gpu
+@gpu
 def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
     torch.manual_seed(1)
     x = torch.randn(200, 300, dtype=torch.bfloat16, device="cuda", requires_grad=True)

@@ -110,6 +110,35 @@ def _quantize_kernel(
         tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
 
 
+# A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
+# argument, then looks the kernel up), more than the rest of a small layer's step; the layer makes
+# four. So each compiled kernel is also kept here, under what Triton compiled it for, and launched
+# directly: the device, the constexprs, the input's dtype and 16-byte alignment, and each integer's
+# class (`_int_class`). The outputs are fresh allocations, aligned like any other.
+_compiled: dict[tuple, object] = {}
+
+
+def _int_class(value: int) -> int:
+    """What Triton specializes an integer argument on: being 1, a multiple of 16, or past 32 bits."""
+    return (value == 1) | (value % 16 == 0) << 1 | (value >= 2**31) << 2
+
+
+def _launch(grid: tuple[int, int], args: tuple) -> None:
+    x = args[0]
+    integers = tuple(_int_class(a) for a in args if type(a) is int)
+    key = (x.device, x.dtype, x.data_ptr() % 16 == 0, args[-3:], integers)
+    kernel = _compiled.get(key)
+    if kernel is not None:
+        kernel[grid + (1,)](*args)
+        return
+    direct, transposed, power_of_two = args[-3:]
+    kernel = _quantize_kernel[grid](
+        *args[:-3], DIRECT=direct, TRANSPOSED=transposed, POWER_OF_TWO=power_of_two, num_warps=4
+    )
+    if hasattr(kernel, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
+        _compiled[key] = kernel
+
+
 def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
     """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
     padded to ALIGN x ALIGN (both None with NONE). Tile scales come as column-major views, block scales
@@ -131,27 +160,13 @@ def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two
     else:  # placeholders the kernel never touches (no allocations: the layer is launch-bound)
         t, t_scale = q, q_scale
     grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T)
-    _quantize_kernel[grid](
-        x_RC,
-        x_RC.stride(0),
-        x_RC.stride(1),
-        rows,
-        cols,
-        q,
-        q_rows,
-        q_cols,
-        q_scale,
-        q_scale.stride(0),
-        t,
-        t_rows,
-        t_cols,
-        t_scale,
-        max(t_scale.stride(0), 1),
-        DIRECT=direct,
-        TRANSPOSED=transposed,
-        POWER_OF_TWO=power_of_two,
-        num_warps=4,
-    )
+    args = (  # the kernel's, in order: the input, each copy with its scales, the constexprs
+        x_RC, x_RC.stride(0), x_RC.stride(1), rows, cols,
+        q, q_rows, q_cols, q_scale, q_scale.stride(0),
+        t, t_rows, t_cols, t_scale, max(t_scale.stride(0), 1),
+        direct, transposed, power_of_two,
+    )  # fmt: skip
+    _launch(grid, args)
     q_scale = q_scale if direct == BLOCKS else q_scale.t()
     if transposed == NONE:
         return q, q_scale, None, None

@@ -101,6 +101,11 @@ ADDITIVE = (
 
 
 class PolicyTrainer:
+    backward_on_this_thread = True
+    """Run each backward on the calling thread instead of autograd's device thread. The FP8 layers'
+    backward is Python, and there it ran 2-3x slower (`benchmarks/probe_fp8_step_cpu_gpu.py`); off
+    only to measure the difference (`benchmarks/trainer_step_gpu.py`)."""
+
     def __init__(self, model_path: str, recipe: dict, pad_id: int, rank: int = 0, init_method: str = ""):
         """`rank` and `init_method` (a `tcp://host:port` rendezvous) join the expert-parallel group
         of `train.expert_parallel_size` ranks."""
@@ -220,7 +225,8 @@ class PolicyTrainer:
                     balance = balance * len(packed.input_ids_BL) / totals.sequences
                     loss = loss + balance
                     metrics["moe/balance_loss"] = balance.detach()
-                self.accelerator.backward(loss)
+                with torch.autograd.set_multithreading_enabled(not self.backward_on_this_thread):
+                    self.accelerator.backward(loss)
                 mask = packed.completion_mask_BL1
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()

@@ -1,0 +1,106 @@
+"""The policy trainer's update alone on one GPU: `PolicyTrainer.train_step`'s trainer tokens/s with FP8
+and BF16 GEMMs, in three settings that alternate on one trainer:
+- `before`: as at 109b7e1, the backward on autograd's device thread
+  (`PolicyTrainer.backward_on_this_thread` off) and the FP8 quantizers launched through Triton's JIT
+  dispatch (`probe_fp8_step_cpu_gpu.through_jit_dispatch` patched in);
+- `this_thread`: the backward on the calling thread, the launch as before;
+- `now`: as the trainer runs now, the backward on the calling thread and the quantizers' compiled
+  kernel launched directly.
+
+Model: the H100 recipes' ~0.4 B-parameter DeepSeek-V3 MoE (`recipes/arithmetic_sft_h100.yaml`'s
+`tiny_overrides`) at random initialization, trained as `recipes/arithmetic_grpo_h100.yaml` says, on
+a synthetic rollout batch of that recipe's size: 64 prompts x 8 completions, 16 prompt and 64
+completion tokens each, random token ids and advantages. No vLLM, no Ray: the update alone, which
+`benchmarks/loop_breakdown.py` reports as `train_s` inside the loop. For each micro-batch size and
+precision one trainer is built, then the settings take turns, `ROUNDS` times `STEPS` steps each
+after a warm-up step; the figure is the median step's tokens/s. Last line: one JSON object.
+
+    python3 benchmarks/trainer_step_gpu.py [--micro-batch-sizes 512 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from probe_fp8_step_cpu_gpu import through_jit_dispatch
+
+from grpo.config import load_recipe
+from grpo.models import fp8_triton
+from grpo.models.build import materialize
+from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION_TOKENS = 64, 8, 16, 64
+STEPS, ROUNDS = 3, 2
+PAD = 0
+
+
+def rollout_batch(vocab_size: int) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(0)
+    rows = PROMPTS * GROUP
+
+    def ids(length: int) -> list[list[int]]:
+        return torch.randint(3, vocab_size, (rows, length), generator=generator).tolist()
+
+    advantages = torch.randn(rows, generator=generator).tolist()
+    return RolloutBatch(ids(PROMPT_TOKENS), ids(COMPLETION_TOKENS), advantages, [[] for _ in range(rows)])
+
+
+SETTINGS = {"before": (False, False), "this_thread": (False, True), "now": (True, True)}
+"""name -> (quantizer kernels launched directly, backward on the calling thread)"""
+
+
+def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> list[float]:
+    launch_directly, trainer.backward_on_this_thread = SETTINGS[setting]
+    launch = fp8_triton._launch
+    fp8_triton._launch = launch if launch_directly else through_jit_dispatch
+    try:
+        return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
+    finally:
+        fp8_triton._launch = launch
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[512, 128])
+    args = parser.parse_args()
+    sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
+    grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        path = materialize(sft.model.path, Path(scratch), tiny_overrides=sft.model.tiny_overrides)
+        vocab_size = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        batch = rollout_batch(vocab_size)
+        for micro_batch_size in args.micro_batch_sizes:
+            for fp8 in (True, False):
+                grpo["model"].update(path=path, fp8=fp8)
+                grpo["train"]["micro_batch_size"] = micro_batch_size
+                trainer = PolicyTrainer(path, grpo, PAD)
+                trainer.train_step(batch)  # warm-up: Triton compiles, cuBLASLt picks its kernels
+                runs: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
+                for _ in range(ROUNDS):
+                    for setting in SETTINGS:
+                        runs[setting] += tokens_per_s(trainer, batch, setting)
+                row = {"fp8": fp8, "micro_batch_size": micro_batch_size}
+                row.update(
+                    {f"tokens_per_s_{name}": round(statistics.median(runs[name])) for name in SETTINGS}
+                )
+                for name in ("this_thread", "now"):
+                    row[f"{name}_over_before"] = round(
+                        row[f"tokens_per_s_{name}"] / row["tokens_per_s_before"], 3
+                    )
+                rows.append(row)
+                print(row, flush=True)
+                trainer.close()
+                del trainer
+                torch.cuda.empty_cache()
+    print(json.dumps({"benchmark": "trainer_step_gpu", "device": torch.cuda.get_device_name(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
