@@ -10,24 +10,29 @@ and BF16 GEMMs, in three settings that alternate on one trainer:
 Model: the H100 recipes' ~0.4 B-parameter DeepSeek-V3 MoE (`recipes/arithmetic_sft_h100.yaml`'s
 `tiny_overrides`) at random initialization, trained as `recipes/arithmetic_grpo_h100.yaml` says, on
 a synthetic rollout batch of that recipe's size: 64 prompts x 8 completions, 16 prompt and 64
-completion tokens each, random token ids and advantages. No vLLM, no Ray: the update alone, which
+completion tokens each, random token ids and advantages; learning rate 1e-30, too small to move
+any weight, so that the weights (and with them the routing, and so the experts' work) stay the same
+from step to step while every step still does all of its work, optimizer included. No vLLM, no Ray: the update alone, which
 `benchmarks/loop_breakdown.py` reports as `train_s` inside the loop. For each micro-batch size and
-precision one trainer is built, then the settings take turns, `ROUNDS` times `STEPS` steps each
-after a warm-up step; the figure is the median step's tokens/s. Last line: one JSON object.
+precision one trainer is built, then the settings take turns, `--rounds` times `STEPS` steps
+each after a warm-up step; the figure is the median step's tokens/s. With `--profile`, each trainer's
+last step (as it runs now) also runs under cProfile, and the functions with the most own time per
+step are printed. Last line: one JSON object.
 
-    python3 benchmarks/trainer_step_gpu.py [--micro-batch-sizes 512 128]
+    python3 benchmarks/trainer_step_gpu.py [--micro-batch-sizes 512 128] [--rounds 2] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from probe_fp8_step_cpu_gpu import through_jit_dispatch
+from probe_fp8_step_cpu_gpu import own_time_lines, through_jit_dispatch
 
 from grpo.config import load_recipe
 from grpo.models import fp8_triton
@@ -35,7 +40,7 @@ from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
 PROMPTS, GROUP, PROMPT_TOKENS, COMPLETION_TOKENS = 64, 8, 16, 64
-STEPS, ROUNDS = 3, 2
+STEPS = 3
 PAD = 0
 
 
@@ -68,6 +73,8 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     parser = argparse.ArgumentParser()
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[512, 128])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
     grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
@@ -79,23 +86,30 @@ def main() -> None:
         for micro_batch_size in args.micro_batch_sizes:
             for fp8 in (True, False):
                 grpo["model"].update(path=path, fp8=fp8)
-                grpo["train"]["micro_batch_size"] = micro_batch_size
+                grpo["train"].update(micro_batch_size=micro_batch_size, learning_rate=1e-30)
                 trainer = PolicyTrainer(path, grpo, PAD)
                 trainer.train_step(batch)  # warm-up: Triton compiles, cuBLASLt picks its kernels
                 runs: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
-                for _ in range(ROUNDS):
+                for _ in range(args.rounds):
                     for setting in SETTINGS:
                         runs[setting] += tokens_per_s(trainer, batch, setting)
                 row = {"fp8": fp8, "micro_batch_size": micro_batch_size}
                 row.update(
                     {f"tokens_per_s_{name}": round(statistics.median(runs[name])) for name in SETTINGS}
                 )
+                row["steps_tokens_per_s"] = {name: [round(v) for v in runs[name]] for name in SETTINGS}
                 for name in ("this_thread", "now"):
                     row[f"{name}_over_before"] = round(
                         row[f"tokens_per_s_{name}"] / row["tokens_per_s_before"], 3
                     )
                 rows.append(row)
                 print(row, flush=True)
+                if args.profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    trainer.train_step(batch)
+                    profiler.disable()
+                    print(*own_time_lines(profiler, calls=1, lines=25), sep="\n", flush=True)
                 trainer.close()
                 del trainer
                 torch.cuda.empty_cache()
