@@ -12,10 +12,11 @@ Model: the H100 recipes' ~0.4 B-parameter DeepSeek-V3 MoE (`recipes/arithmetic_s
 a synthetic rollout batch of that recipe's size: 64 prompts x 8 completions, 16 prompt and 64
 completion tokens each, random token ids and advantages; learning rate 1e-30, too small to move
 any weight, so that the weights (and with them the routing, and so the experts' work) stay the same
-from step to step while every step still does all of its work, optimizer included. No vLLM, no Ray: the update alone, which
-`benchmarks/loop_breakdown.py` reports as `train_s` inside the loop. For each micro-batch size and
-precision one trainer is built, then the settings take turns, `--rounds` times `STEPS` steps
-each after a warm-up step; the figure is the median step's tokens/s. With `--profile`, each trainer's
+from step to step while every step still does all of its work, optimizer included. No vLLM, no
+Ray: the update alone, which `benchmarks/loop_breakdown.py` reports as `train_s` inside the loop.
+For each micro-batch size and precision one trainer is built, then the settings take turns,
+`--rounds` times `STEPS` steps each after a warm-up step; the figure is the median step's tokens/s
+(every step's figure is kept in `steps_tokens_per_s`). With `--profile`, each trainer's
 last step (as it runs now) also runs under cProfile, and the functions with the most own time per
 step are printed. Last line: one JSON object.
 
