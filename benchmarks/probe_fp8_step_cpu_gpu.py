@@ -47,14 +47,21 @@ def through_jit_dispatch(grid, args):
 
 
 @contextlib.contextmanager
-def setting(launch_directly: bool, backward_on_this_thread: bool):
+def quantizer_launch(directly: bool):
+    """The quantizers' compiled kernel launched directly (now) or through Triton's JIT (before)."""
     launch = fp8_triton._launch
-    fp8_triton._launch = launch if launch_directly else through_jit_dispatch
+    fp8_triton._launch = launch if directly else through_jit_dispatch
     try:
-        with torch.autograd.set_multithreading_enabled(not backward_on_this_thread):
-            yield
+        yield
     finally:
         fp8_triton._launch = launch
+
+
+@contextlib.contextmanager
+def setting(launch_directly: bool, backward_on_this_thread: bool):
+    threads = torch.autograd.set_multithreading_enabled(not backward_on_this_thread)
+    with quantizer_launch(launch_directly), threads:
+        yield
 
 
 def alternating(pieces: dict) -> dict:

@@ -2,7 +2,7 @@
 and BF16 GEMMs, in three settings that alternate on one trainer:
 - `before`: as at 109b7e1, the backward on autograd's device thread
   (`PolicyTrainer.backward_on_this_thread` off) and the FP8 quantizers launched through Triton's JIT
-  dispatch (`probe_fp8_step_cpu_gpu.through_jit_dispatch` patched in);
+  dispatch (`probe_fp8_step_cpu_gpu.quantizer_launch`);
 - `this_thread`: the backward on the calling thread, the launch as before;
 - `now`: as the trainer runs now, the backward on the calling thread and the quantizers' compiled
   kernel launched directly.
@@ -33,10 +33,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from probe_fp8_step_cpu_gpu import own_time_lines, through_jit_dispatch
+from probe_fp8_step_cpu_gpu import own_time_lines, quantizer_launch
 
 from grpo.config import load_recipe
-from grpo.models import fp8_triton
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -62,12 +61,8 @@ SETTINGS = {"before": (False, False), "this_thread": (False, True), "now": (True
 
 def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> list[float]:
     launch_directly, trainer.backward_on_this_thread = SETTINGS[setting]
-    launch = fp8_triton._launch
-    fp8_triton._launch = launch if launch_directly else through_jit_dispatch
-    try:
+    with quantizer_launch(launch_directly):
         return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
-    finally:
-        fp8_triton._launch = launch
 
 
 def main() -> None:
