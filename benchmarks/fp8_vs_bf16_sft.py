@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import tempfile
+from unittest import mock
 
 import torch
 
@@ -80,19 +81,12 @@ class Fp8ForwardOnly(torch.autograd.Function):
         return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
 
 
-@contextlib.contextmanager
 def fp8_forward_only(enabled: bool):
     """Every FP8 linear (and, on CPU, every FP8 expert, which runs through `fp8_linear`) through
     `Fp8ForwardOnly` for the duration."""
     if not enabled:
-        yield
-        return
-    full = fp8_layers.Fp8LinearFunction
-    fp8_layers.Fp8LinearFunction = Fp8ForwardOnly
-    try:
-        yield
-    finally:
-        fp8_layers.Fp8LinearFunction = full
+        return contextlib.nullcontext()
+    return mock.patch.object(fp8_layers, "Fp8LinearFunction", Fp8ForwardOnly)
 
 
 def packed_problems(tokenizer, rows):

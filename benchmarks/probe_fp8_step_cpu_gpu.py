@@ -28,6 +28,7 @@ import json
 import pstats
 import statistics
 import time
+from unittest import mock
 
 import torch
 from cuda_timing import cpu_us_per_call
@@ -46,15 +47,13 @@ def through_jit_dispatch(grid, args):
     )
 
 
-@contextlib.contextmanager
 def quantizer_launch(directly: bool):
     """The quantizers' compiled kernel launched directly (now) or through Triton's JIT (before)."""
-    launch = fp8_triton._launch
-    fp8_triton._launch = launch if directly else through_jit_dispatch
-    try:
-        yield
-    finally:
-        fp8_triton._launch = launch
+    return (
+        contextlib.nullcontext()
+        if directly
+        else mock.patch.object(fp8_triton, "_launch", through_jit_dispatch)
+    )
 
 
 @contextlib.contextmanager
@@ -110,13 +109,10 @@ def inside_engine_backward(step) -> tuple[float, list[str]]:
             profiler.disable()
             spent.append(time.perf_counter() - start)
 
-    Fp8LinearFunction.backward = staticmethod(measured)
-    try:
+    with mock.patch.object(Fp8LinearFunction, "backward", staticmethod(measured)):
         for _ in range(CALLS):
             step()
         torch.cuda.synchronize()
-    finally:
-        Fp8LinearFunction.backward = staticmethod(original)
     return round(sum(spent) / len(spent) * 1e6, 1), own_time_lines(profiler, len(spent))
 
 

@@ -124,14 +124,14 @@ def _int_class(value: int) -> int:
 
 
 def _launch(grid: tuple[int, int], args: tuple) -> None:
-    x = args[0]
-    integers = tuple(_int_class(a) for a in args if type(a) is int)
-    key = (x.device, x.dtype, x.data_ptr() % 16 == 0, args[-3:], integers)
+    x, constexprs = args[0], args[-3:]
+    integers = tuple(_int_class(a) for a in args[:-3] if type(a) is int)
+    key = (x.device, x.dtype, x.data_ptr() % 16 == 0, constexprs, integers)
     kernel = _compiled.get(key)
     if kernel is not None:
         kernel[grid + (1,)](*args)
         return
-    direct, transposed, power_of_two = args[-3:]
+    direct, transposed, power_of_two = constexprs
     kernel = _quantize_kernel[grid](
         *args[:-3], DIRECT=direct, TRANSPOSED=transposed, POWER_OF_TWO=power_of_two, num_warps=4
     )
