@@ -8,14 +8,60 @@ from grpo.models.moe import (
     GroupedExperts,
     MoeLayer,
     Routing,
+    combine,
     convert_moe,
     count_per_expert,
+    dispatch,
+    permute_rows,
     real_tokens,
     select_experts,
     sequence_balance_loss,
+    sort_by_expert,
     update_routing_bias,
 )
 from grpo.models.tiny import tiny_deepseek_v3_config
+
+
+def test_dispatch_sends_each_token_to_its_experts_in_expert_order_and_combine_sums_them_back():
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], requires_grad=True)
+    indices = torch.tensor([[2, 0], [1, 2], [0, 1]])  # 3 tokens, top-2 of 3 experts
+    order, inverse = sort_by_expert(indices)
+    assert order.tolist() == [1, 4, 2, 5, 0, 3]  # expert 0: pairs (0,1), (2,0); 1: (1,0), (2,1); 2: ...
+    x_sorted = dispatch(x, order, inverse, top_k=2)
+    assert x_sorted[:, 0].tolist() == [1.0, 3.0, 2.0, 3.0, 1.0, 2.0]
+    y = x_sorted * torch.tensor([[1.0], [1.0], [10.0], [10.0], [100.0], [100.0]])  # expert e scales by 10^e
+    out = combine(y, order, inverse, top_k=2)
+    assert out[:, 0].tolist() == [101.0, 220.0, 33.0]
+    out[:, 0].sum().backward()
+    assert x.grad.tolist() == [[101.0, 0.0], [110.0, 0.0], [11.0, 0.0]]
+
+
+def test_experts_weigh_each_output_by_its_routing_weight():
+    torch.manual_seed(0)
+    experts = GroupedExperts(num_experts=2, hidden_size=4, intermediate_size=4)
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    x = torch.randn(3, 4)
+    indices = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    weights = torch.tensor([[0.5, 2.0], [1.0, 0.0], [3.0, 1.0]])
+
+    def expert(e, row):
+        gate, up = (experts.gate_up_proj[e] @ row).chunk(2)
+        return experts.down_proj[e] @ (F.silu(gate) * up)
+
+    expected = torch.stack(
+        [sum(w * expert(e, x[t]) for e, w in zip(indices[t], weights[t])) for t in range(3)]
+    )
+    torch.testing.assert_close(experts(x, indices, weights), expected)
+
+
+def test_permuted_rows_send_their_gradient_back_to_where_they_came_from():
+    x = torch.tensor([[1.0], [2.0], [3.0]], requires_grad=True)
+    order = torch.tensor([2, 0, 1])
+    y = permute_rows(x, order, torch.tensor([1, 2, 0]))
+    assert y.flatten().tolist() == [3.0, 1.0, 2.0]
+    (y.flatten() * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+    assert x.grad.flatten().tolist() == [10.0, 100.0, 1.0]
 
 
 def test_group_limited_top_k_only_picks_from_the_best_groups():

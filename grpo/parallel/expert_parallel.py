@@ -26,7 +26,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from grpo.models.moe import GroupedExperts, MoeLayer, combine, count_per_expert, moe_layers, sort_by_expert
+from grpo.models.moe import (
+    GroupedExperts,
+    MoeLayer,
+    combine,
+    count_per_expert,
+    dispatch,
+    inverse_permutation,
+    moe_layers,
+    permute_rows,
+    sort_by_expert,
+)
 
 
 def _all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
@@ -56,21 +66,27 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         # pairs sorted by expert, hence by destination rank (rank r holds a contiguous expert range)
-        order_N, token_N = sort_by_expert(indices_TK)
+        order_N, inverse_N = sort_by_expert(indices_TK)
         expert_N = indices_TK.flatten()[order_N]
         send_R = count_per_expert(expert_N // self.num_local, self.ranks)
         recv_R = torch.empty_like(send_R)
         dist.all_to_all_single(recv_R, send_R, group=self.group)
         send, recv = send_R.tolist(), recv_R.tolist()  # the layer's one host read: the all-to-alls' sizes
 
-        x_MH = _all_to_all(x_TH[token_N], recv, send, self.group)
+        top_k = indices_TK.shape[1]
+        x_MH = _all_to_all(dispatch(x_TH, order_N, inverse_N, top_k), recv, send, self.group)
         expert_M = _all_to_all(expert_N % self.num_local, recv, send, self.group)
+        weights_M = _all_to_all(weights_TK.flatten()[order_N], recv, send, self.group)
         # arrivals come grouped by sender, each group sorted by expert: one more sort by local expert
         order_M = expert_M.argsort(stable=True)
-        y_sorted_MH = self.local.run_sorted(x_MH[order_M], count_per_expert(expert_M, self.num_local))
-        y_MH = y_sorted_MH[order_M.argsort()]
-        y_NH = _all_to_all(y_MH, send, recv, self.group)
-        return combine(x_TH, token_N, y_NH, weights_TK, order_N)
+        inverse_M = inverse_permutation(order_M)
+        y_sorted_MH = self.local.run_sorted(
+            permute_rows(x_MH, order_M, inverse_M),
+            count_per_expert(expert_M, self.num_local),
+            weights_M[order_M],
+        )
+        y_NH = _all_to_all(permute_rows(y_sorted_MH, inverse_M, order_M), send, recv, self.group)
+        return combine(y_NH, order_N, inverse_N, top_k)
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The full `(gate_up_proj, down_proj)` on every rank (for checkpoints and weight sync)."""
