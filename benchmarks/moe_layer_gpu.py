@@ -32,6 +32,16 @@ from grpo.models.moe import GroupedExperts
 SHAPES = [(4096, 7168, 2048, 64, 8), (16384, 1024, 512, 32, 4)]
 
 
+def routed_batch(tokens: int, hidden: int, experts: int, top_k: int):
+    """`(x, indices, weights, grad)`: BF16 tokens (a leaf), random top-k routing with softmax weights,
+    and an output gradient."""
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    indices = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
+    grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    return x, indices, weights, grad
+
+
 def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> dict:
     config = DeepseekV3Config(
         hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts, hidden_act="silu"
@@ -41,10 +51,7 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
     for param in (reference.gate_up_proj, reference.down_proj):
         torch.nn.init.normal_(param, std=0.02)
     ours.gate_up_proj, ours.down_proj = reference.gate_up_proj, reference.down_proj
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    indices = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
-    weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
-    grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    x, indices, weights, grad = routed_batch(tokens, hidden, experts, top_k)
 
     def step(module):
         return lambda: module(x, indices, weights).backward(grad)

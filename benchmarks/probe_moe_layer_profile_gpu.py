@@ -15,7 +15,7 @@ import functools
 import json
 
 import torch
-from moe_layer_gpu import SHAPES
+from moe_layer_gpu import SHAPES, routed_batch
 
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.moe import GroupedExperts
@@ -51,10 +51,7 @@ def main() -> None:
         layer = GroupedExperts(experts, hidden, inter).to("cuda", torch.bfloat16)
         torch.nn.init.normal_(layer.gate_up_proj, std=0.02)
         torch.nn.init.normal_(layer.down_proj, std=0.02)
-        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        indices = torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
-        weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
-        grad = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        x, indices, weights, grad = routed_batch(tokens, hidden, experts, top_k)
         for fp8 in (False, True):
             layer.fp8 = fp8
             with reuse_quantized_weights():
