@@ -12,20 +12,23 @@ Times (CUDA events, medians):
   weight unchanged, queued and from a CUDA graph: every micro-batch after an optimizer step's first,
   where the weight's quantized copies are reused;
 - `gemm_only_ms`: the three FP8 GEMMs alone on pre-quantized operands, the floor the layer can reach.
-Relative error of the FP8 output and gradients against an FP32 reference. Last line: one JSON object.
+Relative error of the FP8 output and gradients against an FP32 reference. The FP8 figures come once
+per GEMM backend (`fp8_deep_gemm`: cuBLASLt and DeepGEMM by default), each against the same BF16
+times. Last line: one JSON object.
 
-    python3 benchmarks/fp8_linear_gpu.py
+    python3 benchmarks/fp8_linear_gpu.py [--backends cublas,deep_gemm]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
 from cuda_timing import median_ms
 from torch import nn
 
-from grpo.models import fp8_triton
+from grpo.models import fp8_deep_gemm, fp8_triton
 from grpo.models.fp8 import Fp8Linear, fp8_gemm
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 
@@ -86,8 +89,49 @@ def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
     return median_ms(gemms, repeats=10) / STEPS
 
 
+def fp8_figures(
+    fp8: nn.Module, bf16: nn.Module, x: torch.Tensor, grad: torch.Tensor, bf16_times: dict
+) -> dict:
+    """The FP8 layer's times, speedups over `bf16_times` and errors, under the GEMM backend set now."""
+    times = {
+        "fp8": time_queued(fp8, x, grad),
+        "fp8_synced": time_synced(fp8, x, grad),
+        "fp8_graph": time_graphed(fp8, x, grad),
+    }
+    with reuse_quantized_weights():
+        times["fp8_reused"] = time_queued(fp8, x, grad)
+        times["fp8_reused_graph"] = time_graphed(fp8, x, grad)
+    # accuracy against FP32
+    x.grad = fp8.weight.grad = None
+    y = fp8(x)
+    y.backward(grad)
+    w = bf16.weight.float()
+    tokens, fan_in = x.shape
+    flops = 3 * 2 * tokens * fan_in * w.shape[0]
+    return {
+        **{f"{name}_ms": round(ms, 3) for name, ms in times.items()},
+        "speedup": round(bf16_times["bf16"] / times["fp8"], 3),
+        "synced_speedup": round(bf16_times["bf16_synced"] / times["fp8_synced"], 3),
+        "graph_speedup": round(bf16_times["bf16_graph"] / times["fp8_graph"], 3),
+        "reused_speedup": round(bf16_times["bf16"] / times["fp8_reused"], 3),
+        "reused_graph_speedup": round(bf16_times["bf16_graph"] / times["fp8_reused_graph"], 3),
+        "fp8_tflops": round(flops / times["fp8"] / 1e9, 1),
+        "fp8_rel_err_out": round(relative_error(y, x.float() @ w.t()), 5),
+        "fp8_rel_err_dx": round(relative_error(x.grad, grad.float() @ w), 5),
+        "fp8_rel_err_dw": round(relative_error(fp8.weight.grad, grad.float().t() @ x.float()), 5),
+        "gemm_only_ms": round(gemm_only_ms(x, fp8.weight, grad), 3),
+    }
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends",
+        default="cublas,deep_gemm",
+        help="the FP8 GEMM backends to measure, each against the same BF16 times (GRPO_FP8_GEMM values)",
+    )
+    backends = parser.parse_args().backends.split(",")
     torch.manual_seed(0)
     rows = []
     for tokens, fan_in, fan_out in SHAPES:
@@ -96,40 +140,21 @@ def main() -> None:
         bf16 = nn.Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
         fp8 = Fp8Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
         fp8.weight.data.copy_(bf16.weight.data)
-        times = {}
-        for name, layer in (("bf16", bf16), ("fp8", fp8)):
-            times[name] = time_queued(layer, x, grad)
-            times[name + "_synced"] = time_synced(layer, x, grad)
-            times[name + "_graph"] = time_graphed(layer, x, grad)
-        with reuse_quantized_weights():
-            times["fp8_reused"] = time_queued(fp8, x, grad)
-            times["fp8_reused_graph"] = time_graphed(fp8, x, grad)
-        # accuracy against FP32
-        x.grad = fp8.weight.grad = None
-        y = fp8(x)
-        y.backward(grad)
-        ref = x.float() @ bf16.weight.float().t()
-        rel = relative_error(y, ref)
-        rel_dx = relative_error(x.grad, grad.float() @ bf16.weight.float())
-        rel_dw = relative_error(fp8.weight.grad, grad.float().t() @ x.float())
+        bf16_times = {
+            "bf16": time_queued(bf16, x, grad),
+            "bf16_synced": time_synced(bf16, x, grad),
+            "bf16_graph": time_graphed(bf16, x, grad),
+        }
         flops = 3 * 2 * tokens * fan_in * fan_out
-        rows.append(
-            {
-                "shape": f"{tokens}x{fan_in}->{fan_out}",
-                **{f"{name}_ms": round(ms, 3) for name, ms in times.items()},
-                "speedup": round(times["bf16"] / times["fp8"], 3),
-                "synced_speedup": round(times["bf16_synced"] / times["fp8_synced"], 3),
-                "graph_speedup": round(times["bf16_graph"] / times["fp8_graph"], 3),
-                "reused_speedup": round(times["bf16"] / times["fp8_reused"], 3),
-                "reused_graph_speedup": round(times["bf16_graph"] / times["fp8_reused_graph"], 3),
-                "bf16_tflops": round(flops / times["bf16"] / 1e9, 1),
-                "fp8_tflops": round(flops / times["fp8"] / 1e9, 1),
-                "fp8_rel_err_out": round(rel, 5),
-                "fp8_rel_err_dx": round(rel_dx, 5),
-                "fp8_rel_err_dw": round(rel_dw, 5),
-                "gemm_only_ms": round(gemm_only_ms(x, fp8.weight, grad), 3),
-            }
-        )
+        row = {
+            "shape": f"{tokens}x{fan_in}->{fan_out}",
+            **{f"{name}_ms": round(ms, 3) for name, ms in bf16_times.items()},
+            "bf16_tflops": round(flops / bf16_times["bf16"] / 1e9, 1),
+        }
+        for backend in backends:
+            fp8_deep_gemm.backend = backend
+            row[backend] = fp8_figures(fp8, bf16, x, grad, bf16_times)
+        rows.append(row)
         print(rows[-1], flush=True)
     print(
         json.dumps(

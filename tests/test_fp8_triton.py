@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from grpo.models import fp8_deep_gemm
 from grpo.models.fp8 import (
     Fp8LinearFunction,
     dequantize_blocks,
@@ -105,9 +106,17 @@ def test_a_kernel_launched_directly_is_one_compiled_for_its_arguments():
         assert torch.equal(scale[: x.shape[0], : reference_scale.shape[1]], reference_scale)
 
 
+@pytest.fixture(params=["cublas", "deep_gemm"])
+def gemm_backend(request, monkeypatch):
+    """Runs a GPU test once per FP8 GEMM backend (`fp8_deep_gemm`)."""
+    if request.param == "deep_gemm" and not fp8_deep_gemm.available(torch.device("cuda")):
+        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
+    monkeypatch.setattr(fp8_deep_gemm, "backend", request.param)
+
+
 @pytest.mark.gpu
 @gpu
-def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
+def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands(gemm_backend):
     torch.manual_seed(1)
     x = torch.randn(200, 300, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     w = torch.randn(260, 300, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -134,7 +143,7 @@ def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands():
 
 @pytest.mark.gpu
 @gpu
-def test_the_blockwise_gemm_takes_operands_as_they_come():
+def test_the_blockwise_gemm_takes_operands_as_they_come(gemm_backend):
     """`fp8_gemm` on CUDA pads and lays out the portable quantizers' operands itself (200 rows, 3
     K-blocks: neither is what cuBLASLt takes) and takes the fused quantizers' as they are; both give
     the FP32 product of the same dequantized operands (not the CPU path's `fp8_gemm`: the GPU

@@ -7,10 +7,10 @@ turns FP8 values back into real ones (`x ~= q * scale_inv`).
 - Activations are quantized per 1 x 128 tile along the reduction dimension, weights per 128 x 128
   block, with online scales `amax / 448` (optionally rounded up to a power of two).
 - All three GEMMs (forward, input gradient, weight gradient) take FP8 operands and accumulate in
-  FP32. On CUDA each is one blockwise-scaled cuBLASLt GEMM fed by the fused Triton quantizers of
-  `fp8_triton`; elsewhere a sum over 128-wide reduction blocks of row/column-scaled
-  `torch._scaled_mm` calls, which run on CPU too, so every property is testable here. The output is
-  in the input's dtype.
+  FP32. On CUDA each is one blockwise-scaled GEMM (DeepGEMM's on Hopper where it loads, else
+  cuBLASLt's) fed by the fused Triton quantizers of `fp8_triton`; elsewhere a sum over 128-wide
+  reduction blocks of row/column-scaled `torch._scaled_mm` calls, which run on CPU too, so every
+  property is testable here. The output is in the input's dtype.
 - Dimensions that are not multiples of 128 are zero-padded inside the quantizers (zeros change
   neither the amax of a tile nor any product).
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from grpo.models import fp8_weight_cache
+from grpo.models import fp8_deep_gemm, fp8_weight_cache
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -139,8 +139,9 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """`a @ b.T` from FP8 operands: `a` scaled per 1 x 128 tile, `b` per 128 x 128 block; FP32 accumulation.
 
-    On CUDA this is one blockwise-scaled `torch._scaled_mm` (cuBLASLt wants the tile scales
-    column-major and the block scales as a transposed view). Elsewhere each 128-wide K block is one
+    On CUDA this is one blockwise-scaled GEMM: DeepGEMM's on Hopper where it loads
+    (`fp8_deep_gemm`), else `torch._scaled_mm` (cuBLASLt wants the tile scales column-major and the
+    block scales as a transposed view; DeepGEMM takes the same layouts). Elsewhere each 128-wide K block is one
     row-wise scaled `torch._scaled_mm` (FP8 x FP8 -> FP32; emulated in FP32 where the CPU build
     takes per-tensor scales only) and the blocks are summed in FP32, the "promote to FP32 every 128
     elements" accumulation of DeepSeek-V3.
@@ -152,9 +153,11 @@ def fp8_gemm(
             # the scales are read by layout, not by strides: make the layouts explicit
             a_MK, a_scale_MJ = a_MK.contiguous(), a_scale_MJ.t().contiguous().t()
             b_NK, b_scale_IJ = b_NK.contiguous(), b_scale_IJ.contiguous()
-        out_MN = torch._scaled_mm(
-            a_MK, b_NK.t(), scale_a=a_scale_MJ, scale_b=b_scale_IJ.t(), out_dtype=out_dtype
-        )
+        out_MN = fp8_deep_gemm.gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype)
+        if out_MN is None:
+            out_MN = torch._scaled_mm(
+                a_MK, b_NK.t(), scale_a=a_scale_MJ, scale_b=b_scale_IJ.t(), out_dtype=out_dtype
+            )
         return trimmed(out_MN, m, out_MN.shape[1])
     b_scale_NJ = b_scale_IJ.repeat_interleave(T, dim=0)
     out_MN = None

@@ -1,0 +1,110 @@
+"""DeepGEMM, DeepSeek's FP8 GEMM library, as the blockwise-scaled GEMM of the FP8 layers on Hopper.
+
+It takes the operands exactly as `fp8_triton` writes them for cuBLASLt (1 x 128 tile scales
+column-major, 128 x 128 block scales contiguous, FP32) and gives the same products: on an H100 it ran
+the forward and input-gradient GEMMs of DeepSeek-V3's shapes 1.07-1.37x faster than cuBLASLt, and the
+weight gradient 1.05-1.28x (`benchmarks/results/deep_gemm_probe_h100.txt`).
+
+Where it comes from: vLLM ships a copy (`vllm/third_party/deep_gemm`), loaded here by its path,
+without importing vLLM (whose import rewrites environment variables and patches torch's compiler), and
+registered as `deep_gemm`, the name vLLM itself tries first; a standalone `deep_gemm` install wins.
+Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few seconds each; cached on
+disk, `DG_JIT_CACHE_DIR`). Used only on compute capability 9.0: on Blackwell it would round the FP32
+scales to powers of two, which changes the numbers.
+
+`GRPO_FP8_GEMM` chooses: `auto` (the default: DeepGEMM where it loads, else cuBLASLt), `cublas`, or
+`deep_gemm` (an error where it cannot load).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "cublas", "deep_gemm")
+backend = os.environ.get("GRPO_FP8_GEMM", "auto")
+"""Read per call, so a benchmark can compare both in one process."""
+
+
+def _vllm_copy() -> ModuleType | None:
+    vllm = importlib.util.find_spec("vllm")  # finds the package without running its __init__
+    if vllm is None or not vllm.submodule_search_locations:
+        return None
+    folder = os.path.join(vllm.submodule_search_locations[0], "third_party", "deep_gemm")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.exists(init):
+        return None
+    spec = importlib.util.spec_from_file_location("deep_gemm", init, submodule_search_locations=[folder])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deep_gemm"] = module  # before running it: its own imports are relative
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["deep_gemm"]
+        raise
+    return module
+
+
+@functools.cache
+def _load() -> ModuleType | None:
+    try:
+        if importlib.util.find_spec("deep_gemm") is not None:
+            return importlib.import_module("deep_gemm")
+        return _vllm_copy()
+    except Exception as error:  # noqa: BLE001 (no CUDA toolkit, a build for another torch, ...)
+        warnings.warn(f"DeepGEMM did not load ({error}); the FP8 GEMMs use cuBLASLt", stacklevel=2)
+        return None
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def available(device: torch.device) -> bool:
+    """Whether DeepGEMM loads and runs on `device` (a compute capability 9.0 GPU)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _hopper(index) and _load() is not None
+
+
+def _library(device: torch.device) -> ModuleType | None:
+    if backend not in BACKENDS:
+        raise ValueError(f"GRPO_FP8_GEMM={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "cublas":
+        return None
+    if available(device):
+        return _load()
+    if backend == "deep_gemm":
+        raise RuntimeError(
+            "GRPO_FP8_GEMM=deep_gemm, but DeepGEMM cannot run here: it needs a compute capability "
+            "9.0 GPU and vLLM's copy or the deep_gemm package"
+        )
+    return None
+
+
+def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """`a @ b.T` (operands as `fp8.fp8_gemm` takes them) through DeepGEMM's `fp8_gemm_nt`, or None
+    where DeepGEMM is not to be used (the caller runs cuBLASLt). Under `auto`, a DeepGEMM failure
+    (a kernel that does not compile, say) warns once and turns DeepGEMM off for the process."""
+    global backend
+    library = _library(a_MK.device)
+    if library is None:
+        return None
+    out_MN = torch.empty(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype, device=a_MK.device)
+    try:
+        library.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
+    except RuntimeError as error:
+        if backend == "deep_gemm":
+            raise
+        warnings.warn(f"DeepGEMM failed ({error}); the FP8 GEMMs use cuBLASLt from now on", stacklevel=2)
+        backend = "cublas"
+        return None
+    return out_MN

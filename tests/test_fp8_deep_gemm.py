@@ -1,0 +1,53 @@
+"""How the FP8 layers find DeepGEMM and choose their GEMM backend (`grpo.models.fp8_deep_gemm`).
+The GEMMs themselves are compared on a GPU in `test_fp8_triton.py`."""
+
+import sys
+
+import pytest
+import torch
+
+from grpo.models import fp8_deep_gemm
+
+
+def test_vllms_copy_loads_as_deep_gemm_without_importing_vllm(tmp_path, monkeypatch):
+    vllm = tmp_path / "vllm"
+    package = vllm / "third_party" / "deep_gemm"
+    package.mkdir(parents=True)
+    (vllm / "__init__.py").write_text("raise RuntimeError('vllm itself was imported')\n")
+    (package / "__init__.py").write_text("from .kernels import fp8_gemm_nt\n")
+    (package / "kernels.py").write_text("def fp8_gemm_nt(a, b, d):\n    return 'called'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("vllm", "deep_gemm", "deep_gemm.kernels"):  # vllm: another test may have imported it
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    module = fp8_deep_gemm._vllm_copy()
+
+    assert module is sys.modules["deep_gemm"]
+    assert module.fp8_gemm_nt(None, None, None) == "called"
+    assert "vllm" not in sys.modules
+
+
+def test_a_copy_that_fails_to_load_leaves_no_module_behind(tmp_path, monkeypatch):
+    package = tmp_path / "vllm" / "third_party" / "deep_gemm"
+    package.mkdir(parents=True)
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("raise ImportError('no CUDA toolkit')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("vllm", "deep_gemm"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    with pytest.raises(ImportError, match="no CUDA toolkit"):
+        fp8_deep_gemm._vllm_copy()
+    assert "deep_gemm" not in sys.modules
+
+
+def test_an_unknown_backend_is_named_in_the_error(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "backend", "cutlass")
+    with pytest.raises(ValueError, match=r"GRPO_FP8_GEMM='cutlass': expected one of auto, cublas, deep_gemm"):
+        fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16)
+
+
+def test_cublas_is_chosen_without_looking_for_deep_gemm(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "backend", "cublas")
+    monkeypatch.setattr(fp8_deep_gemm, "available", lambda device: pytest.fail("looked for DeepGEMM"))
+    assert fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16) is None
