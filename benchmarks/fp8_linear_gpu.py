@@ -13,10 +13,10 @@ Times (CUDA events, medians):
   where the weight's quantized copies are reused;
 - `gemm_only_ms`: the three FP8 GEMMs alone on pre-quantized operands, the floor the layer can reach.
 Relative error of the FP8 output and gradients against an FP32 reference. The FP8 figures come once
-per GEMM backend (`fp8_deep_gemm`: cuBLASLt and DeepGEMM by default), each against the same BF16
+per GEMM library (`fp8_deep_gemm`: cuBLASLt and DeepGEMM by default), each against the same BF16
 times. Last line: one JSON object.
 
-    python3 benchmarks/fp8_linear_gpu.py [--backends cublas,deep_gemm]
+    python3 benchmarks/fp8_linear_gpu.py [--gemms cublas,deep_gemm]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
 def fp8_figures(
     fp8: nn.Module, bf16: nn.Module, x: torch.Tensor, grad: torch.Tensor, bf16_times: dict
 ) -> dict:
-    """The FP8 layer's times, speedups over `bf16_times` and errors, under the GEMM backend set now."""
+    """The FP8 layer's times, speedups over `bf16_times` and errors, with the GEMM library set now."""
     times = {
         "fp8": time_queued(fp8, x, grad),
         "fp8_synced": time_synced(fp8, x, grad),
@@ -127,11 +127,11 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backends",
+        "--gemms",
         default="cublas,deep_gemm",
-        help="the FP8 GEMM backends to measure, each against the same BF16 times (GRPO_FP8_GEMM values)",
+        help="the FP8 GEMM libraries to measure, each against the same BF16 times (cublas, deep_gemm)",
     )
-    backends = parser.parse_args().backends.split(",")
+    gemms = parser.parse_args().gemms.split(",")
     torch.manual_seed(0)
     rows = []
     for tokens, fan_in, fan_out in SHAPES:
@@ -151,9 +151,9 @@ def main() -> None:
             **{f"{name}_ms": round(ms, 3) for name, ms in bf16_times.items()},
             "bf16_tflops": round(flops / bf16_times["bf16"] / 1e9, 1),
         }
-        for backend in backends:
-            fp8_deep_gemm.backend = backend
-            row[backend] = fp8_figures(fp8, bf16, x, grad, bf16_times)
+        for gemm in gemms:
+            fp8_deep_gemm.mode = {"cublas": "off", "deep_gemm": "on"}[gemm]
+            row[gemm] = fp8_figures(fp8, bf16, x, grad, bf16_times)
         rows.append(row)
         print(rows[-1], flush=True)
     print(

@@ -1,4 +1,4 @@
-"""How the FP8 layers find DeepGEMM and choose their GEMM backend (`grpo.models.fp8_deep_gemm`).
+"""How the FP8 layers find DeepGEMM and choose whether to use it (`grpo.models.fp8_deep_gemm`).
 The GEMMs themselves are compared on a GPU in `test_fp8_triton.py`."""
 
 import sys
@@ -41,13 +41,13 @@ def test_a_copy_that_fails_to_load_leaves_no_module_behind(tmp_path, monkeypatch
     assert "deep_gemm" not in sys.modules
 
 
-def test_an_unknown_backend_is_named_in_the_error(monkeypatch):
-    monkeypatch.setattr(fp8_deep_gemm, "backend", "cutlass")
-    with pytest.raises(ValueError, match=r"GRPO_FP8_GEMM='cutlass': expected one of auto, cublas, deep_gemm"):
+def test_an_unknown_mode_is_named_in_the_error(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "yes")
+    with pytest.raises(ValueError, match=r"GRPO_DEEP_GEMM='yes': expected one of auto, on, off"):
         fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16)
 
 
-def test_cublas_is_chosen_without_looking_for_deep_gemm(monkeypatch):
-    monkeypatch.setattr(fp8_deep_gemm, "backend", "cublas")
+def test_off_chooses_cublas_without_looking_for_deep_gemm(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "off")
     monkeypatch.setattr(fp8_deep_gemm, "available", lambda device: pytest.fail("looked for DeepGEMM"))
     assert fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16) is None

@@ -162,14 +162,16 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
+def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatch):
     """Random BF16 inputs, uneven routing with an empty expert. Output and input gradient quantize
     their operands exactly as the per-expert path does (row tiles, weight blocks), so they agree to
     the accumulation order; the weight gradient's 128-row tiles of x.T and g.T may span two experts
     here (coarser scales), so it is held to FP8 error against the BF16 product instead."""
+    from grpo.models import fp8_deep_gemm
     from grpo.models.fp8_grouped import GroupedFp8Function, grouped_fp8
     from grpo.models.moe import per_expert_fp8
 
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "off")  # the Triton kernels throughout
     torch.manual_seed(0)
     experts, n, k = 4, 256, 384
     offsets = torch.tensor([300, 300, 700, 1000], device="cuda", dtype=torch.int32)
@@ -198,3 +200,53 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu():
     assert not grouped[2][1].any()  # the empty expert
     for got, want in zip(grouped, bf16):
         assert error(got, want) < 0.06  # E4M3 rounding of both operands: the FP8 linear measured 3.6-3.7%
+
+
+def test_the_padded_layout_starts_every_expert_on_a_128_row_boundary():
+    from grpo.models.fp8_grouped_deep_gemm import padded_layout
+
+    # expert 0: rows 0-2, expert 1: none, expert 2: rows 3-132 (130 rows: two blocks)
+    destination, layout, padded_ends = padded_layout(torch.tensor([3, 3, 133], dtype=torch.int32), 133)
+    assert destination.tolist() == [0, 1, 2, *range(128, 258)]
+    assert padded_ends.tolist() == [128, 128, 384]
+    assert layout.shape == (640,)  # 133 + 3 * 127, rounded up to 128: an upper bound, no host sync
+    expected = torch.full((640,), -1, dtype=torch.int32)
+    expected[:3], expected[128:258] = 0, 2
+    assert torch.equal(layout, expected)
+
+
+@pytest.mark.gpu
+@gpu
+def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu():
+    """DeepGEMM's grouped forward and input gradient (rows padded per expert) and the Triton weight
+    gradient on that layout, against one FP8 linear per expert: the same quantized operands (the
+    padding aligns x.T's 128-row blocks to each expert, as the per-expert layers quantize them), so all
+    three agree to the accumulation order."""
+    from grpo.models import fp8_deep_gemm
+    from grpo.models.fp8_grouped import grouped_fp8
+    from grpo.models.fp8_grouped_deep_gemm import DeepGemmGroupedFp8Function
+    from grpo.models.moe import per_expert_fp8
+
+    library = fp8_deep_gemm.library(torch.device("cuda"))
+    if library is None:
+        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
+    torch.manual_seed(0)
+    experts, n, k = 4, 256, 384
+    offsets = torch.tensor([300, 300, 700, 1000], device="cuda", dtype=torch.int32)
+    x = torch.randn(1000, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(experts, n, k, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(1000, n, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        x.grad = w.grad = None
+        out = fn()
+        out.backward(grad)
+        return out.float(), x.grad.float(), w.grad.float()
+
+    grouped = run(lambda: DeepGemmGroupedFp8Function.apply(x, w, offsets, False, library))
+    with torch.no_grad():
+        assert torch.equal(grouped_fp8(x, w, offsets).float(), grouped[0])
+    per_expert = run(lambda: per_expert_fp8(x, w, offsets))
+    for got, want in zip(grouped, per_expert):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert not grouped[2][1].any()  # the empty expert

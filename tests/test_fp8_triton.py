@@ -68,6 +68,13 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
     )  # the layer's w.T copy: the view, read by strides
     assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
 
+    # a batch (the experts' stacked weights, and its per-expert transposed view): each matrix as alone
+    stack = torch.stack([x, x.flip(0) * 3])
+    for batch in (stack, stack.transpose(1, 2)):
+        for quantize in (fp8_triton.quantize_weight_blocks, fp8_triton.quantize_output_grad):
+            for copy, alone in zip(quantize(batch, p2), zip(*(quantize(matrix, p2) for matrix in batch))):
+                assert all(torch.equal(copy[i].float(), alone[i].float()) for i in range(2))
+
 
 def test_fused_quantizers_in_the_triton_interpreter():
     pytest.importorskip("triton")
@@ -106,17 +113,17 @@ def test_a_kernel_launched_directly_is_one_compiled_for_its_arguments():
         assert torch.equal(scale[: x.shape[0], : reference_scale.shape[1]], reference_scale)
 
 
-@pytest.fixture(params=["cublas", "deep_gemm"])
-def gemm_backend(request, monkeypatch):
-    """Runs a GPU test once per FP8 GEMM backend (`fp8_deep_gemm`)."""
-    if request.param == "deep_gemm" and not fp8_deep_gemm.available(torch.device("cuda")):
+@pytest.fixture(params=["off", "on"])
+def deep_gemm_mode(request, monkeypatch):
+    """Runs a GPU test with cuBLASLt's GEMMs and with DeepGEMM's (`fp8_deep_gemm`)."""
+    if request.param == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
         pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
-    monkeypatch.setattr(fp8_deep_gemm, "backend", request.param)
+    monkeypatch.setattr(fp8_deep_gemm, "mode", request.param)
 
 
 @pytest.mark.gpu
 @gpu
-def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands(gemm_backend):
+def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands(deep_gemm_mode):
     torch.manual_seed(1)
     x = torch.randn(200, 300, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     w = torch.randn(260, 300, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -143,7 +150,7 @@ def test_fused_fp8_linear_computes_the_products_of_its_quantized_operands(gemm_b
 
 @pytest.mark.gpu
 @gpu
-def test_the_blockwise_gemm_takes_operands_as_they_come(gemm_backend):
+def test_the_blockwise_gemm_takes_operands_as_they_come(deep_gemm_mode):
     """`fp8_gemm` on CUDA pads and lays out the portable quantizers' operands itself (200 rows, 3
     K-blocks: neither is what cuBLASLt takes) and takes the fused quantizers' as they are; both give
     the FP32 product of the same dequantized operands (not the CPU path's `fp8_gemm`: the GPU

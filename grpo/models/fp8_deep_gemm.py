@@ -12,8 +12,9 @@ Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few second
 disk, `DG_JIT_CACHE_DIR`). Used only on compute capability 9.0: on Blackwell it would round the FP32
 scales to powers of two, which changes the numbers.
 
-`GRPO_FP8_GEMM` chooses: `auto` (the default: DeepGEMM where it loads, else cuBLASLt), `cublas`, or
-`deep_gemm` (an error where it cannot load).
+`GRPO_DEEP_GEMM` chooses: `auto` (the default: DeepGEMM where it loads), `off` (dense GEMMs through
+cuBLASLt, the experts' through the Triton kernels of `fp8_grouped`), or `on` (an error where it
+cannot load).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "cublas", "deep_gemm")
-backend = os.environ.get("GRPO_FP8_GEMM", "auto")
+MODES = ("auto", "on", "off")
+mode = os.environ.get("GRPO_DEEP_GEMM", "auto")
 """Read per call, so a benchmark can compare both in one process."""
 
 
@@ -71,20 +72,23 @@ def _hopper(device_index: int) -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether DeepGEMM loads and runs on `device` (a compute capability 9.0 GPU)."""
+    if device.type != "cuda":
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper(index) and _load() is not None
 
 
-def _library(device: torch.device) -> ModuleType | None:
-    if backend not in BACKENDS:
-        raise ValueError(f"GRPO_FP8_GEMM={backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "cublas":
+def library(device: torch.device) -> ModuleType | None:
+    """DeepGEMM where the FP8 GEMMs on `device` are to use it (per `mode`), else None."""
+    if mode not in MODES:
+        raise ValueError(f"GRPO_DEEP_GEMM={mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "off":
         return None
     if available(device):
         return _load()
-    if backend == "deep_gemm":
+    if mode == "on":
         raise RuntimeError(
-            "GRPO_FP8_GEMM=deep_gemm, but DeepGEMM cannot run here: it needs a compute capability "
+            "GRPO_DEEP_GEMM=on, but DeepGEMM cannot run here: it needs a compute capability "
             "9.0 GPU and vLLM's copy or the deep_gemm package"
         )
     return None
@@ -93,18 +97,19 @@ def _library(device: torch.device) -> ModuleType | None:
 def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Tensor | None:
     """`a @ b.T` (operands as `fp8.fp8_gemm` takes them) through DeepGEMM's `fp8_gemm_nt`, or None
     where DeepGEMM is not to be used (the caller runs cuBLASLt). Under `auto`, a DeepGEMM failure
-    (a kernel that does not compile, say) warns once and turns DeepGEMM off for the process."""
-    global backend
-    library = _library(a_MK.device)
-    if library is None:
+    (a kernel that does not compile, say) warns once and turns DeepGEMM off for the process; the
+    grouped GEMMs (`fp8_grouped_deep_gemm`) raise instead, their layout being chosen already."""
+    global mode
+    found = library(a_MK.device)
+    if found is None:
         return None
     out_MN = torch.empty(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype, device=a_MK.device)
     try:
-        library.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
+        found.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
     except RuntimeError as error:
-        if backend == "deep_gemm":
+        if mode == "on":
             raise
         warnings.warn(f"DeepGEMM failed ({error}); the FP8 GEMMs use cuBLASLt from now on", stacklevel=2)
-        backend = "cublas"
+        mode = "off"
         return None
     return out_MN

@@ -2,7 +2,8 @@
 
 `grpo.models.moe.grouped_linear` runs the FP8 experts through `grouped_fp8` on CUDA (the
 per-expert loop of `fp8_linear` stays for other devices and for shapes these kernels do not
-take). Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
+take). On Hopper, where DeepGEMM loads, the forward and input gradient run through it instead
+(`fp8_grouped_deep_gemm`); the weight gradient is this module's kernel either way. Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
 (`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`; figures and the versions tried in
 `benchmarks/results/fp8_grouped_h100.txt`).
 
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_triton, fp8_weight_cache
+from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import T, backward_can_follow
 
 
@@ -329,7 +330,15 @@ def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, inp
 def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """`x[rows of e] @ w[e].T` for every expert e in FP8 (`ends_E` as in `expert_gemm`): through the
     autograd function when a backward can follow, else the forward alone (a logprob pass), which
-    quantizes neither `x.T` nor the transposed weights."""
+    quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs (`fp8_deep_gemm`), the
+    forward and input gradient are its grouped GEMMs (`fp8_grouped_deep_gemm`)."""
+    library = fp8_deep_gemm.library(x_MK.device)
+    if library is not None:
+        from grpo.models import fp8_grouped_deep_gemm as deep
+
+        if backward_can_follow(x_MK, w_ENK):
+            return deep.DeepGemmGroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two, library)
+        return deep.forward_only(library, x_MK, w_ENK, ends_E, power_of_two)
     if backward_can_follow(x_MK, w_ENK):
         return GroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two)
     xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)

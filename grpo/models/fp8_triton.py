@@ -48,6 +48,7 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
 @triton.jit
 def _quantize_kernel(
     x_ptr,
+    stride_xb,
     stride_xr,
     stride_xc,
     rows,
@@ -67,8 +68,15 @@ def _quantize_kernel(
     POWER_OF_TWO: tl.constexpr,
 ):
     """One 128 x 128 tile of `x` -> its direct copy `q` (scaled per row of the tile or per block)
-    and its transposed copy `t` (scaled per block or per column of the tile)."""
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    and its transposed copy `t` (scaled per block or per column of the tile). Axis 2 of the grid
+    runs over a batch of matrices (`stride_xb` apart in `x`, each copy and its scales one after
+    another)."""
+    pid_r, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    x_ptr += pid_b * stride_xb
+    q_ptr += pid_b * q_rows * q_cols
+    qs_ptr += pid_b * qs_stride * ((q_rows if DIRECT == 2 else q_cols) // 128)
+    t_ptr += pid_b * t_rows * t_cols
+    ts_ptr += pid_b * ts_stride * ((t_rows if TRANSPOSED == 2 else t_cols) // 128)
     r = pid_r * 128 + tl.arange(0, 128)
     c = pid_c * 128 + tl.arange(0, 128)
     inside = (r[:, None] < rows) & (c[None, :] < cols)
@@ -123,13 +131,13 @@ def _int_class(value: int) -> int:
     return (value == 1) | (value % 16 == 0) << 1 | (value >= 2**31) << 2
 
 
-def _launch(grid: tuple[int, int], args: tuple) -> None:
+def _launch(grid: tuple[int, int, int], args: tuple) -> None:
     x, constexprs = args[0], args[-3:]
     integers = tuple(_int_class(a) for a in args[:-3] if type(a) is int)
     key = (x.device, x.dtype, x.data_ptr() % 16 == 0, constexprs, integers)
     kernel = _compiled.get(key)
     if kernel is not None:
-        kernel[grid + (1,)](*args)
+        kernel[grid](*args)
         return
     direct, transposed, power_of_two = constexprs
     kernel = _quantize_kernel[grid](
@@ -139,38 +147,44 @@ def _launch(grid: tuple[int, int], args: tuple) -> None:
         _compiled[key] = kernel
 
 
-def _quantize(x_RC, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
+def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
     """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
     padded to ALIGN x ALIGN (both None with NONE). Tile scales come as column-major views, block scales
-    contiguous."""
-    rows, cols = x_RC.shape
+    contiguous. A 3-d `x` is a batch of matrices: each output then has the batch as its first axis."""
+    batch = (x.shape[0],) if x.dim() == 3 else ()  # a 2-d `x` is a batch of one, with no view made
+    rows, cols = x.shape[-2:]
     q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
     t_rows, t_cols = (_up(cols, ALIGN), _up(rows, ALIGN)) if transposed != NONE else (0, 0)
-    device = x_RC.device
+    device = x.device
 
     def scales(mode, rows, cols):
-        return torch.empty((rows // T, cols // T) if mode == BLOCKS else (cols // T, rows), device=device)
+        return torch.empty(
+            batch + ((rows // T, cols // T) if mode == BLOCKS else (cols // T, rows)), device=device
+        )
 
-    q, q_scale = torch.empty(q_rows, q_cols, dtype=E4M3, device=device), scales(direct, q_rows, q_cols)
+    q, q_scale = (
+        torch.empty(batch + (q_rows, q_cols), dtype=E4M3, device=device),
+        scales(direct, q_rows, q_cols),
+    )
     if transposed != NONE:
         t, t_scale = (
-            torch.empty(t_rows, t_cols, dtype=E4M3, device=device),
+            torch.empty(batch + (t_rows, t_cols), dtype=E4M3, device=device),
             scales(transposed, t_rows, t_cols),
         )
     else:  # placeholders the kernel never touches (no allocations: the layer is launch-bound)
         t, t_scale = q, q_scale
-    grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T)
+    grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T, batch[0] if batch else 1)
     args = (  # the kernel's, in order: the input, each copy with its scales, the constexprs
-        x_RC, x_RC.stride(0), x_RC.stride(1), rows, cols,
-        q, q_rows, q_cols, q_scale, q_scale.stride(0),
-        t, t_rows, t_cols, t_scale, max(t_scale.stride(0), 1),
+        x, x.stride(0) if batch else 0, x.stride(-2), x.stride(-1), rows, cols,
+        q, q_rows, q_cols, q_scale, q_scale.stride(-2),
+        t, t_rows, t_cols, t_scale, max(t_scale.stride(-2), 1),
         direct, transposed, power_of_two,
     )  # fmt: skip
     _launch(grid, args)
-    q_scale = q_scale if direct == BLOCKS else q_scale.t()
+    q_scale = q_scale if direct == BLOCKS else q_scale.transpose(-2, -1)
     if transposed == NONE:
         return q, q_scale, None, None
-    return q, q_scale, t, (t_scale if transposed != COLUMNS else t_scale.t())
+    return q, q_scale, t, (t_scale if transposed != COLUMNS else t_scale.transpose(-2, -1))
 
 
 def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
@@ -192,6 +206,7 @@ def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False):
 
 
 def quantize_weight_blocks(w_NK: torch.Tensor, power_of_two: bool = False):
-    """`w` alone in 128 x 128 blocks: `(q, scale)`."""
+    """`w` alone in 128 x 128 blocks: `(q, scale)`; a 3-d `w` (a stack of experts' weights, or its
+    transposed view) per matrix."""
     q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, ALIGN, power_of_two)
     return q, q_scale
