@@ -2,8 +2,8 @@
 
 `grpo.models.moe.grouped_linear` runs the FP8 experts through `grouped_fp8` on CUDA (the
 per-expert loop of `fp8_linear` stays for other devices and for shapes these kernels do not
-take). On Hopper, where DeepGEMM loads, the forward and input gradient run through it instead
-(`fp8_grouped_deep_gemm`); the weight gradient is this module's kernel either way. Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
+take). On Hopper, where DeepGEMM loads, the forward and input gradient of large experts run through
+it instead (`fp8_grouped_deep_gemm`); the weight gradient is this module's kernel either way. Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
 (`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`; figures and the versions tried in
 `benchmarks/results/fp8_grouped_h100.txt`).
 
@@ -330,12 +330,12 @@ def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, inp
 def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """`x[rows of e] @ w[e].T` for every expert e in FP8 (`ends_E` as in `expert_gemm`): through the
     autograd function when a backward can follow, else the forward alone (a logprob pass), which
-    quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs (`fp8_deep_gemm`), the
-    forward and input gradient are its grouped GEMMs (`fp8_grouped_deep_gemm`)."""
+    quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs (`fp8_deep_gemm`) and
+    pays (`fp8_grouped_deep_gemm.used_for`), the forward and input gradient are its grouped GEMMs."""
     library = fp8_deep_gemm.library(x_MK.device)
-    if library is not None:
-        from grpo.models import fp8_grouped_deep_gemm as deep
+    from grpo.models import fp8_grouped_deep_gemm as deep  # it imports this module
 
+    if library is not None and deep.used_for(w_ENK):
         if backward_can_follow(x_MK, w_ENK):
             return deep.DeepGemmGroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two, library)
         return deep.forward_only(library, x_MK, w_ENK, ends_E, power_of_two)

@@ -7,7 +7,10 @@ DeepGEMM's grouped GEMM wants each expert's rows to start at a multiple of 128 (
 packed, are copied into that padded layout before quantization (the padding rows zero, so they add
 nothing to the weight gradient and change no scale), and the outputs are gathered back. The padded
 size is the bound `rows + experts * 127`, known without reading the expert counts on the host:
-DeepGEMM skips the 128-row blocks that belong to no expert.
+DeepGEMM skips the 128-row blocks that belong to no expert. The copies in and out of that layout cost
+about as much as DeepGEMM saves at the experts' sizes of the recipes here, so `used_for` keeps small
+experts on the Triton kernels (producing the padded layout in the dispatch would remove the copies:
+not done).
 
 On an H100, at DeepSeek-V3's expert shapes, DeepGEMM ran these two GEMMs at 1,050-1,100 TFLOP/s
 against 530-640 for the Triton kernel (`benchmarks/results/deep_gemm_probe_h100.txt`). Its weight
@@ -19,11 +22,21 @@ from __future__ import annotations
 
 import torch
 
-from grpo.models import fp8_triton, fp8_weight_cache
+from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import trimmed
 from grpo.models.fp8_grouped import expert_weight_gradient
 
 ALIGNMENT = 128
+SMALLEST_SIDE = 2048
+"""Under `GRPO_DEEP_GEMM=auto` the experts go through DeepGEMM only where both sides of their weights
+are at least this. The padding's copies cost more than DeepGEMM saves at the H100 recipe's experts
+(1024 -> 512, 32 experts: layer step 3.7-3.9 ms -> 5.0-5.3 ms) and less at DeepSeek-V3's (7168 ->
+2048: 35.3 -> 33.1 ms; `benchmarks/results/moe_layer_h100.txt`). Sizes between were not measured."""
+
+
+def used_for(w_ENK: torch.Tensor) -> bool:
+    """Whether `fp8_grouped.grouped_fp8` runs these experts here (`fp8_deep_gemm.library` said yes)."""
+    return fp8_deep_gemm.mode == "on" or min(w_ENK.shape[1:]) >= SMALLEST_SIDE
 
 
 def padded_layout(ends_E: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
