@@ -28,11 +28,11 @@ def main() -> None:
     # their storage (the call returns the scales as transposed views)
     q, q_scale, t, t_scale = fp8_triton.quantize_output_grad(x)
     q_scale, t_scale = q_scale.t(), t_scale.t()
-    grid = (max(q.shape[0], t.shape[1]) // 128, max(q.shape[1], t.shape[0]) // 128)
+    grid = (max(q.shape[0], t.shape[1]) // 128, max(q.shape[1], t.shape[0]) // 128, 1)
 
     args = (
-        x, x.stride(0), x.stride(1), *x.shape, q, *q.shape, q_scale, q_scale.stride(0),
-        t, *t.shape, t_scale, t_scale.stride(0), fp8_triton.ROWS, fp8_triton.COLUMNS, False,
+        x, 0, x.stride(0), x.stride(1), *x.shape, x, q, *q.shape, q_scale, q_scale.stride(0),
+        t, *t.shape, t_scale, t_scale.stride(0), fp8_triton.ROWS, fp8_triton.COLUMNS, False, False,
     )  # fmt: skip
 
     def allocations_only():

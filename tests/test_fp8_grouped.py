@@ -203,28 +203,32 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypa
 
 
 def test_the_padded_layout_starts_every_expert_on_a_128_row_boundary():
-    from grpo.models.fp8_grouped_deep_gemm import padded_layout
+    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout
 
     # expert 0: rows 0-2, expert 1: none, expert 2: rows 3-132 (130 rows: two blocks)
-    destination, layout, padded_ends = padded_layout(torch.tensor([3, 3, 133], dtype=torch.int32), 133)
-    assert destination.tolist() == [0, 1, 2, *range(128, 258)]
-    assert padded_ends.tolist() == [128, 128, 384]
-    assert layout.shape == (640,)  # 133 + 3 * 127, rounded up to 128: an upper bound, no host sync
+    layout = PaddedLayout.of(torch.tensor([3, 3, 133], dtype=torch.int32), 133)
+    assert layout.destination_N.tolist() == [0, 1, 2, *range(128, 258)]
+    assert layout.padded_ends_E.tolist() == [128, 128, 384]
+    assert layout.size == 640  # 133 + 3 * 127, rounded up to 128: an upper bound, no host sync
     expected = torch.full((640,), -1, dtype=torch.int32)
     expected[:3], expected[128:258] = 0, 2
-    assert torch.equal(layout, expected)
+    assert torch.equal(layout.layout_P, expected)
+    index = layout.padded_index(torch.arange(133) + 7)
+    assert index[:3].tolist() == [7, 8, 9] and index[128:258].tolist() == list(range(10, 140))
+    assert not index[3:128].any() and not index[258:].any()  # padding rows: 0
 
 
 @pytest.mark.gpu
 @gpu
 def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatch):
-    """DeepGEMM's grouped forward and input gradient (rows padded per expert) and the Triton weight
-    gradient on that layout, against one FP8 linear per expert: the same quantized operands (the
-    padding aligns x.T's 128-row blocks to each expert, as the per-expert layers quantize them), so all
-    three agree to the accumulation order."""
+    """DeepGEMM's grouped forward and input gradient (rows copied into the padded layout) and the
+    Triton weight gradient on that layout, against one FP8 linear per expert: the same quantized
+    operands (the padding aligns x.T's 128-row blocks to each expert, as the per-expert layers
+    quantize them), so all three agree to the accumulation order. Padding rows holding garbage
+    change nothing, the weight gradient included: the quantizers read them as zeros."""
     from grpo.models import fp8_deep_gemm
     from grpo.models.fp8_grouped import grouped_fp8
-    from grpo.models.fp8_grouped_deep_gemm import DeepGemmGroupedFp8Function
+    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_packed, grouped_fp8_padded
     from grpo.models.moe import per_expert_fp8
 
     library = fp8_deep_gemm.library(torch.device("cuda"))
@@ -244,10 +248,20 @@ def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatc
         out.backward(grad)
         return out.float(), x.grad.float(), w.grad.float()
 
-    grouped = run(lambda: DeepGemmGroupedFp8Function.apply(x, w, offsets, False, library))
+    packed = run(lambda: grouped_fp8_packed(library, x, w, offsets))
     with torch.no_grad():
-        assert torch.equal(grouped_fp8(x, w, offsets).float(), grouped[0])
+        assert torch.equal(grouped_fp8(x, w, offsets).float(), packed[0])
     per_expert = run(lambda: per_expert_fp8(x, w, offsets))
-    for got, want in zip(grouped, per_expert):
+    for got, want in zip(packed, per_expert):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
-    assert not grouped[2][1].any()  # the empty expert
+    assert not packed[2][1].any()  # the empty expert
+
+    layout = PaddedLayout.of(offsets, 1000)
+    garbage = torch.full((layout.size, k), 1e4, device="cuda", dtype=torch.bfloat16)
+    x_padded = garbage.index_copy(0, layout.destination_N, x.detach()).requires_grad_()
+    w.grad = None
+    y_padded = grouped_fp8_padded(library, x_padded, w, layout)
+    y_padded.backward(torch.full_like(y_padded, 1e4).index_copy(0, layout.destination_N, grad))
+    assert torch.equal(y_padded[layout.destination_N].float(), packed[0])
+    assert torch.equal(x_padded.grad[layout.destination_N].float(), packed[1])
+    assert torch.equal(w.grad.float(), packed[2])

@@ -36,6 +36,29 @@ def test_dispatch_sends_each_token_to_its_experts_in_expert_order_and_combine_su
     assert x.grad.tolist() == [[101.0, 0.0], [110.0, 0.0], [11.0, 0.0]]
 
 
+def test_dispatch_and_combine_take_the_padded_layout_of_deep_gemm():
+    """The same gathers with padded indices: each expert's rows start on a 128-row boundary, the
+    padding rows hold a copy of some token (the quantizers ignore them) and get none back."""
+    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout
+
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], requires_grad=True)
+    indices = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    order, inverse = sort_by_expert(indices)
+    layout = PaddedLayout.of(count_per_expert(indices, 3).cumsum(0).to(torch.int32), 6)
+    order_P, inverse_P = layout.padded_index(order), layout.destination_N[inverse]
+    x_padded = dispatch(x, order_P, inverse_P, top_k=2)
+    assert x_padded.shape == (512, 2)  # 6 + 3 * 127 rounded up to 128
+    real = {0: 1.0, 1: 3.0, 128: 2.0, 129: 3.0, 256: 1.0, 257: 2.0}  # expert e from row 128 e
+    assert {row: x_padded[row, 0].item() for row in real} == real
+    assert (x_padded[[r for r in range(512) if r not in real], 0] == 1.0).all()  # padding: pair 0's token
+    scale = torch.full((512, 1), 1e6)
+    scale[:128], scale[128:256], scale[256:384] = 1.0, 10.0, 100.0  # expert e scales by 10^e
+    out = combine(x_padded * scale, order_P, inverse_P, top_k=2)
+    assert out[:, 0].tolist() == [101.0, 220.0, 33.0]
+    out[:, 0].sum().backward()
+    assert x.grad.tolist() == [[101.0, 0.0], [110.0, 0.0], [11.0, 0.0]]
+
+
 def test_experts_weigh_each_output_by_its_routing_weight():
     torch.manual_seed(0)
     experts = GroupedExperts(num_experts=2, hidden_size=4, intermediate_size=4)
@@ -225,10 +248,16 @@ def test_training_counts_expert_load_and_adds_a_balance_loss():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fp8", [False, True])
-def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8):
+@pytest.mark.parametrize("fp8, deep_gemm", [(False, "off"), (True, "off"), (True, "on")])
+def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8, deep_gemm, monkeypatch):
     """No host sync (bincount, `.tolist()` of the routing) in forward or backward: a launch-bound
-    trainer keeps queueing work while the GPU runs."""
+    trainer keeps queueing work while the GPU runs. FP8 with the Triton kernels and with DeepGEMM's
+    (the tokens dispatched into its padded layout)."""
+    from grpo.models import fp8_deep_gemm
+
+    if deep_gemm == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
+        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
+    monkeypatch.setattr(fp8_deep_gemm, "mode", deep_gemm)
     torch.manual_seed(0)
     routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, scoring="sigmoid")
     layer = MoeLayer(256, 128, routing).cuda().to(torch.bfloat16)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
+from grpo.models import fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import T, backward_can_follow
 
 
@@ -332,13 +332,11 @@ def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -
     autograd function when a backward can follow, else the forward alone (a logprob pass), which
     quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs (`fp8_deep_gemm`) and
     pays (`fp8_grouped_deep_gemm.used_for`), the forward and input gradient are its grouped GEMMs."""
-    library = fp8_deep_gemm.library(x_MK.device)
     from grpo.models import fp8_grouped_deep_gemm as deep  # it imports this module
 
+    library = deep.library_for(x_MK, w_ENK)
     if library is not None and deep.used_for(w_ENK):
-        if backward_can_follow(x_MK, w_ENK):
-            return deep.DeepGemmGroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two, library)
-        return deep.forward_only(library, x_MK, w_ENK, ends_E, power_of_two)
+        return deep.grouped_fp8_packed(library, x_MK, w_ENK, ends_E, power_of_two)
     if backward_can_follow(x_MK, w_ENK):
         return GroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two)
     xq, xs = fp8_triton.quantize_activation_rows(x_MK, power_of_two)

@@ -3,14 +3,17 @@ Hopper where DeepGEMM loads (`fp8_deep_gemm`); the weight gradient stays the Tri
 `fp8_grouped`.
 
 DeepGEMM's grouped GEMM wants each expert's rows to start at a multiple of 128 (`ALIGNMENT`), with
-`layout[row]` naming the row's expert (-1 for padding). So the layer's rows, sorted by expert and
-packed, are copied into that padded layout before quantization (the padding rows zero, so they add
-nothing to the weight gradient and change no scale), and the outputs are gathered back. The padded
-size is the bound `rows + experts * 127`, known without reading the expert counts on the host:
-DeepGEMM skips the 128-row blocks that belong to no expert. The copies in and out of that layout cost
-about as much as DeepGEMM saves at the experts' sizes of the recipes here, so `used_for` keeps small
-experts on the Triton kernels (producing the padded layout in the dispatch would remove the copies:
-not done).
+`layout[row]` naming the row's expert (-1 for padding): a `PaddedLayout`. Its size is the bound
+`rows + experts * 127`, known without reading the expert counts on the host; DeepGEMM skips the
+128-row blocks that belong to no expert, and leaves their output rows unwritten. Whatever the padding
+rows hold, the quantizers read them as zeros (`fp8_triton`'s `layout` argument), so they add nothing
+to the weight gradient and change no scale; what the padding rows of an output hold is undefined.
+
+- `grouped_fp8_padded`: rows already in the padded layout. `moe.GroupedExperts` dispatches the tokens
+  straight into it (its gathers take padded indices), so the layer makes no copies for it.
+- `grouped_fp8_packed`: rows packed (the expert-parallel path, where rows arrive from other ranks):
+  copied into the layout and gathered back, which at the H100 recipe's expert sizes cost more than
+  DeepGEMM saves; `fp8_grouped.grouped_fp8` therefore takes it only for large experts (`used_for`).
 
 On an H100, at DeepSeek-V3's expert shapes, DeepGEMM ran these two GEMMs at 1,050-1,100 TFLOP/s
 against 530-640 for the Triton kernel (`benchmarks/results/deep_gemm_probe_h100.txt`). Its weight
@@ -20,46 +23,69 @@ Triton kernel's BF16 output; so that one is not used.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
-from grpo.models.fp8 import trimmed
+from grpo.models.fp8 import backward_can_follow, trimmed
 from grpo.models.fp8_grouped import expert_weight_gradient
 
 ALIGNMENT = 128
 SMALLEST_SIDE = 2048
-"""Under `GRPO_DEEP_GEMM=auto` the experts go through DeepGEMM only where both sides of their weights
-are at least this. The padding's copies cost more than DeepGEMM saves at the H100 recipe's experts
-(1024 -> 512, 32 experts: layer step 3.7-3.9 ms -> 5.0-5.3 ms) and less at DeepSeek-V3's (7168 ->
-2048: 35.3 -> 33.1 ms; `benchmarks/results/moe_layer_h100.txt`). Sizes between were not measured."""
+"""Under `GRPO_DEEP_GEMM=auto`, packed rows go through DeepGEMM only where both sides of the experts'
+weights are at least this. The copies into and out of the padded layout cost more than DeepGEMM saves
+at the H100 recipe's experts (1024 -> 512, 32 experts: layer step 3.7-3.9 ms -> 5.0-5.3 ms) and less at
+DeepSeek-V3's (7168 -> 2048: 35.3 -> 33.1 ms; `benchmarks/results/moe_layer_h100.txt`, session 10,
+measured with the copies). Sizes between were not measured."""
+
+
+def library_for(x: torch.Tensor, *weights_ENK: torch.Tensor):
+    """DeepGEMM where these experts' GEMMs can run through it (`fp8_deep_gemm.library`; output sides
+    whole 128-row blocks, so that no weight block spans two experts), else None."""
+    if not all(w.shape[1] % 128 == 0 for w in weights_ENK):
+        return None
+    return fp8_deep_gemm.library(x.device)
 
 
 def used_for(w_ENK: torch.Tensor) -> bool:
-    """Whether `fp8_grouped.grouped_fp8` runs these experts here (`fp8_deep_gemm.library` said yes)."""
+    """Whether packed rows times these experts go through DeepGEMM (see SMALLEST_SIDE)."""
     return fp8_deep_gemm.mode == "on" or min(w_ENK.shape[1:]) >= SMALLEST_SIDE
 
 
-def padded_layout(ends_E: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rows sorted by expert (expert e owns `ends_E[e-1]:ends_E[e]`): `(destination_M, layout_P,
-    padded_ends_E)`, where row m goes to `destination_M[m]` of the padded layout, `layout_P` names each
-    padded row's expert (-1: padding) and expert e owns padded rows up to `padded_ends_E[e]`. All on
-    the device: nothing here waits for the GPU."""
-    experts = ends_E.numel()
-    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-    padded_E = (counts_E + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-    padded_ends_E = padded_E.cumsum(0, dtype=torch.int32)
-    shift_E = (padded_ends_E - padded_E) - (ends_E - counts_E)  # padded start - packed start
-    row_M = torch.arange(rows, device=ends_E.device, dtype=ends_E.dtype)
-    expert_M = torch.searchsorted(ends_E, row_M, right=True)
-    destination_M = (row_M + shift_E[expert_M]).long()
-    size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
-    layout_P = torch.full((size,), -1, device=ends_E.device, dtype=torch.int32)
-    layout_P[destination_M] = expert_M.int()
-    return destination_M, layout_P, padded_ends_E
+@dataclass(frozen=True)
+class PaddedLayout:
+    destination_N: torch.Tensor
+    """The padded row of each packed row (rows sorted by expert), int64."""
+    layout_P: torch.Tensor
+    """Each padded row's expert, -1 for padding (int32): DeepGEMM's `grouped_layout`."""
+    padded_ends_E: torch.Tensor
+    """Expert e owns padded rows `padded_ends_E[e-1]:padded_ends_E[e]` (int32)."""
 
+    @classmethod
+    def of(cls, ends_E: torch.Tensor, rows: int) -> PaddedLayout:
+        """The layout of `rows` rows sorted by expert (expert e owns `ends_E[e-1]:ends_E[e]`), all on
+        the device: nothing here waits for the GPU."""
+        experts = ends_E.numel()
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        padded_E = (counts_E + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+        padded_ends_E = padded_E.cumsum(0, dtype=torch.int32)
+        shift_E = (padded_ends_E - padded_E) - (ends_E - counts_E)  # padded start - packed start
+        row_N = torch.arange(rows, device=ends_E.device, dtype=ends_E.dtype)
+        expert_N = torch.searchsorted(ends_E, row_N, right=True)
+        destination_N = (row_N + shift_E[expert_N]).long()
+        size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
+        layout_P = torch.full((size,), -1, device=ends_E.device, dtype=torch.int32)
+        layout_P[destination_N] = expert_N.int()
+        return cls(destination_N, layout_P, padded_ends_E)
 
-def padded_rows(x_MK: torch.Tensor, destination_M: torch.Tensor, size: int) -> torch.Tensor:
-    return x_MK.new_zeros(size, x_MK.shape[1]).index_copy_(0, destination_M, x_MK)
+    @property
+    def size(self) -> int:
+        return self.layout_P.shape[0]
+
+    def padded_index(self, packed_N: torch.Tensor) -> torch.Tensor:
+        """A per-row index of the packed rows laid out as the padded rows (padding rows: 0)."""
+        return packed_N.new_zeros(self.size).index_copy_(0, self.destination_N, packed_N)
 
 
 def expert_weights(w_ENK: torch.Tensor, power_of_two: bool, transposed: bool):
@@ -80,39 +106,50 @@ def grouped_gemm(library, a_q, a_scale, weights, layout_P: torch.Tensor, dtype: 
     return out
 
 
-def forward_only(library, x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool) -> torch.Tensor:
-    """The forward alone (a logprob pass): neither `x.T` nor the transposed weights quantized."""
-    destination_M, layout_P, _ = padded_layout(ends_E, x_MK.shape[0])
-    xq, xs = fp8_triton.quantize_activation_rows(padded_rows(x_MK, destination_M, layout_P.shape[0]))
+def grouped_fp8_padded(library, x_PK, w_ENK, layout: PaddedLayout, power_of_two: bool = False):
+    """`x[rows of e] @ w[e].T` for rows in `layout` (padding rows of the output: undefined): through the
+    autograd function when a backward can follow, else the forward alone (a logprob pass), which
+    quantizes neither `x.T` nor the transposed weights."""
+    if backward_can_follow(x_PK, w_ENK):
+        return PaddedFp8Function.apply(
+            x_PK, w_ENK, layout.layout_P, layout.padded_ends_E, power_of_two, library
+        )
+    xq, xs = fp8_triton.quantize_activation_rows(x_PK, power_of_two, layout.layout_P)
     weights = expert_weights(w_ENK, power_of_two, transposed=False)
-    y_PN = grouped_gemm(library, xq, xs, weights, layout_P, x_MK.dtype)
-    return trimmed(y_PN.index_select(0, destination_M), x_MK.shape[0], w_ENK.shape[1])
+    return trimmed(
+        grouped_gemm(library, xq, xs, weights, layout.layout_P, x_PK.dtype), layout.size, w_ENK.shape[1]
+    )
 
 
-class DeepGemmGroupedFp8Function(torch.autograd.Function):
-    """`fp8_grouped.GroupedFp8Function` with its forward and input gradient through DeepGEMM."""
+def grouped_fp8_packed(library, x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False):
+    """`grouped_fp8_padded` for rows packed by expert (`ends_E` as in `fp8_grouped.expert_gemm`):
+    copied into the padded layout, the outputs gathered back."""
+    layout = PaddedLayout.of(ends_E, x_MK.shape[0])
+    x_PK = x_MK.new_empty(layout.size, x_MK.shape[1]).index_copy(0, layout.destination_N, x_MK)
+    return grouped_fp8_padded(library, x_PK, w_ENK, layout, power_of_two).index_select(
+        0, layout.destination_N
+    )
+
+
+class PaddedFp8Function(torch.autograd.Function):
+    """`fp8_grouped.GroupedFp8Function` on padded rows, its forward and input gradient through
+    DeepGEMM; the weight gradient is the Triton kernel over each expert's padded rows."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool, library):
-        rows, k = x_MK.shape
-        n = w_ENK.shape[1]
-        destination_M, layout_P, padded_ends_E = padded_layout(ends_E, rows)
-        x_PK = padded_rows(x_MK, destination_M, layout_P.shape[0])
-        xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_PK, power_of_two)
+    def forward(ctx, x_PK, w_ENK, layout_P, padded_ends_E, power_of_two: bool, library):
+        xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_PK, power_of_two, layout_P)
         weights = expert_weights(w_ENK, power_of_two, transposed=False)
         weights_t = expert_weights(w_ENK, power_of_two, transposed=True)
-        y_PN = grouped_gemm(library, xq, xs, weights, layout_P, x_MK.dtype)
-        ctx.save_for_backward(xq_t, xs_t, *weights_t, destination_M, layout_P, padded_ends_E)
-        ctx.meta = (library, rows, n, k, x_MK.dtype, power_of_two)
-        return trimmed(y_PN.index_select(0, destination_M), rows, n)
+        ctx.save_for_backward(xq_t, xs_t, *weights_t, layout_P, padded_ends_E)
+        ctx.meta = (library, w_ENK.shape[1], x_PK.shape[1], x_PK.dtype, power_of_two)
+        y_PN = grouped_gemm(library, xq, xs, weights, layout_P, x_PK.dtype)
+        return trimmed(y_PN, x_PK.shape[0], w_ENK.shape[1])
 
     @staticmethod
-    def backward(ctx, grad_MN):
-        xq_t, xs_t, wq_t, ws_t, destination_M, layout_P, padded_ends_E = ctx.saved_tensors
-        library, rows, n, k, dtype, power_of_two = ctx.meta
-        g_PN = padded_rows(grad_MN.to(dtype), destination_M, layout_P.shape[0])
-        gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(g_PN, power_of_two)
-        dx_PK = grouped_gemm(library, gq, gs, (wq_t, ws_t), layout_P, dtype)
-        grad_x = trimmed(dx_PK.index_select(0, destination_M), rows, k)
+    def backward(ctx, grad_PN):
+        xq_t, xs_t, wq_t, ws_t, layout_P, padded_ends_E = ctx.saved_tensors
+        library, n, k, dtype, power_of_two = ctx.meta
+        gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_PN.to(dtype), power_of_two, layout_P)
+        grad_x = trimmed(grouped_gemm(library, gq, gs, (wq_t, ws_t), layout_P, dtype), layout_P.shape[0], k)
         grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, padded_ends_E, n, k, dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None

@@ -53,6 +53,7 @@ def _quantize_kernel(
     stride_xc,
     rows,
     cols,
+    layout_ptr,
     q_ptr,
     q_rows,
     q_cols,
@@ -66,11 +67,12 @@ def _quantize_kernel(
     DIRECT: tl.constexpr,
     TRANSPOSED: tl.constexpr,
     POWER_OF_TWO: tl.constexpr,
+    SKIP_PADDING: tl.constexpr,
 ):
     """One 128 x 128 tile of `x` -> its direct copy `q` (scaled per row of the tile or per block)
     and its transposed copy `t` (scaled per block or per column of the tile). Axis 2 of the grid
     runs over a batch of matrices (`stride_xb` apart in `x`, each copy and its scales one after
-    another)."""
+    another). With SKIP_PADDING, the rows whose `layout` entry is negative (padding) read as zeros."""
     pid_r, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x_ptr += pid_b * stride_xb
     q_ptr += pid_b * q_rows * q_cols
@@ -80,6 +82,8 @@ def _quantize_kernel(
     r = pid_r * 128 + tl.arange(0, 128)
     c = pid_c * 128 + tl.arange(0, 128)
     inside = (r[:, None] < rows) & (c[None, :] < cols)
+    if SKIP_PADDING:
+        inside &= tl.load(layout_ptr + r, mask=r < rows, other=-1)[:, None] >= 0
     x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0)
     x = x.to(tl.float32)
     magnitude = tl.abs(x)
@@ -132,25 +136,32 @@ def _int_class(value: int) -> int:
 
 
 def _launch(grid: tuple[int, int, int], args: tuple) -> None:
-    x, constexprs = args[0], args[-3:]
-    integers = tuple(_int_class(a) for a in args[:-3] if type(a) is int)
+    x, constexprs = args[0], args[-4:]
+    integers = tuple(_int_class(a) for a in args[:-4] if type(a) is int)
     key = (x.device, x.dtype, x.data_ptr() % 16 == 0, constexprs, integers)
     kernel = _compiled.get(key)
     if kernel is not None:
         kernel[grid](*args)
         return
-    direct, transposed, power_of_two = constexprs
+    direct, transposed, power_of_two, skip_padding = constexprs
     kernel = _quantize_kernel[grid](
-        *args[:-3], DIRECT=direct, TRANSPOSED=transposed, POWER_OF_TWO=power_of_two, num_warps=4
+        *args[:-4],
+        DIRECT=direct,
+        TRANSPOSED=transposed,
+        POWER_OF_TWO=power_of_two,
+        SKIP_PADDING=skip_padding,
+        num_warps=4,
     )
     if hasattr(kernel, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
         _compiled[key] = kernel
 
 
-def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool):
+def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
     """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
     padded to ALIGN x ALIGN (both None with NONE). Tile scales come as column-major views, block scales
-    contiguous. A 3-d `x` is a batch of matrices: each output then has the batch as its first axis."""
+    contiguous. A 3-d `x` is a batch of matrices: each output then has the batch as its first axis.
+    With `layout` (int32, one entry per row of a 2-d `x`), rows whose entry is negative are quantized
+    as zeros: the padding rows of `fp8_grouped_deep_gemm`'s layout, whatever they hold."""
     batch = (x.shape[0],) if x.dim() == 3 else ()  # a 2-d `x` is a batch of one, with no view made
     rows, cols = x.shape[-2:]
     q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
@@ -176,9 +187,10 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
     grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T, batch[0] if batch else 1)
     args = (  # the kernel's, in order: the input, each copy with its scales, the constexprs
         x, x.stride(0) if batch else 0, x.stride(-2), x.stride(-1), rows, cols,
+        x if layout is None else layout,  # a placeholder pointer without a layout, never read
         q, q_rows, q_cols, q_scale, q_scale.stride(-2),
         t, t_rows, t_cols, t_scale, max(t_scale.stride(-2), 1),
-        direct, transposed, power_of_two,
+        direct, transposed, power_of_two, layout is not None,
     )  # fmt: skip
     _launch(grid, args)
     q_scale = q_scale if direct == BLOCKS else q_scale.transpose(-2, -1)
@@ -187,22 +199,22 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
     return q, q_scale, t, (t_scale if transposed != COLUMNS else t_scale.transpose(-2, -1))
 
 
-def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False):
+def quantize_activation(x_MK: torch.Tensor, power_of_two: bool = False, layout_M=None):
     """`x` in 1 x 128 tiles (forward's left operand) and `x.T` in 128 x 128 blocks (the weight
-    gradient's right operand, reducing over tokens)."""
-    return _quantize(x_MK, ROWS, BLOCKS, ROW_ALIGN, power_of_two)
+    gradient's right operand, reducing over tokens); `layout_M` as in `_quantize`."""
+    return _quantize(x_MK, ROWS, BLOCKS, ROW_ALIGN, power_of_two, layout_M)
 
 
-def quantize_activation_rows(x_MK: torch.Tensor, power_of_two: bool = False):
+def quantize_activation_rows(x_MK: torch.Tensor, power_of_two: bool = False, layout_M=None):
     """`x` alone in 1 x 128 tiles (a forward with no backward to follow): `(q, scale)`."""
-    q, q_scale, _, _ = _quantize(x_MK, ROWS, NONE, ROW_ALIGN, power_of_two)
+    q, q_scale, _, _ = _quantize(x_MK, ROWS, NONE, ROW_ALIGN, power_of_two, layout_M)
     return q, q_scale
 
 
-def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False):
+def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False, layout_M=None):
     """`g` in 1 x 128 tiles along N (input gradient's left operand) and `g.T` in 1 x 128 tiles along
-    the tokens (weight gradient's left operand)."""
-    return _quantize(g_MN, ROWS, COLUMNS, ROW_ALIGN, power_of_two)
+    the tokens (weight gradient's left operand); `layout_M` as in `_quantize`."""
+    return _quantize(g_MN, ROWS, COLUMNS, ROW_ALIGN, power_of_two, layout_M)
 
 
 def quantize_weight_blocks(w_NK: torch.Tensor, power_of_two: bool = False):

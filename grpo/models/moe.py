@@ -14,7 +14,8 @@ parameters, and checkpoints keep loading in transformers and vLLM.
   forward routes, padding included).
 - Optional sequence-wise balance loss (DeepSeek-V3, eq. 17-20), one sequence per batch row.
 - Routed experts run as two grouped GEMMs (`torch._grouped_mm`) over the tokens sorted by expert;
-  with `fp8` as grouped blockwise FP8 GEMMs on CUDA (`fp8_grouped`), elsewhere through one FP8
+  with `fp8` as grouped blockwise FP8 GEMMs on CUDA (`fp8_grouped`; on Hopper DeepGEMM's, with the
+  tokens dispatched into its padded layout, `fp8_grouped_deep_gemm`), elsewhere through one FP8
   linear function per expert.
 - Tokens go to their experts and come back through gathers (`dispatch`, `combine`) whose
   backward is a gather too: no atomic scatter, the same result every run.
@@ -171,12 +172,15 @@ def permute_rows(x_NH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Ten
 
 
 def dispatch(x_TH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Each token's row once per expert it goes to, in the pairs' sorted order (`sort_by_expert`)."""
+    """Each token's row once per expert it goes to, in the pairs' sorted order (`sort_by_expert`).
+    `order` may also list more rows than pairs (padding rows, whose pair is any one) and `inverse`
+    the row of each pair there: the rows then come out in that padded layout."""
     return _GatherRows.apply(x_TH, order_N // top_k, inverse_N)
 
 
 def combine(y_NH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Sum each token's K expert outputs (rows in the pairs' sorted order, already weighted)."""
+    """Sum each token's K expert outputs (rows in the pairs' sorted order, already weighted; or in
+    a padded layout, as `dispatch` takes it, whose padding rows get the gradient of some pair)."""
     return permute_rows(y_NH, inverse_N, order_N).unflatten(0, (-1, top_k)).sum(1)
 
 
@@ -200,21 +204,54 @@ class GroupedExperts(nn.Module):
 
     def run_sorted(self, x_NH: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
         """The SwiGLU experts on rows already sorted by expert, `counts_E` rows each, each row's output
-        scaled by its routing weight. The weight scales the down projection's input, not its output:
-        the same product (the projection is linear) on I columns instead of H (at DeepSeek-V3's shape
-        on the H100 the layer's elementwise kernels then took 1.3 ms per step instead of 1.6)."""
+        scaled by its routing weight."""
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        gate_NI, up_NI = grouped_linear(x_NH, self.gate_up_proj, offsets_E, self.fp8).chunk(2, dim=-1)
+        return self._swiglu(x_NH, weights_N, lambda x, w: grouped_linear(x, w, offsets_E, self.fp8))
+
+    def _swiglu(self, x_NH: torch.Tensor, weights_N: torch.Tensor, linear) -> torch.Tensor:
+        """`linear(x, w)` is the grouped GEMM of the rows' layout. The routing weight scales the down
+        projection's input, not its output: the same product (the projection is linear) on I columns
+        instead of H (at DeepSeek-V3's shape on the H100 the layer's elementwise kernels then took 1.3
+        ms per step instead of 1.6)."""
+        gate_NI, up_NI = linear(x_NH, self.gate_up_proj).chunk(2, dim=-1)
         hidden_NI = F.silu(gate_NI) * up_NI * weights_N.unsqueeze(1).to(up_NI.dtype)
-        return grouped_linear(hidden_NI, self.down_proj, offsets_E, self.fp8)
+        return linear(hidden_NI, self.down_proj)
+
+    def _deep_gemm(self, x_TH: torch.Tensor):
+        """DeepGEMM where the FP8 experts run through it (`fp8_grouped_deep_gemm`), else None."""
+        if not (self.fp8 and x_TH.is_cuda):
+            return None
+        from grpo.models.fp8_grouped_deep_gemm import library_for
+
+        return library_for(x_TH, self.gate_up_proj, self.down_proj)
 
     def forward(self, x_TH: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         top_k = indices_TK.shape[1]
         order_N, inverse_N = sort_by_expert(indices_TK)
         counts_E = count_per_expert(indices_TK, self.num_experts)
-        weights_N = weights_TK.flatten()[order_N]
-        y_NH = self.run_sorted(dispatch(x_TH, order_N, inverse_N, top_k), counts_E, weights_N)
-        return combine(y_NH, order_N, inverse_N, top_k)
+        library = self._deep_gemm(x_TH)
+        if library is not None:
+            from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_padded
+
+            # the pairs go straight into DeepGEMM's padded layout: the same gathers, padded indices
+            layout = PaddedLayout.of(counts_E.cumsum(0).to(torch.int32), order_N.numel())
+            order_P, inverse_N = layout.padded_index(order_N), layout.destination_N[inverse_N]
+
+            def linear(x, w):
+                return grouped_fp8_padded(library, x, w, layout)
+        else:
+            order_P = order_N
+            offsets_E = counts_E.cumsum(0).to(torch.int32)
+
+            def linear(x, w):
+                return grouped_linear(x, w, offsets_E, self.fp8)
+
+        weights_P = weights_TK.flatten()[order_P]
+        if library is not None:  # DeepGEMM leaves blocks of padding rows unwritten: keep whatever
+            # they hold (the quantizers read them as zeros) out of the routing weights' gradient
+            weights_P = torch.where(layout.layout_P >= 0, weights_P, 0.0)
+        y_PH = self._swiglu(dispatch(x_TH, order_P, inverse_N, top_k), weights_P, linear)
+        return combine(y_PH, order_P, inverse_N, top_k)
 
 
 class MoeLayer(nn.Module):
