@@ -330,12 +330,12 @@ def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, inp
 def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
     """`x[rows of e] @ w[e].T` for every expert e in FP8 (`ends_E` as in `expert_gemm`): through the
     autograd function when a backward can follow, else the forward alone (a logprob pass), which
-    quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs (`fp8_deep_gemm`) and
-    pays (`fp8_grouped_deep_gemm.used_for`), the forward and input gradient are its grouped GEMMs."""
+    quantizes neither `x.T` nor the transposed weights. Where DeepGEMM runs these experts
+    (`fp8_grouped_deep_gemm.library_for`), the forward and input gradient are its grouped GEMMs."""
     from grpo.models import fp8_grouped_deep_gemm as deep  # it imports this module
 
     library = deep.library_for(x_MK, w_ENK)
-    if library is not None and deep.used_for(w_ENK):
+    if library is not None:
         return deep.grouped_fp8_packed(library, x_MK, w_ENK, ends_E, power_of_two)
     if backward_can_follow(x_MK, w_ENK):
         return GroupedFp8Function.apply(x_MK, w_ENK, ends_E, power_of_two)

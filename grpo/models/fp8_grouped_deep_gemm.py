@@ -12,8 +12,9 @@ to the weight gradient and change no scale; what the padding rows of an output h
 - `grouped_fp8_padded`: rows already in the padded layout. `moe.GroupedExperts` dispatches the tokens
   straight into it (its gathers take padded indices), so the layer makes no copies for it.
 - `grouped_fp8_packed`: rows packed (the expert-parallel path, where rows arrive from other ranks):
-  copied into the layout and gathered back, which at the H100 recipe's expert sizes cost more than
-  DeepGEMM saves; `fp8_grouped.grouped_fp8` therefore takes it only for large experts (`used_for`).
+  copied into the layout and gathered back.
+
+Both take DeepGEMM only for large experts under `auto` (`SMALLEST_SIDE`).
 
 On an H100, at DeepSeek-V3's expert shapes, DeepGEMM ran these two GEMMs at 1,050-1,100 TFLOP/s
 against 530-640 for the Triton kernel (`benchmarks/results/deep_gemm_probe_h100.txt`). Its weight
@@ -33,24 +34,23 @@ from grpo.models.fp8_grouped import expert_weight_gradient
 
 ALIGNMENT = 128
 SMALLEST_SIDE = 2048
-"""Under `GRPO_DEEP_GEMM=auto`, packed rows go through DeepGEMM only where both sides of the experts'
-weights are at least this. The copies into and out of the padded layout cost more than DeepGEMM saves
-at the H100 recipe's experts (1024 -> 512, 32 experts: layer step 3.7-3.9 ms -> 5.0-5.3 ms) and less at
-DeepSeek-V3's (7168 -> 2048: 35.3 -> 33.1 ms; `benchmarks/results/moe_layer_h100.txt`, session 10,
-measured with the copies). Sizes between were not measured."""
+"""Under `GRPO_DEEP_GEMM=auto`, experts go through DeepGEMM only where both sides of their weights are
+at least this. On the H100 (`benchmarks/results/moe_layer_h100.txt`, session 10) the FP8 layer step
+at DeepSeek-V3's expert shape (7168 -> 2048, 64 experts) went from 35.4 ms to 30.5 ms with the tokens
+dispatched into the padded layout (33.1 ms with copies into it), and at the H100 recipe's (1024 ->
+512, 32 experts) from 3.7-4.0 ms to 4.3-4.6 ms (5.0-5.3 ms with copies). Sizes between were not
+measured."""
 
 
 def library_for(x: torch.Tensor, *weights_ENK: torch.Tensor):
-    """DeepGEMM where these experts' GEMMs can run through it (`fp8_deep_gemm.library`; output sides
-    whole 128-row blocks, so that no weight block spans two experts), else None."""
+    """DeepGEMM where these experts' GEMMs run through it (`fp8_deep_gemm.library`, and under `auto`
+    experts of at least SMALLEST_SIDE; output sides whole 128-row blocks, so that no weight block
+    spans two experts), else None."""
     if not all(w.shape[1] % 128 == 0 for w in weights_ENK):
         return None
+    if fp8_deep_gemm.mode == "auto" and min(min(w.shape[1:]) for w in weights_ENK) < SMALLEST_SIDE:
+        return None
     return fp8_deep_gemm.library(x.device)
-
-
-def used_for(w_ENK: torch.Tensor) -> bool:
-    """Whether packed rows times these experts go through DeepGEMM (see SMALLEST_SIDE)."""
-    return fp8_deep_gemm.mode == "on" or min(w_ENK.shape[1:]) >= SMALLEST_SIDE
 
 
 @dataclass(frozen=True)
