@@ -277,9 +277,12 @@ def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8, deep_gemm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_fp8_moe_layer_computes_the_same_through_deep_gemm(monkeypatch):
     """The layer's FP8 experts through DeepGEMM (tokens dispatched into its padded layout) and through
-    the Triton kernels: output, input gradient and every parameter's gradient (the router's too,
-    which the padding rows must not reach) agree to FP8 rounding of differently blocked weight
-    gradients; an empty expert gets none."""
+    the Triton kernels. Output and input gradient quantize the same operands both ways, so they agree
+    to the accumulation order; the weight gradients' 128-token blocks differ (the Triton kernel's may
+    span two experts), so every gradient (the router's too, which the padding rows must not reach) is
+    held to FP8 error against the BF16 layer: two FP8 GEMMs in a row measured 6.4-6.7% at DeepSeek-V3's
+    shape (`moe_layer_h100.txt`); here 6.4-6.9% both ways on the H100, the two FP8 weight gradients
+    3.6-3.8% apart. An expert nobody chose gets no gradient."""
     from grpo.models import fp8_deep_gemm
 
     if not fp8_deep_gemm.available(torch.device("cuda")):
@@ -291,21 +294,24 @@ def test_the_fp8_moe_layer_computes_the_same_through_deep_gemm(monkeypatch):
         torch.nn.init.normal_(param, std=0.05)
     with torch.no_grad():
         layer.gate.e_score_correction_bias[3] = -100.0  # expert 3 is never chosen
-    layer.experts.fp8 = True
     x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
-    def run(mode):
+    def run(fp8, mode="off"):
         monkeypatch.setattr(fp8_deep_gemm, "mode", mode)
+        layer.experts.fp8 = fp8
         layer.zero_grad(set_to_none=True)
         x.grad = None
         out = layer(x)
         out.backward(grad)
         return {"out": out, "x": x.grad} | {name: p.grad for name, p in layer.named_parameters()}
 
-    triton, deep = run("off"), run("on")
+    def error(got, want):
+        return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+    bf16, triton, deep = run(False), run(True, "off"), run(True, "on")
     assert set(deep) == {"out", "x", "gate.weight", "experts.gate_up_proj", "experts.down_proj"}
-    for name in triton:
-        error = ((deep[name].float() - triton[name].float()).norm() / triton[name].float().norm()).item()
-        assert error < 2e-2, (name, error)
+    assert error(deep["out"], triton["out"]) < 1e-2 and error(deep["x"], triton["x"]) < 1e-2
+    for name in bf16:
+        assert error(deep[name], bf16[name]) < 0.1, name
     assert not deep["experts.gate_up_proj"][3].any() and not deep["experts.down_proj"][3].any()
