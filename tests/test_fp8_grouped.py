@@ -160,18 +160,10 @@ if __name__ == "__main__":
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.gpu
-@gpu
-def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatch):
-    """Random BF16 inputs, uneven routing with an empty expert. Output and input gradient quantize
-    their operands exactly as the per-expert path does (row tiles, weight blocks), so they agree to
-    the accumulation order; the weight gradient's 128-row tiles of x.T and g.T may span two experts
-    here (coarser scales), so it is held to FP8 error against the BF16 product instead."""
-    from grpo.models import fp8_deep_gemm
-    from grpo.models.fp8_grouped import GroupedFp8Function, grouped_fp8
-    from grpo.models.moe import per_expert_fp8
-
-    monkeypatch.setattr(fp8_deep_gemm, "mode", "off")  # the Triton kernels throughout
+def _uneven_experts_on_the_gpu():
+    """4 experts of 256 x 384, 1000 rows routed unevenly with an empty expert: `(offsets, x, w, grad,
+    run)`, where `run(fn)` does `fn()` forward and backward and returns the output and the gradients of
+    x and w in FP32."""
     torch.manual_seed(0)
     experts, n, k = 4, 256, 384
     offsets = torch.tensor([300, 300, 700, 1000], device="cuda", dtype=torch.int32)
@@ -184,6 +176,23 @@ def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypa
         out = fn()
         out.backward(grad)
         return out.float(), x.grad.float(), w.grad.float()
+
+    return offsets, x, w, grad, run
+
+
+@pytest.mark.gpu
+@gpu
+def test_grouped_fp8_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatch):
+    """Random BF16 inputs, uneven routing with an empty expert. Output and input gradient quantize
+    their operands exactly as the per-expert path does (row tiles, weight blocks), so they agree to
+    the accumulation order; the weight gradient's 128-row tiles of x.T and g.T may span two experts
+    here (coarser scales), so it is held to FP8 error against the BF16 product instead."""
+    from grpo.models import fp8_deep_gemm
+    from grpo.models.fp8_grouped import GroupedFp8Function, grouped_fp8
+    from grpo.models.moe import per_expert_fp8
+
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "off")  # the Triton kernels throughout
+    offsets, x, w, grad, run = _uneven_experts_on_the_gpu()
 
     grouped = run(lambda: GroupedFp8Function.apply(x, w, offsets))
     with torch.no_grad():
@@ -235,18 +244,7 @@ def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatc
     if library is None:
         pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
     monkeypatch.setattr(fp8_deep_gemm, "mode", "on")  # experts this small take it only when asked
-    torch.manual_seed(0)
-    experts, n, k = 4, 256, 384
-    offsets = torch.tensor([300, 300, 700, 1000], device="cuda", dtype=torch.int32)
-    x = torch.randn(1000, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(experts, n, k, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
-    grad = torch.randn(1000, n, device="cuda", dtype=torch.bfloat16)
-
-    def run(fn):
-        x.grad = w.grad = None
-        out = fn()
-        out.backward(grad)
-        return out.float(), x.grad.float(), w.grad.float()
+    offsets, x, w, grad, run = _uneven_experts_on_the_gpu()
 
     packed = run(lambda: grouped_fp8_packed(library, x, w, offsets))
     with torch.no_grad():
@@ -257,7 +255,7 @@ def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatc
     assert not packed[2][1].any()  # the empty expert
 
     layout = PaddedLayout.of(offsets, 1000)
-    garbage = torch.full((layout.size, k), 1e4, device="cuda", dtype=torch.bfloat16)
+    garbage = torch.full((layout.size, x.shape[1]), 1e4, device="cuda", dtype=torch.bfloat16)
     x_padded = garbage.index_copy(0, layout.destination_N, x.detach()).requires_grad_()
     w.grad = None
     y_padded = grouped_fp8_padded(library, x_padded, w, layout)
