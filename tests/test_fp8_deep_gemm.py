@@ -51,3 +51,26 @@ def test_off_chooses_cublas_without_looking_for_deep_gemm(monkeypatch):
     monkeypatch.setattr(fp8_deep_gemm, "mode", "off")
     monkeypatch.setattr(fp8_deep_gemm, "available", lambda device: pytest.fail("looked for DeepGEMM"))
     assert fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16) is None
+
+
+class _FailingLibrary:
+    @staticmethod
+    def fp8_gemm_nt(a, b, d):
+        raise RuntimeError("nvcc: not found")
+
+
+def test_a_failing_kernel_under_auto_warns_once_and_leaves_deep_gemm_off(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "auto")
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _FailingLibrary)
+    with pytest.warns(UserWarning, match="DeepGEMM failed \\(nvcc: not found\\); the FP8 GEMMs use cuBLASLt"):
+        assert (
+            fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16) is None
+        )
+    assert fp8_deep_gemm.mode == "off"
+
+
+def test_a_failing_kernel_under_on_raises(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "on")
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _FailingLibrary)
+    with pytest.raises(RuntimeError, match="nvcc: not found"):
+        fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16)

@@ -69,7 +69,7 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
     assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
 
     # rows whose layout entry is negative (padding) quantize as zeros, whatever they hold
-    layout = (torch.arange(rows, dtype=torch.int32, device=x.device) % 3 - 1).to(torch.int32)
+    layout = torch.arange(rows, dtype=torch.int32, device=x.device) % 3 - 1
     zeroed = torch.where(layout[:, None] >= 0, x, 0.0)
     for quantize in (fp8_triton.quantize_activation, fp8_triton.quantize_output_grad):
         for got, want in zip(quantize(x, p2, layout), quantize(zeroed, p2)):

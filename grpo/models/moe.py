@@ -231,27 +231,25 @@ class GroupedExperts(nn.Module):
         counts_E = count_per_expert(indices_TK, self.num_experts)
         library = self._deep_gemm(x_TH)
         if library is not None:
-            from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_padded
+            return self._forward_padded(library, x_TH, order_N, inverse_N, counts_E, weights_TK)
+        weights_N = weights_TK.flatten()[order_N]
+        y_NH = self.run_sorted(dispatch(x_TH, order_N, inverse_N, top_k), counts_E, weights_N)
+        return combine(y_NH, order_N, inverse_N, top_k)
 
-            # the pairs go straight into DeepGEMM's padded layout: the same gathers, padded indices
-            layout = PaddedLayout.of(counts_E.cumsum(0).to(torch.int32), order_N.numel())
-            order_P, inverse_N = layout.padded_index(order_N), layout.destination_N[inverse_N]
+    def _forward_padded(self, library, x_TH, order_N, inverse_N, counts_E, weights_TK) -> torch.Tensor:
+        """`forward` through DeepGEMM, the pairs dispatched straight into its padded layout
+        (`fp8_grouped_deep_gemm`): the same gathers with padded indices, no copies."""
+        from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_padded
 
-            def linear(x, w):
-                return grouped_fp8_padded(library, x, w, layout)
-        else:
-            order_P = order_N
-            offsets_E = counts_E.cumsum(0).to(torch.int32)
-
-            def linear(x, w):
-                return grouped_linear(x, w, offsets_E, self.fp8)
-
-        weights_P = weights_TK.flatten()[order_P]
-        if library is not None:  # DeepGEMM leaves blocks of padding rows unwritten: keep whatever
-            # they hold (the quantizers read them as zeros) out of the routing weights' gradient
-            weights_P = torch.where(layout.layout_P >= 0, weights_P, 0.0)
-        y_PH = self._swiglu(dispatch(x_TH, order_P, inverse_N, top_k), weights_P, linear)
-        return combine(y_PH, order_P, inverse_N, top_k)
+        top_k = weights_TK.shape[1]
+        layout = PaddedLayout.of(counts_E.cumsum(0).to(torch.int32), order_N.numel())
+        order_P, row_of_pair_N = layout.padded_index(order_N), layout.destination_N[inverse_N]
+        # DeepGEMM leaves blocks of padding rows unwritten: keep whatever they hold (the quantizers
+        # read them as zeros) out of the routing weights' gradient
+        weights_P = torch.where(layout.layout_P >= 0, weights_TK.flatten()[order_P], 0.0)
+        x_PH = dispatch(x_TH, order_P, row_of_pair_N, top_k)
+        y_PH = self._swiglu(x_PH, weights_P, lambda x, w: grouped_fp8_padded(library, x, w, layout))
+        return combine(y_PH, order_P, row_of_pair_N, top_k)
 
 
 class MoeLayer(nn.Module):
