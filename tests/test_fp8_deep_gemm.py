@@ -74,3 +74,19 @@ def test_a_failing_kernel_under_on_raises(monkeypatch):
     monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _FailingLibrary)
     with pytest.raises(RuntimeError, match="nvcc: not found"):
         fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16)
+
+
+def test_a_cuda_home_without_nvcc_cannot_compile_deep_gemms_kernels(tmp_path, monkeypatch):
+    class Library:
+        @staticmethod
+        def _find_cuda_home():
+            return str(tmp_path)
+
+    monkeypatch.delenv("DG_JIT_USE_NVRTC", raising=False)
+    assert not fp8_deep_gemm._can_compile(Library)  # a runtime-only CUDA install
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert fp8_deep_gemm._can_compile(Library)
+    (tmp_path / "bin" / "nvcc").unlink()
+    monkeypatch.setenv("DG_JIT_USE_NVRTC", "1")
+    assert fp8_deep_gemm._can_compile(Library)

@@ -9,7 +9,7 @@ Where it comes from: vLLM ships a copy (`vllm/third_party/deep_gemm`), loaded he
 without importing vLLM (whose import rewrites environment variables and patches torch's compiler), and
 registered as `deep_gemm`, the name vLLM itself tries first; a standalone `deep_gemm` install wins.
 Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few seconds each; cached on
-disk, `DG_JIT_CACHE_DIR`). Used only on compute capability 9.0: on Blackwell it would round the FP32
+disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. Used only on compute capability 9.0: on Blackwell it would round the FP32
 scales to powers of two, which changes the numbers.
 
 `GRPO_DEEP_GEMM` chooses: `auto` (the default: DeepGEMM where it loads), `off` (dense GEMMs through
@@ -54,14 +54,30 @@ def _vllm_copy() -> ModuleType | None:
     return module
 
 
+def _can_compile(module: ModuleType) -> bool:
+    """Whether DeepGEMM will find its kernel compiler: NVRTC when asked for (`DG_JIT_USE_NVRTC`),
+    else nvcc under the CUDA home it chose (a runtime-only CUDA install has none)."""
+    if os.environ.get("DG_JIT_USE_NVRTC", "0") not in ("", "0"):
+        return True
+    find_cuda_home = getattr(module, "_find_cuda_home", None)
+    if find_cuda_home is None:  # a version this check does not know: its first GEMM will tell
+        return True
+    home = find_cuda_home()
+    return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
 @functools.cache
 def _load() -> ModuleType | None:
     try:
         if importlib.util.find_spec("deep_gemm") is not None:
-            return importlib.import_module("deep_gemm")
-        return _vllm_copy()
+            module = importlib.import_module("deep_gemm")
+        else:
+            module = _vllm_copy()
+        if module is not None and not _can_compile(module):
+            raise RuntimeError("no nvcc under its CUDA home to compile its kernels")
+        return module
     except Exception as error:  # noqa: BLE001 (no CUDA toolkit, a build for another torch, ...)
-        warnings.warn(f"DeepGEMM did not load ({error}); the FP8 GEMMs use cuBLASLt", stacklevel=2)
+        warnings.warn(f"DeepGEMM is not used ({error}); the FP8 GEMMs use cuBLASLt", stacklevel=2)
         return None
 
 
