@@ -9,8 +9,9 @@ Where it comes from: vLLM ships a copy (`vllm/third_party/deep_gemm`), loaded he
 without importing vLLM (whose import rewrites environment variables and patches torch's compiler), and
 registered as `deep_gemm`, the name vLLM itself tries first; a standalone `deep_gemm` install wins.
 Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few seconds each; cached on
-disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. Used only on compute capability 9.0: on Blackwell it would round the FP32
-scales to powers of two, which changes the numbers.
+disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. Used only on compute
+capability 9.0: on Blackwell it would round the FP32 scales to powers of two, which changes the
+numbers.
 
 `GRPO_DEEP_GEMM` chooses: `auto` (the default: DeepGEMM where it loads), `off` (dense GEMMs through
 cuBLASLt, the experts' through the Triton kernels of `fp8_grouped`), or `on` (an error where it

@@ -5,9 +5,10 @@ Hopper where DeepGEMM loads (`fp8_deep_gemm`); the weight gradient stays the Tri
 DeepGEMM's grouped GEMM wants each expert's rows to start at a multiple of 128 (`ALIGNMENT`), with
 `layout[row]` naming the row's expert (-1 for padding): a `PaddedLayout`. Its size is the bound
 `rows + experts * 127`, known without reading the expert counts on the host; DeepGEMM skips the
-128-row blocks that belong to no expert, and leaves their output rows unwritten. Whatever the padding
-rows hold, the quantizers read them as zeros (`fp8_triton`'s `layout` argument), so they add nothing
-to the weight gradient and change no scale; what the padding rows of an output hold is undefined.
+arithmetic of the blocks that belong to no expert (2.5.0 still writes them, as zeros). Whatever the
+padding rows hold, the quantizers read them as zeros (`fp8_triton`'s `layout` argument), so they add
+nothing to the weight gradient and change no scale; nothing relies on what the padding rows of an
+output hold.
 
 - `grouped_fp8_padded`: rows already in the padded layout. `moe.GroupedExperts` dispatches the tokens
   straight into it (its gathers take padded indices), so the layer makes no copies for it.
@@ -107,9 +108,9 @@ def grouped_gemm(library, a_q, a_scale, weights, layout_P: torch.Tensor, dtype: 
 
 
 def grouped_fp8_padded(library, x_PK, w_ENK, layout: PaddedLayout, power_of_two: bool = False):
-    """`x[rows of e] @ w[e].T` for rows in `layout` (padding rows of the output: undefined): through the
-    autograd function when a backward can follow, else the forward alone (a logprob pass), which
-    quantizes neither `x.T` nor the transposed weights."""
+    """`x[rows of e] @ w[e].T` for rows in `layout` (the output's padding rows are not to be relied
+    on): through the autograd function when a backward can follow, else the forward alone (a
+    logprob pass), which quantizes neither `x.T` nor the transposed weights."""
     if backward_can_follow(x_PK, w_ENK):
         return PaddedFp8Function.apply(
             x_PK, w_ENK, layout.layout_P, layout.padded_ends_E, power_of_two, library

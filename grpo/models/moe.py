@@ -244,8 +244,8 @@ class GroupedExperts(nn.Module):
         top_k = weights_TK.shape[1]
         layout = PaddedLayout.of(counts_E.cumsum(0).to(torch.int32), order_N.numel())
         order_P, row_of_pair_N = layout.padded_index(order_N), layout.destination_N[inverse_N]
-        # DeepGEMM leaves blocks of padding rows unwritten: keep whatever they hold (the quantizers
-        # read them as zeros) out of the routing weights' gradient
+        # nothing relies on what the padding rows of the experts' outputs hold (the quantizers read
+        # them as zeros): keep it out of the routing weights' gradient
         weights_P = torch.where(layout.layout_P >= 0, weights_TK.flatten()[order_P], 0.0)
         x_PH = dispatch(x_TH, order_P, row_of_pair_N, top_k)
         y_PH = self._swiglu(x_PH, weights_P, lambda x, w: grouped_fp8_padded(library, x, w, layout))
