@@ -39,8 +39,9 @@ SMALLEST_SIDE = 2048
 at least this. On the H100 (`benchmarks/results/moe_layer_h100.txt`, session 10) the FP8 layer step
 at DeepSeek-V3's expert shape (7168 -> 2048, 64 experts) went from 35.4 ms to 30.5 ms with the tokens
 dispatched into the padded layout (33.1 ms with copies into it), and at the H100 recipe's (1024 ->
-512, 32 experts) from 3.7-4.0 ms to 4.3-4.6 ms (5.0-5.3 ms with copies). Sizes between were not
-measured."""
+512, 32 experts) from 3.7-4.0 ms to 4.3-4.6 ms (5.0-5.3 ms with copies), although its GPU kernels took
+less there too (3.04 against 3.25 ms): that step waits on the host, and the padded path adds host work.
+Sizes between were not measured."""
 
 
 def library_for(x: torch.Tensor, *weights_ENK: torch.Tensor):
