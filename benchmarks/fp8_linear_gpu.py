@@ -132,6 +132,8 @@ def main() -> None:
         help="the FP8 GEMM libraries to measure, each against the same BF16 times (cublas, deep_gemm)",
     )
     gemms = parser.parse_args().gemms.split(",")
+    if not set(gemms) <= {"cublas", "deep_gemm"}:
+        parser.error(f"--gemms {','.join(gemms)}: each must be cublas or deep_gemm")
     torch.manual_seed(0)
     rows = []
     for tokens, fan_in, fan_out in SHAPES:
