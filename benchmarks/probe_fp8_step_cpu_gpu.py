@@ -41,15 +41,7 @@ CALLS, ROUNDS = 200, 7
 
 def through_jit_dispatch(grid, args):
     """The quantizer's launch before `fp8_triton._launch` kept compiled kernels."""
-    direct, transposed, power_of_two, skip_padding = args[-4:]
-    fp8_triton._quantize_kernel[grid](
-        *args[:-4],
-        DIRECT=direct,
-        TRANSPOSED=transposed,
-        POWER_OF_TWO=power_of_two,
-        SKIP_PADDING=skip_padding,
-        num_warps=4,
-    )
+    fp8_triton.launch_through_jit(grid, args)
 
 
 def quantizer_launch(directly: bool):

@@ -135,6 +135,20 @@ def _int_class(value: int) -> int:
     return (value == 1) | (value % 16 == 0) << 1 | (value >= 2**31) << 2
 
 
+def launch_through_jit(grid: tuple[int, int, int], args: tuple):
+    """The kernel launched through Triton's JIT dispatch (`args` as `_quantize` lists them, the
+    constexprs last); returns what Triton compiled for them."""
+    direct, transposed, power_of_two, skip_padding = args[-4:]
+    return _quantize_kernel[grid](
+        *args[:-4],
+        DIRECT=direct,
+        TRANSPOSED=transposed,
+        POWER_OF_TWO=power_of_two,
+        SKIP_PADDING=skip_padding,
+        num_warps=4,
+    )
+
+
 def _launch(grid: tuple[int, int, int], args: tuple) -> None:
     x, constexprs = args[0], args[-4:]
     integers = tuple(_int_class(a) for a in args[:-4] if type(a) is int)
@@ -143,15 +157,7 @@ def _launch(grid: tuple[int, int, int], args: tuple) -> None:
     if kernel is not None:
         kernel[grid](*args)
         return
-    direct, transposed, power_of_two, skip_padding = constexprs
-    kernel = _quantize_kernel[grid](
-        *args[:-4],
-        DIRECT=direct,
-        TRANSPOSED=transposed,
-        POWER_OF_TWO=power_of_two,
-        SKIP_PADDING=skip_padding,
-        num_warps=4,
-    )
+    kernel = launch_through_jit(grid, args)
     if hasattr(kernel, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
         _compiled[key] = kernel
 
