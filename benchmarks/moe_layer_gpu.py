@@ -5,7 +5,9 @@ The FP8 experts run as the layer runs them on CUDA: the grouped FP8 GEMMs of
 `grpo.models.fp8_grouped` (`fp8_*`); `fp8_per_expert_*` is the earlier path, one blockwise FP8 GEMM
 per expert (`grpo.models.moe.per_expert_fp8`, patched in here), for comparison; `fp8_reused_*` the
 FP8 experts inside `reuse_quantized_weights` with unchanged weights (every micro-batch after an
-optimizer step's first: the expert weights' quantized copies are reused).
+optimizer step's first: the expert weights' quantized copies are reused), `fp8_fused_*` the same also
+inside `accumulate_into_grad` (the weight-gradient kernel adds into `.grad`, as in the trainer). The
+weight gradients accumulate from step to step in every variant, as over micro-batches.
 All get the same BF16 weights, tokens and routing (random top-k, weights from a softmax).
 Median milliseconds over repeated runs (CUDA events); relative errors of the FP8 outputs and input
 gradients against BF16, and of the grouped FP8 path against the per-expert one. Last line: one JSON
@@ -25,6 +27,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Exper
 
 from grpo.models import moe
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
+from grpo.models.fused_grad_accumulation import accumulate_into_grad
 from grpo.models.moe import GroupedExperts
 
 # (tokens, hidden, expert intermediate, experts, top-k): DeepSeek-V3's expert shape with fewer experts
@@ -70,6 +73,8 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
     ms_fp8 = median_ms(step(ours))
     with reuse_quantized_weights():  # a micro-batch after an optimizer step's first
         ms_fp8_reused = median_ms(step(ours))
+        with accumulate_into_grad():
+            ms_fp8_fused = median_ms(step(ours))
     fp8_out, fp8_dx = outputs(ours)
     grouped_linear = moe.grouped_linear
     moe.grouped_linear = lambda x_NK, w_EOK, offsets_E, fp8: moe.per_expert_fp8(x_NK, w_EOK, offsets_E)
@@ -88,10 +93,12 @@ def measure(tokens: int, hidden: int, inter: int, experts: int, top_k: int) -> d
         "grouped_bf16_ms": round(ms_grouped, 3),
         "fp8_ms": round(ms_fp8, 3),
         "fp8_reused_ms": round(ms_fp8_reused, 3),
+        "fp8_fused_ms": round(ms_fp8_fused, 3),
         "fp8_per_expert_ms": round(ms_per_expert, 3),
         "grouped_over_loop_speedup": round(ms_loop / ms_grouped, 3),
         "fp8_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8, 3),
         "fp8_reused_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8_reused, 3),
+        "fp8_fused_over_grouped_bf16_speedup": round(ms_grouped / ms_fp8_fused, 3),
         "fp8_per_expert_over_grouped_bf16_speedup": round(ms_grouped / ms_per_expert, 3),
         "fp8_rel_error_out": error(fp8_out, bf16_out),
         "fp8_rel_error_dx": error(fp8_dx, bf16_dx),

@@ -1,6 +1,7 @@
 """Where the routed experts' GPU time goes: one forward + backward of `GroupedExperts` under the
 PyTorch profiler, at the two shapes of `moe_layer_gpu.py`, in BF16 and in FP8 (inside
-`reuse_quantized_weights`, as every micro-batch after an optimizer step's first). Prints the kernels
+`reuse_quantized_weights`, as every micro-batch after an optimizer step's first), the FP8 layer also
+inside `accumulate_into_grad` ("fused": its weight-gradient kernel adds into `.grad`). Prints the kernels
 with the most GPU time, milliseconds per step (mean of 3 profiled steps after 3 warm-up steps; the
 weight gradients accumulate from step to step, as over micro-batches). Names longer than 70
 characters are cut and tagged with a per-run number, so that different kernels sharing a prefix stay
@@ -11,6 +12,7 @@ apart (the tags differ between runs). Last line: one JSON object.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 
@@ -18,6 +20,7 @@ import torch
 from moe_layer_gpu import SHAPES, routed_batch
 
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
+from grpo.models.fused_grad_accumulation import accumulate_into_grad
 from grpo.models.moe import GroupedExperts
 
 STEPS = 3
@@ -52,13 +55,14 @@ def main() -> None:
         torch.nn.init.normal_(layer.gate_up_proj, std=0.02)
         torch.nn.init.normal_(layer.down_proj, std=0.02)
         x, indices, weights, grad = routed_batch(tokens, hidden, experts, top_k)
-        for fp8 in (False, True):
+        for fp8, fused in ((False, False), (True, False), (True, True)):
             layer.fp8 = fp8
-            with reuse_quantized_weights():
+            with reuse_quantized_weights(), accumulate_into_grad() if fused else contextlib.nullcontext():
                 table = kernel_ms(functools.partial(layer_step, layer, x, indices, weights, grad))
             row = {
                 "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
                 "fp8": fp8,
+                "fused_grad_accumulation": fused,
                 "total_ms": round(sum(table.values()), 3),
                 "kernels_ms": {name: round(ms, 3) for name, ms in list(table.items())[:14]},
             }

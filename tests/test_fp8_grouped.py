@@ -115,6 +115,13 @@ def check_grouped_gemms() -> None:
             expected = g_t[:, rows] @ x_t[:, rows].t()
             torch.testing.assert_close(grad_w[e], expected, rtol=1e-4, atol=1e-3)
         assert not grad_w[1].any()  # the empty expert
+        # added into an existing FP32 gradient instead: the very sum autograd would form
+        into = torch.randn(grad_w.shape, generator=generator)
+        expected = into + grad_w
+        added = expert_weight_gradient(
+            g_t_q, g_t_scale, x_t_q, x_t_scale, _ends(offsets), N, K, torch.float32, config, into=into
+        )
+        assert added is into and torch.equal(into, expected)
 
 
 def check_against_the_per_expert_layer() -> None:
@@ -145,6 +152,44 @@ def check_against_the_per_expert_layer() -> None:
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-2)
 
 
+def check_the_weight_gradient_added_into_grad() -> None:
+    """Inside `accumulate_into_grad`, a second backward adds the experts' weight gradient into
+    `w.grad` in the kernel (the first finds no `.grad` and returns it to autograd): the same FP32
+    gradient as autograd's own accumulation, bit for bit."""
+    from grpo.models import fp8_grouped
+    from grpo.models.fp8_grouped import GroupedFp8Function
+    from grpo.models.fused_grad_accumulation import accumulate_into_grad
+
+    generator = torch.Generator().manual_seed(2)
+    rows, experts = OFFSETS[-1], len(OFFSETS)
+    x = torch.randn(rows, K, generator=generator, requires_grad=True)
+    w = torch.randn(experts, N, K, generator=generator).requires_grad_()
+    grad = torch.randn(rows, N, generator=generator)
+
+    def two_backward_passes() -> torch.Tensor:
+        w.grad = None
+        for _ in range(2):
+            GroupedFp8Function.apply(x, w, _ends(OFFSETS)).backward(grad)
+        return w.grad
+
+    added_in_kernel = []
+    kernel = fp8_grouped.expert_weight_gradient
+
+    def spy(*operands, into=None):
+        added_in_kernel.append(into is not None)
+        return kernel(*operands, into=into)
+
+    fp8_grouped.expert_weight_gradient = spy
+    try:
+        by_autograd = two_backward_passes().clone()
+        with accumulate_into_grad():
+            in_place = two_backward_passes()
+    finally:
+        fp8_grouped.expert_weight_gradient = kernel
+    assert added_in_kernel == [False, False, False, True]
+    assert torch.equal(in_place, by_autograd)
+
+
 def test_grouped_fp8_gemms_in_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
@@ -155,6 +200,7 @@ def test_grouped_fp8_gemms_in_the_triton_interpreter():
 if __name__ == "__main__":
     check_grouped_gemms()
     check_against_the_per_expert_layer()
+    check_the_weight_gradient_added_into_grad()
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

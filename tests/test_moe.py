@@ -315,3 +315,49 @@ def test_the_fp8_moe_layer_computes_the_same_through_deep_gemm(monkeypatch):
     for name in bf16:
         assert error(deep[name], bf16[name]) < 0.1, name
     assert not deep["experts.gate_up_proj"][3].any() and not deep["experts.down_proj"][3].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("deep_gemm", ["off", "on"])
+def test_the_fp8_experts_add_their_weight_gradients_into_grad_as_autograd_would(deep_gemm, monkeypatch):
+    """Two backward passes of the FP8 layer inside `accumulate_into_grad` against the same two outside
+    it: in the second, the experts' weight-gradient kernel adds into `.grad` (one BF16 rounding of
+    the FP32 sum, where autograd rounds the new gradient and then the sum), so every gradient agrees
+    to BF16 rounding. Triton kernels throughout, and DeepGEMM's padded path."""
+    from grpo.models import fp8_deep_gemm, fp8_grouped
+    from grpo.models.fused_grad_accumulation import accumulate_into_grad
+
+    if deep_gemm == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
+        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
+    monkeypatch.setattr(fp8_deep_gemm, "mode", deep_gemm)
+    torch.manual_seed(0)
+    routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, scoring="sigmoid")
+    layer = MoeLayer(256, 128, routing).cuda().to(torch.bfloat16)
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    layer.experts.fp8 = True
+    x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    added_in_kernel = []
+    kernel = fp8_grouped.expert_weight_gradient
+
+    def spy(*operands, into=None):
+        added_in_kernel.append(into is not None)
+        return kernel(*operands, into=into)
+
+    monkeypatch.setattr(fp8_grouped, "expert_weight_gradient", spy)
+
+    def two_backward_passes():
+        layer.zero_grad(set_to_none=True)
+        for _ in range(2):
+            layer(x).backward(grad)
+        return {name: p.grad.float() for name, p in layer.named_parameters()}
+
+    by_autograd = two_backward_passes()
+    with accumulate_into_grad():
+        in_place = two_backward_passes()
+    # per pass the down projection's backward runs first; only the second pass finds a `.grad`
+    assert added_in_kernel == [False] * 6 + [True] * 2
+    for name, want in by_autograd.items():
+        assert ((in_place[name] - want).norm() / want.norm()).item() < 4e-3, name

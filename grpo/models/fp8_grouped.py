@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_triton, fp8_weight_cache
+from grpo.models import fp8_triton, fp8_weight_cache, fused_grad_accumulation
 from grpo.models.fp8 import T, backward_can_follow
 
 
@@ -152,9 +152,11 @@ def _weight_gradient_kernel(
     k_out,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """One BLOCK_N x BLOCK_K block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T. The
-    expert is the slowest index: one expert's rows of g.T and x.T are read while they sit in L2.
+    """One BLOCK_N x BLOCK_K block of dW[e] = sum over the expert's rows m of g.T[:, m] x.T[:, m].T,
+    stored, or with ACCUMULATE added to what `out` holds. The expert is the slowest index: one
+    expert's rows of g.T and x.T are read while they sit in L2.
 
     Loads are never masked along the rows, which are also the contiguous dimension: such a mask
     turns them into single-byte accesses (H100, 64 experts of 4096 x 7168, 512 rows each: every tile
@@ -193,7 +195,10 @@ def _weight_gradient_kernel(
             x_scale = tl.load(x_scale_at + tile)
             acc += tl.dot(g, x) * g_scale[:, None] * x_scale[None, :]
     out_at = out_ptr + expert * n_out * k_out + ns[:, None] * k_out + ks[None, :]
-    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=(ns[:, None] < n_out) & (ks[None, :] < k_out))
+    inside = (ns[:, None] < n_out) & (ks[None, :] < k_out)
+    if ACCUMULATE:
+        acc += tl.load(out_at, mask=inside).to(tl.float32)
+    tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @dataclass(frozen=True)
@@ -279,12 +284,21 @@ def expert_weight_gradient(
     k_out: int,
     dtype,
     config: WeightGradientConfig = WEIGHT_GRADIENT,
+    into: torch.Tensor | None = None,
 ):
     """dW `[E, N, K]` from the transposed quantized copies: `g.T` `[N', M']` in 1 x 128 tiles along
     M (scales a column-major view `[N', M'/128]`), `x.T` `[K', M']` in 128 x 128 blocks; expert e's
-    rows `ends_E[e-1]:ends_E[e]` as in `expert_gemm`."""
+    rows `ends_E[e-1]:ends_E[e]` as in `expert_gemm`. With `into` (contiguous `[E, N, K]`, any float
+    dtype) dW is added into it in FP32, and `into` returned."""
     experts = ends_E.numel()
-    out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
+    if into is not None:
+        assert into.shape == (experts, n_out, k_out) and into.is_contiguous(), (
+            into.shape,
+            experts,
+            n_out,
+            k_out,
+        )
+    out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device) if into is None else into
     grid = (experts * triton.cdiv(n_out, config.block_n) * triton.cdiv(k_out, config.block_k),)
     _weight_gradient_kernel[grid](
         g_t_q,
@@ -301,10 +315,23 @@ def expert_weight_gradient(
         k_out,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        ACCUMULATE=into is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
+
+
+def weight_gradient_for_autograd(ctx, *operands) -> torch.Tensor | None:
+    """What an expert autograd function's backward returns for the weight (`ctx.weight`, input 1):
+    None where no gradient is wanted, or where `expert_weight_gradient` added it into the weight's
+    `.grad` (`fused_grad_accumulation`); otherwise the gradient. `operands`: those of
+    `expert_weight_gradient`, `g.T` to `dtype`."""
+    if not ctx.needs_input_grad[1]:
+        return None
+    into = fused_grad_accumulation.grad_to_add_into(ctx.weight)
+    grad_w = expert_weight_gradient(*operands, into=into)
+    return None if into is not None else grad_w
 
 
 def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
@@ -354,6 +381,7 @@ class GroupedFp8Function(torch.autograd.Function):
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_MK, power_of_two)
         forward, input_gradient = quantize_expert_weights(w_ENK, power_of_two)
         ctx.save_for_backward(xq_t, xs_t, input_gradient.q, input_gradient.scale, ends_E)
+        ctx.weight = w_ENK if w_ENK.is_leaf else None  # a parameter: no reference cycle
         _, n, k = w_ENK.shape
         ctx.meta = (x_MK.shape[0], n, k, x_MK.dtype, power_of_two)
         return expert_gemm(xq, xs, forward, ends_E, x_MK.shape[0], x_MK.dtype)
@@ -365,5 +393,5 @@ class GroupedFp8Function(torch.autograd.Function):
         gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_MN, power_of_two)
         weights = ExpertWeights.input_gradient(wq_KN, ws_JI, n, k)
         grad_x = expert_gemm(gq, gs, weights, ends_E, rows, dtype)
-        grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, ends_E, n, k, dtype)
+        grad_w = weight_gradient_for_autograd(ctx, gq_t, gs_t, xq_t, xs_t, ends_E, n, k, dtype)
         return grad_x, grad_w, None, None

@@ -31,7 +31,7 @@ import torch
 
 from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import backward_can_follow, trimmed
-from grpo.models.fp8_grouped import expert_weight_gradient
+from grpo.models.fp8_grouped import weight_gradient_for_autograd
 
 ALIGNMENT = 128
 SMALLEST_SIDE = 2048
@@ -143,6 +143,7 @@ class PaddedFp8Function(torch.autograd.Function):
         weights = expert_weights(w_ENK, power_of_two, transposed=False)
         weights_t = expert_weights(w_ENK, power_of_two, transposed=True)
         ctx.save_for_backward(xq_t, xs_t, *weights_t, layout_P, padded_ends_E)
+        ctx.weight = w_ENK if w_ENK.is_leaf else None  # a parameter: no reference cycle
         ctx.meta = (library, w_ENK.shape[1], x_PK.shape[1], x_PK.dtype, power_of_two)
         y_PN = grouped_gemm(library, xq, xs, weights, layout_P, x_PK.dtype)
         return trimmed(y_PN, x_PK.shape[0], w_ENK.shape[1])
@@ -153,5 +154,5 @@ class PaddedFp8Function(torch.autograd.Function):
         library, n, k, dtype, power_of_two = ctx.meta
         gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_PN.to(dtype), power_of_two, layout_P)
         grad_x = trimmed(grouped_gemm(library, gq, gs, (wq_t, ws_t), layout_P, dtype), layout_P.shape[0], k)
-        grad_w = expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, padded_ends_E, n, k, dtype)
+        grad_w = weight_gradient_for_autograd(ctx, gq_t, gs_t, xq_t, xs_t, padded_ends_E, n, k, dtype)
         return grad_x, grad_w, None, None, None, None

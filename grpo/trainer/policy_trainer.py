@@ -23,6 +23,7 @@ from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
+from grpo.models.fused_grad_accumulation import accumulate_into_grad
 from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
@@ -184,8 +185,10 @@ class PolicyTrainer:
 
     # ---- the update -----------------------------------------------------------------------
     # the weights change only at the optimizer step: each FP8 weight is quantized once per version,
-    # not once per micro-batch and logprob pass
+    # not once per micro-batch and logprob pass. Gradients are summed across ranks here, after the
+    # backward passes, not by hooks: the FP8 experts may add theirs into `.grad` in place.
     @reuse_quantized_weights()
+    @accumulate_into_grad()
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         """`mu` optimizer steps on one rollout batch; returns metrics averaged over them."""
         algo = self.recipe.algorithm
