@@ -190,6 +190,31 @@ def check_the_weight_gradient_added_into_grad() -> None:
     assert torch.equal(in_place, by_autograd)
 
 
+def check_the_padded_layout_kernel() -> None:
+    """`PaddedLayout.by_kernel` (the GPU's one launch) equals the PyTorch `PaddedLayout.of` exactly:
+    empty experts first, between and last, whole and partial 128-row blocks, more rows than one
+    program's block, no rows."""
+    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout
+
+    generator = torch.Generator().manual_seed(3)
+    counts = [torch.randint(0, 300, (64,), generator=generator) for _ in range(2)]
+    counts[1][::3] = 0
+    cases = [
+        [0, 0, 5],
+        [3, 3, 133],
+        [128, 256, 256, 300],
+        [1000],
+        [0],
+        *(c.cumsum(0).tolist() for c in counts),
+    ]
+    for ends in cases:
+        ends_E = torch.tensor(ends, dtype=torch.int32)
+        want, got = PaddedLayout.of(ends_E, ends[-1]), PaddedLayout.by_kernel(ends_E, ends[-1])
+        assert torch.equal(got.layout_P, want.layout_P), ends
+        assert torch.equal(got.destination_N, want.destination_N), ends
+        assert torch.equal(got.padded_ends_E, want.padded_ends_E), ends
+
+
 def test_grouped_fp8_gemms_in_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
@@ -201,6 +226,7 @@ if __name__ == "__main__":
     check_grouped_gemms()
     check_against_the_per_expert_layer()
     check_the_weight_gradient_added_into_grad()
+    check_the_padded_layout_kernel()
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

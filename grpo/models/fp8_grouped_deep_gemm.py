@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
 from grpo.models.fp8 import backward_can_follow, trimmed
@@ -55,6 +57,35 @@ def library_for(x: torch.Tensor, *weights_ENK: torch.Tensor):
     return fp8_deep_gemm.library(x.device)
 
 
+@triton.jit
+def _padded_layout_kernel(
+    ends_ptr, experts, size, layout_ptr, destination_ptr, padded_ends_ptr,
+    BLOCK: tl.constexpr, EXPERTS: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """`PaddedLayout.of` for BLOCK padded rows: each program reads all experts' row ends (few), finds
+    each padded row's expert and place, and writes its layout entry and, for a real row, the packed
+    row's destination; program 0 also writes the padded ends."""
+    e = tl.arange(0, EXPERTS)
+    ends = tl.load(ends_ptr + e, mask=e < experts, other=0)
+    total = tl.max(ends, axis=0)
+    ends = tl.where(e < experts, ends, total)  # experts past the last own no rows
+    starts = tl.load(ends_ptr + e - 1, mask=(e >= 1) & (e < experts), other=0)
+    starts = tl.where(e < experts, starts, total)
+    counts = ends - starts
+    padded_ends = tl.cumsum((counts + ALIGN - 1) // ALIGN * ALIGN, axis=0)
+    padded_starts = padded_ends - (counts + ALIGN - 1) // ALIGN * ALIGN
+    if tl.program_id(0) == 0:
+        tl.store(padded_ends_ptr + e, padded_ends, mask=e < experts)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    owner = tl.sum(((padded_ends[None, :] <= p[:, None]) & (e[None, :] < experts)).to(tl.int32), axis=1)
+    mine = owner[:, None] == e[None, :]
+    offset = p - tl.sum(tl.where(mine, padded_starts[None, :], 0), axis=1)
+    real = (owner < experts) & (offset < tl.sum(tl.where(mine, counts[None, :], 0), axis=1))
+    tl.store(layout_ptr + p, tl.where(real, owner, -1), mask=p < size)
+    packed = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + offset
+    tl.store(destination_ptr + packed, p.to(tl.int64), mask=real & (p < size))
+
+
 @dataclass(frozen=True)
 class PaddedLayout:
     destination_N: torch.Tensor
@@ -67,7 +98,10 @@ class PaddedLayout:
     @classmethod
     def of(cls, ends_E: torch.Tensor, rows: int) -> PaddedLayout:
         """The layout of `rows` rows sorted by expert (expert e owns `ends_E[e-1]:ends_E[e]`), all on
-        the device: nothing here waits for the GPU."""
+        the device: nothing here waits for the GPU. On CUDA one Triton launch (`by_kernel`): the
+        PyTorch ops below cost 0.46 ms of host time per layer call at the H100 recipe's shape."""
+        if ends_E.is_cuda:
+            return cls.by_kernel(ends_E, rows)
         experts = ends_E.numel()
         counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
         padded_E = (counts_E + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
@@ -79,6 +113,22 @@ class PaddedLayout:
         size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
         layout_P = torch.full((size,), -1, device=ends_E.device, dtype=torch.int32)
         layout_P[destination_N] = expert_N.int()
+        return cls(destination_N, layout_P, padded_ends_E)
+
+    @classmethod
+    def by_kernel(cls, ends_E: torch.Tensor, rows: int) -> PaddedLayout:
+        """`of` in one launch of `_padded_layout_kernel`."""
+        experts = ends_E.numel()
+        size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
+        device = ends_E.device
+        layout_P = torch.empty(size, device=device, dtype=torch.int32)
+        destination_N = torch.empty(rows, device=device, dtype=torch.int64)
+        padded_ends_E = torch.empty(experts, device=device, dtype=torch.int32)
+        block = 256
+        _padded_layout_kernel[(triton.cdiv(size, block),)](
+            ends_E, experts, size, layout_P, destination_N, padded_ends_E,
+            BLOCK=block, EXPERTS=triton.next_power_of_2(experts), ALIGN=ALIGNMENT,
+        )  # fmt: skip
         return cls(destination_N, layout_P, padded_ends_E)
 
     @property
