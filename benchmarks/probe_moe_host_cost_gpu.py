@@ -1,6 +1,6 @@
 """Probe: host (CPU) time of the FP8 MoE layer's pieces at the H100 recipe's expert shape (16384
 tokens, 1024 -> 512, 32 experts top-4), on a CUDA GPU with DeepGEMM: the padded path's extra work
-(`PaddedLayout.of`, the padded indices, the masked routing weights), one DeepGEMM grouped GEMM call,
+(`PaddedLayout.of` alone, then with the padded indices and the masked routing weights), one DeepGEMM grouped GEMM call,
 one Triton grouped GEMM call, one masked quantizer call (microseconds of CPU per call, 200 calls
 queued), and the whole layer step (forward + backward) with `GRPO_DEEP_GEMM` off and on, alternating:
 CPU microseconds per step queued, and milliseconds per step synchronized. Last line: one JSON object.
@@ -40,6 +40,9 @@ def main() -> None:
         w = torch.where(layout.layout_P >= 0, weights.flatten()[order_p], 0.0)
         return layout, order_p, row, w
 
+    out["padded_layout_us"] = cpu_us_per_call(
+        lambda: PaddedLayout.of(counts.cumsum(0).to(torch.int32), order.numel()), calls=200, warmup=10
+    )
     out["padded_layout_and_extras_us"] = cpu_us_per_call(padded_extras, calls=200, warmup=10)
     layout = padded_extras()[0]
     lib = fp8_deep_gemm.library(torch.device("cuda"))
