@@ -190,10 +190,10 @@ def check_the_weight_gradient_added_into_grad() -> None:
     assert torch.equal(in_place, by_autograd)
 
 
-def check_the_padded_layout_kernel() -> None:
-    """`PaddedLayout.by_kernel` (the GPU's one launch) equals the PyTorch `PaddedLayout.of` exactly:
-    empty experts first, between and last, whole and partial 128-row blocks, more rows than one
-    program's block, no rows."""
+def check_the_padded_layout_kernel(device: str = "cpu") -> None:
+    """`PaddedLayout.by_kernel` (the GPU's one launch; on `device`) equals the PyTorch
+    `PaddedLayout.of` on the CPU exactly: empty experts first, between and last, whole and partial
+    128-row blocks, more rows than one program's block, no rows."""
     from grpo.models.fp8_grouped_deep_gemm import PaddedLayout
 
     generator = torch.Generator().manual_seed(3)
@@ -209,10 +209,10 @@ def check_the_padded_layout_kernel() -> None:
     ]
     for ends in cases:
         ends_E = torch.tensor(ends, dtype=torch.int32)
-        want, got = PaddedLayout.of(ends_E, ends[-1]), PaddedLayout.by_kernel(ends_E, ends[-1])
-        assert torch.equal(got.layout_P, want.layout_P), ends
-        assert torch.equal(got.destination_N, want.destination_N), ends
-        assert torch.equal(got.padded_ends_E, want.padded_ends_E), ends
+        want, got = PaddedLayout.of(ends_E, ends[-1]), PaddedLayout.by_kernel(ends_E.to(device), ends[-1])
+        assert torch.equal(got.layout_P.cpu(), want.layout_P), ends
+        assert torch.equal(got.destination_N.cpu(), want.destination_N), ends
+        assert torch.equal(got.padded_ends_E.cpu(), want.padded_ends_E), ends
 
 
 def test_grouped_fp8_gemms_in_the_triton_interpreter():
@@ -335,3 +335,9 @@ def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatc
     assert torch.equal(y_padded[layout.destination_N].float(), packed[0])
     assert torch.equal(x_padded.grad[layout.destination_N].float(), packed[1])
     assert torch.equal(w.grad.float(), packed[2])
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_padded_layout_kernel_on_the_gpu():
+    check_the_padded_layout_kernel("cuda")
