@@ -4,7 +4,7 @@ way (the kernel's output, then `grad += output`), at DeepSeek-V3's expert projec
 512 rows each (the padded layout's whole 128-row tiles), BF16 gradients. Median milliseconds (CUDA
 events) of: the kernel alone, the kernel plus the add, the kernel adding into `.grad`, this last also
 for a few kernel configurations; and the largest difference between the two sums in BF16 units of the
-sum (one rounding against two: at most about 1). Last line: one JSON object.
+addends' magnitude (one rounding against two: at most about 1). Last line: one JSON object.
 
     PYTHONPATH=$PWD python3 benchmarks/probe_weight_gradient_accumulation_gpu.py
 """
@@ -43,12 +43,13 @@ def measure(name: str, n: int, k: int) -> dict:
             lambda config=config: expert_weight_gradient(*operands, config, into=grad)
         )
     row = {key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()}
-    by_autograd = grad + expert_weight_gradient(*operands)
+    before, new = grad.float(), expert_weight_gradient(*operands)
+    by_autograd = (grad + new).float()
     in_kernel = expert_weight_gradient(*operands, into=grad).float()
-    ulp = by_autograd.float().abs().clamp(min=1e-30) * 2.0**-8  # BF16: 8 significant bits
-    row["max_difference_in_bf16_ulps"] = round(
-        ((in_kernel - by_autograd.float()).abs() / ulp).max().item(), 2
-    )
+    # a rounding of the sum, and one of the new gradient, are each at most half a unit of the larger
+    # of the two addends' magnitudes (BF16: 8 significant bits)
+    unit = (before.abs() + new.float().abs()).clamp(min=1e-30) * 2.0**-8
+    row["max_difference_in_bf16_units"] = round(((in_kernel - by_autograd).abs() / unit).max().item(), 3)
     row["configs"] = [vars(config) for config in CONFIGS]
     return row
 

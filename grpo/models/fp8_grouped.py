@@ -175,10 +175,6 @@ def _weight_gradient_kernel(
     g_at = g_t_ptr + ns[:, None] * g_t_stride
     x_at = x_t_ptr + ks[None, :] * x_t_stride
     x_scale_at = x_t_scale_ptr + (ks // 128) * x_t_scale_stride  # x.T's scales: per 128 x 128 block
-    out_at = out_ptr + expert * n_out * k_out + ns[:, None] * k_out + ks[None, :]
-    inside = (ns[:, None] < n_out) & (ks[None, :] < k_out)
-    if ACCUMULATE:  # loaded first, so that the read overlaps the loop rather than following it
-        earlier = tl.load(out_at, mask=inside)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     whole_from, whole_to = (start + 127) // 128, end // 128
     for tile in range(whole_from, whole_to):
@@ -198,8 +194,10 @@ def _weight_gradient_kernel(
             g_scale = tl.load(g_t_scale_ptr + tile * g_t_scale_stride + ns)
             x_scale = tl.load(x_scale_at + tile)
             acc += tl.dot(g, x) * g_scale[:, None] * x_scale[None, :]
-    if ACCUMULATE:
-        acc += earlier.to(tl.float32)
+    out_at = out_ptr + expert * n_out * k_out + ns[:, None] * k_out + ks[None, :]
+    inside = (ns[:, None] < n_out) & (ks[None, :] < k_out)
+    if ACCUMULATE:  # read at the end: reading it before the loop measured no faster (H100)
+        acc += tl.load(out_at, mask=inside).to(tl.float32)
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 

@@ -15,7 +15,7 @@ output hold.
 - `grouped_fp8_packed`: rows packed (the expert-parallel path, where rows arrive from other ranks):
   copied into the layout and gathered back.
 
-Both take DeepGEMM only for large experts under `auto` (`SMALLEST_SIDE`).
+Under `auto` both take DeepGEMM only for experts at least as large as measured (`SMALLEST_SIDE`).
 
 On an H100, at DeepSeek-V3's expert shapes, DeepGEMM ran these two GEMMs at 1,050-1,100 TFLOP/s
 against 530-640 for the Triton kernel (`benchmarks/results/deep_gemm_probe_h100.txt`). Its weight
@@ -36,14 +36,14 @@ from grpo.models.fp8 import backward_can_follow, trimmed
 from grpo.models.fp8_grouped import weight_gradient_for_autograd
 
 ALIGNMENT = 128
-SMALLEST_SIDE = 2048
+SMALLEST_SIDE = 512
 """Under `GRPO_DEEP_GEMM=auto`, experts go through DeepGEMM only where both sides of their weights are
-at least this. On the H100 (`benchmarks/results/moe_layer_h100.txt`, session 10) the FP8 layer step
-at DeepSeek-V3's expert shape (7168 -> 2048, 64 experts) went from 35.4 ms to 30.5 ms with the tokens
-dispatched into the padded layout (33.1 ms with copies into it), and at the H100 recipe's (1024 ->
-512, 32 experts) from 3.7-4.0 ms to 4.3-4.6 ms (5.0-5.3 ms with copies), although its GPU kernels took
-less there too (3.04 against 3.25 ms): that step waits on the host, and the padded path adds host work.
-Sizes between were not measured."""
+at least this: the smallest measured. On the H100 (`benchmarks/results/moe_layer_h100.txt`) the FP8
+layer step at DeepSeek-V3's expert shape (7168 -> 2048, 64 experts) went from 35.4 to 30.5 ms. At the
+H100 recipe's (1024 -> 512, 32 experts), whose step waits on the host, it was slower (3.7-4.0 against
+4.3-4.6 ms, session 10) until the padded layout became one kernel (`_padded_layout_kernel`, 57-67
+instead of 219-343 us of host time); since then it is as fast or faster (3.48-3.56 against 3.66-3.95
+ms in four runs each of `probe_moe_host_cost_gpu.py`, session 11). Smaller experts were not measured."""
 
 
 def library_for(x: torch.Tensor, *weights_ENK: torch.Tensor):
