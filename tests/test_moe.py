@@ -246,13 +246,9 @@ def test_training_counts_expert_load_and_adds_a_balance_loss():
     assert all(layer.real_tokens_T is None for layer in layers)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fp8, deep_gemm", [(False, "off"), (True, "off"), (True, "on")])
-def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8, deep_gemm, monkeypatch):
-    """No host sync (bincount, `.tolist()` of the routing) in forward or backward: a launch-bound
-    trainer keeps queueing work while the GPU runs. FP8 with the Triton kernels and with DeepGEMM's
-    (the tokens dispatched into its padded layout)."""
+def _small_moe_layer_on_the_gpu(fp8: bool, deep_gemm: str, monkeypatch) -> MoeLayer:
+    """A BF16 layer of 8 experts (256 -> 128, top-2 of 2 groups) on the GPU, its experts in FP8 or
+    not, `GRPO_DEEP_GEMM` set to `deep_gemm` (skips where "on" cannot run)."""
     from grpo.models import fp8_deep_gemm
 
     if deep_gemm == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
@@ -264,6 +260,17 @@ def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8, deep_gemm
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.05)
     layer.experts.fp8 = fp8
+    return layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8, deep_gemm", [(False, "off"), (True, "off"), (True, "on")])
+def test_a_training_step_of_the_moe_layer_never_waits_for_the_gpu(fp8, deep_gemm, monkeypatch):
+    """No host sync (bincount, `.tolist()` of the routing) in forward or backward: a launch-bound
+    trainer keeps queueing work while the GPU runs. FP8 with the Triton kernels and with DeepGEMM's
+    (the tokens dispatched into its padded layout)."""
+    layer = _small_moe_layer_on_the_gpu(fp8, deep_gemm, monkeypatch)
     x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()  # first call: kernels compile
     torch.cuda.set_sync_debug_mode("error")
@@ -285,13 +292,7 @@ def test_the_fp8_moe_layer_computes_the_same_through_deep_gemm(monkeypatch):
     3.6-3.8% apart. An expert nobody chose gets no gradient."""
     from grpo.models import fp8_deep_gemm
 
-    if not fp8_deep_gemm.available(torch.device("cuda")):
-        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
-    torch.manual_seed(0)
-    routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, scoring="sigmoid")
-    layer = MoeLayer(256, 128, routing).cuda().to(torch.bfloat16)
-    for param in layer.parameters():
-        torch.nn.init.normal_(param, std=0.05)
+    layer = _small_moe_layer_on_the_gpu(False, "on", monkeypatch)  # `run` sets both per run
     with torch.no_grad():
         layer.gate.e_score_correction_bias[3] = -100.0  # expert 3 is never chosen
     x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -325,18 +326,10 @@ def test_the_fp8_experts_add_their_weight_gradients_into_grad_as_autograd_would(
     it: in the second, the experts' weight-gradient kernel adds into `.grad` (one BF16 rounding of
     the FP32 sum, where autograd rounds the new gradient and then the sum), so every gradient agrees
     to BF16 rounding. Triton kernels throughout, and DeepGEMM's padded path."""
-    from grpo.models import fp8_deep_gemm, fp8_grouped
+    from grpo.models import fp8_grouped
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
 
-    if deep_gemm == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
-        pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
-    monkeypatch.setattr(fp8_deep_gemm, "mode", deep_gemm)
-    torch.manual_seed(0)
-    routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, scoring="sigmoid")
-    layer = MoeLayer(256, 128, routing).cuda().to(torch.bfloat16)
-    for param in layer.parameters():
-        torch.nn.init.normal_(param, std=0.05)
-    layer.experts.fp8 = True
+    layer = _small_moe_layer_on_the_gpu(True, deep_gemm, monkeypatch)
     x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     added_in_kernel = []
