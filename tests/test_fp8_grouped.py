@@ -193,11 +193,11 @@ def check_the_weight_gradient_added_into_grad() -> None:
 def check_the_padded_layout_kernel(device: str = "cpu") -> None:
     """`PaddedLayout.by_kernel` (the GPU's one launch; on `device`) equals the PyTorch
     `PaddedLayout.of` on the CPU exactly: empty experts first, between and last, whole and partial
-    128-row blocks, more rows than one program's block, no rows."""
+    128-row blocks, more rows than one program's block, no rows; 256 experts (64 rows a program)."""
     from grpo.models.fp8_grouped_deep_gemm import PaddedLayout
 
     generator = torch.Generator().manual_seed(3)
-    counts = [torch.randint(0, 300, (64,), generator=generator) for _ in range(2)]
+    counts = [torch.randint(0, 300, (experts,), generator=generator) for experts in (64, 64, 256)]
     counts[1][::3] = 0
     cases = [
         [0, 0, 5],

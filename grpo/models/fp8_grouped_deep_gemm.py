@@ -124,10 +124,13 @@ class PaddedLayout:
         layout_P = torch.empty(size, device=device, dtype=torch.int32)
         destination_N = torch.empty(rows, device=device, dtype=torch.int64)
         padded_ends_E = torch.empty(experts, device=device, dtype=torch.int32)
-        block = 256
+        # each program compares its BLOCK rows with every expert: at most 16 K pairs (the H100 ran 256
+        # rows x 64 experts); more experts, fewer rows per program
+        experts_pow2 = triton.next_power_of_2(experts)
+        block = min(256, 16384 // experts_pow2)
         _padded_layout_kernel[(triton.cdiv(size, block),)](
             ends_E, experts, size, layout_P, destination_N, padded_ends_E,
-            BLOCK=block, EXPERTS=triton.next_power_of_2(experts), ALIGN=ALIGNMENT,
+            BLOCK=block, EXPERTS=experts_pow2, ALIGN=ALIGNMENT,
         )  # fmt: skip
         return cls(destination_N, layout_P, padded_ends_E)
 
