@@ -155,7 +155,7 @@ def check_against_the_per_expert_layer() -> None:
 def check_the_weight_gradient_added_into_grad() -> None:
     """Inside `accumulate_into_grad`, a second backward adds the experts' weight gradient into
     `w.grad` in the kernel (the first finds no `.grad` and returns it to autograd): the same FP32
-    gradient as autograd's own accumulation, bit for bit."""
+    gradient as autograd's own accumulation, bit for bit. Frozen experts get no weight gradient."""
     from grpo.models import fp8_grouped
     from grpo.models.fp8_grouped import GroupedFp8Function
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
@@ -184,6 +184,8 @@ def check_the_weight_gradient_added_into_grad() -> None:
         by_autograd = two_backward_passes().clone()
         with accumulate_into_grad():
             in_place = two_backward_passes()
+        w.requires_grad_(False)  # frozen experts: no weight gradient computed at all
+        GroupedFp8Function.apply(x, w, _ends(OFFSETS)).backward(grad)
     finally:
         fp8_grouped.expert_weight_gradient = kernel
     assert added_in_kernel == [False, False, False, True]
