@@ -291,10 +291,11 @@ def expert_weight_gradient(
     rows `ends_E[e-1]:ends_E[e]` as in `expert_gemm`. With `into` (contiguous `[E, N, K]`, any float
     dtype) dW is added into it in FP32, and `into` returned."""
     experts = ends_E.numel()
-    out = into
-    if out is None:
+    if into is None:
         out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
-    assert out.shape == (experts, n_out, k_out) and out.is_contiguous(), "into: a contiguous [E, N, K]"
+    else:
+        assert into.shape == (experts, n_out, k_out) and into.is_contiguous(), "into: a contiguous [E, N, K]"
+        out = into
     grid = (experts * triton.cdiv(n_out, config.block_n) * triton.cdiv(k_out, config.block_k),)
     _weight_gradient_kernel[grid](
         g_t_q,

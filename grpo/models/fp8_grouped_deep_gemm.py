@@ -72,8 +72,9 @@ def _padded_layout_kernel(
     starts = tl.load(ends_ptr + e - 1, mask=(e >= 1) & (e < experts), other=0)
     starts = tl.where(e < experts, starts, total)
     counts = ends - starts
-    padded_ends = tl.cumsum((counts + ALIGN - 1) // ALIGN * ALIGN, axis=0)
-    padded_starts = padded_ends - (counts + ALIGN - 1) // ALIGN * ALIGN
+    padded_counts = (counts + ALIGN - 1) // ALIGN * ALIGN
+    padded_ends = tl.cumsum(padded_counts, axis=0)
+    padded_starts = padded_ends - padded_counts
     if tl.program_id(0) == 0:
         tl.store(padded_ends_ptr + e, padded_ends, mask=e < experts)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -84,6 +85,11 @@ def _padded_layout_kernel(
     tl.store(layout_ptr + p, tl.where(real, owner, -1), mask=p < size)
     packed = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + offset
     tl.store(destination_ptr + packed, p.to(tl.int64), mask=real & (p < size))
+
+
+def _padded_size(rows: int, experts: int) -> int:
+    """Padded rows enough for any split of `rows` among `experts`: each pads at most 127 rows."""
+    return -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class PaddedLayout:
         row_N = torch.arange(rows, device=ends_E.device, dtype=ends_E.dtype)
         expert_N = torch.searchsorted(ends_E, row_N, right=True)
         destination_N = (row_N + shift_E[expert_N]).long()
-        size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
+        size = _padded_size(rows, experts)
         layout_P = torch.full((size,), -1, device=ends_E.device, dtype=torch.int32)
         layout_P[destination_N] = expert_N.int()
         return cls(destination_N, layout_P, padded_ends_E)
@@ -120,7 +126,7 @@ class PaddedLayout:
     def by_kernel(cls, ends_E: torch.Tensor, rows: int) -> PaddedLayout:
         """`of` in one launch of `_padded_layout_kernel`."""
         experts = ends_E.numel()
-        size = -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
+        size = _padded_size(rows, experts)
         device = ends_E.device
         layout_P = torch.empty(size, device=device, dtype=torch.int32)
         destination_N = torch.empty(rows, device=device, dtype=torch.int64)
