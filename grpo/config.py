@@ -41,6 +41,10 @@ class ModelConfig(Section):
     embedding, output head, router gate and norms (and, with `moe: grouped`, the routed experts).
     The master weights (and what vLLM receives) stay in `dtype`; the parity check runs the trainer
     in that precision too, and logs the FP8 forward's own gap to vLLM as `sync/fp8_gap_*`."""
+    fp8_exclude: list[str] = []
+    """With `fp8`: layers kept in `dtype` besides the defaults, each named by whole dotted components
+    of its module name: `self_attn` (every attention projection), `layers.0`, `mlp.experts` (the
+    routed experts of `moe: grouped`). A part that names no layer FP8 would convert is an error."""
     tiny_overrides: dict[str, Any] = {}
     """DeepSeek-V3 config fields that grow the embedded model (`path: tiny:deepseek_v3`), e.g.
     `{hidden_size: 1024, num_hidden_layers: 8}`; see `recipes/arithmetic_sft_h100.yaml`."""
@@ -53,6 +57,12 @@ class ModelConfig(Section):
     def _overrides_need_the_tiny_model(self) -> ModelConfig:
         if self.tiny_overrides and self.path != "tiny:deepseek_v3":
             raise ValueError("tiny_overrides: only applies to path tiny:deepseek_v3")
+        return self
+
+    @model_validator(mode="after")
+    def _exclusions_need_fp8(self) -> ModelConfig:
+        if self.fp8_exclude and not self.fp8:
+            raise ValueError("fp8_exclude: only applies with fp8: true")
         return self
 
 

@@ -19,7 +19,7 @@ from grpo.config import Recipe, dump_recipe
 from grpo.data import eval_prompts, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
-from grpo.models.build import load_tokenizer, materialize
+from grpo.models.build import check_converters, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec
@@ -261,6 +261,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     model_path = materialize(
         recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
     )
+    check_converters(model_path, recipe.model)
     tokenizer = load_tokenizer(model_path)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
     prompts = train_prompts(recipe.data, recipe.run.seed)

@@ -110,3 +110,22 @@ def test_a_misspelt_tiny_override_is_named():
         RecipeError, match=r"^model\.tiny_overrides\.hiden_size: not a DeepseekV3Config field$"
     ):
         tiny_deepseek_v3_config(vocab_size=10, hiden_size=256)
+
+
+def test_fp8_exclusions_need_fp8():
+    with pytest.raises(RecipeError, match=r"^recipe: model: fp8_exclude: only applies with fp8: true$"):
+        recipe_from_dict({"model": {"path": "m", "fp8_exclude": ["self_attn"]}})
+
+
+def test_the_cli_exits_2_on_an_fp8_exclusion_that_names_no_layer(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: {path: 'tiny:deepseek_v3', fp8: true, fp8_exclude: [self_attn, slf_attn]}\n"
+        f"run: {{output_dir: {tmp_path}}}\n"
+    )
+    result = _cli("train", str(path))
+    # what precedes the error is transformers' progress bar writing the tiny model
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo train: error: model.fp8_exclude: 'slf_attn' names no layer that FP8 would convert",
+    )

@@ -96,6 +96,57 @@ def test_the_converter_keeps_embedding_head_and_router_in_high_precision():
     assert type(model["lm_head"]) is nn.Linear and type(model["mlp"]["gate"]) is nn.Linear
 
 
+class _Switched(nn.Module):
+    """A module with an FP8 switch of its own, as the grouped experts have."""
+
+    fp8 = False
+
+
+def _decoder_layer():
+    return nn.ModuleDict(
+        {
+            "self_attn": nn.ModuleDict({"q_proj": nn.Linear(128, 128)}),
+            "mlp": nn.ModuleDict({"up_proj": nn.Linear(128, 256), "experts": _Switched()}),
+        }
+    )
+
+
+def _two_layers():
+    return nn.ModuleDict(
+        {"layers": nn.ModuleList([_decoder_layer(), _decoder_layer()]), "lm_head": nn.Linear(128, 10)}
+    )
+
+
+def test_the_converter_switches_on_modules_with_their_own_fp8_switch():
+    model = _two_layers()
+    assert convert_to_fp8(model) == [
+        "layers.0.self_attn.q_proj",
+        "layers.0.mlp.up_proj",
+        "layers.0.mlp.experts",
+        "layers.1.self_attn.q_proj",
+        "layers.1.mlp.up_proj",
+        "layers.1.mlp.experts",
+    ]
+    assert model["layers"][1]["mlp"]["experts"].fp8 is True
+
+
+def test_exclusions_keep_the_layers_they_name_by_whole_name_components():
+    model = _two_layers()
+    assert convert_to_fp8(model, exclude=["self_attn", "layers.1.mlp.experts"]) == [
+        "layers.0.mlp.up_proj",
+        "layers.0.mlp.experts",
+        "layers.1.mlp.up_proj",
+    ]
+    assert type(model["layers"][0]["self_attn"]["q_proj"]) is nn.Linear
+    assert model["layers"][1]["mlp"]["experts"].fp8 is False
+
+
+@pytest.mark.parametrize("part", ["self", "slf_attn", "lm_head"])
+def test_an_exclusion_that_names_no_layer_fp8_would_convert_is_an_error(part):
+    with pytest.raises(ValueError, match=rf"^'{part}' names no layer that FP8 would convert$"):
+        convert_to_fp8(_two_layers(), exclude=["mlp", part])
+
+
 def _fit(layer: nn.Linear, steps: int = 60) -> list[float]:
     torch.manual_seed(3)
     target, x = torch.randn(128, 128), torch.randn(256, 128)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from grpo.models.fp8 import Fp8LinearFunction
+from grpo.models.fp8 import Fp8LinearFunction, convert_to_fp8
 from grpo.models.moe import (
     GroupedExperts,
     MoeLayer,
@@ -228,6 +228,15 @@ def test_fp8_experts_equal_one_fp8_linear_per_expert_and_stay_near_high_precisio
         expected.index_add_(0, token, out * weights[token, slot].unsqueeze(1))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert (got - high).norm() / high.norm() < 0.1  # E4M3 keeps ~3 mantissa bits per operand
+
+
+def test_the_fp8_converter_switches_the_grouped_experts_unless_excluded():
+    for exclude, fp8 in (((), True), (("mlp.experts",), False)):
+        model = _deepseek()
+        convert_moe(model)
+        convert_to_fp8(model, exclude=exclude)
+        switches = {layer.experts.fp8 for layer in model.modules() if isinstance(layer, MoeLayer)}
+        assert switches == {fp8}
 
 
 def test_training_counts_expert_load_and_adds_a_balance_loss():

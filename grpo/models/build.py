@@ -54,12 +54,32 @@ def converters_for(model_config) -> list[Converter]:
     if model_config.moe == "grouped":
         from grpo.models.moe import convert_moe
 
-        converters.append(functools.partial(convert_moe, fp8=model_config.fp8))
+        converters.append(convert_moe)
     if model_config.fp8:
-        from grpo.models.fp8 import convert_to_fp8
-
-        converters.append(convert_to_fp8)
+        converters.append(functools.partial(_convert_to_fp8, exclude=tuple(model_config.fp8_exclude)))
     return converters
+
+
+def _convert_to_fp8(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:
+    from grpo.models.fp8 import convert_to_fp8
+
+    try:
+        convert_to_fp8(model, exclude=exclude)
+    except ValueError as error:
+        raise RecipeError(f"model.fp8_exclude: {error}") from None
+
+
+def check_converters(path: str, model_config) -> None:
+    """Apply the recipe's converters to `path`'s model built on the meta device (no weights read),
+    so that a converter's RecipeError stops a run before any worker starts."""
+    if not model_config.fp8_exclude:  # the one converter input a recipe can get wrong
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    for convert in converters_for(model_config):
+        convert(model)
 
 
 def load_tokenizer(path: str):

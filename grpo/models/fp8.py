@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -302,14 +302,35 @@ def default_fp8_filter(name: str, module: nn.Module) -> bool:
     )
 
 
+def has_part(name: str, part: str) -> bool:
+    """Whether `part`, one or more whole dotted components (`self_attn`, `layers.0`,
+    `mlp.experts`), occurs in the module name `name`."""
+    return f".{part}." in f".{name}."
+
+
 def convert_to_fp8(
-    model: nn.Module, module_filter: Callable[[str, nn.Module], bool] = default_fp8_filter
+    model: nn.Module,
+    module_filter: Callable[[str, nn.Module], bool] = default_fp8_filter,
+    exclude: Sequence[str] = (),
 ) -> list[str]:
     """Swap the selected `nn.Linear` modules for `Fp8Linear` in place (weights are shared, not
-    copied); returns the converted names."""
-    converted = []
+    copied) and switch on the modules with an FP8 switch of their own (`fp8`, the grouped experts);
+    returns the converted names. `exclude`: name parts (`has_part`) kept in high precision; one that
+    names none of those modules raises ValueError, since a typo would otherwise train in FP8 unseen."""
+    converted, unused = [], list(exclude)
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module_filter(name, module):
+        is_linear = type(module) is nn.Linear and module_filter(name, module)
+        if not (is_linear or getattr(module, "fp8", None) is False):
+            continue
+        kept_by = [part for part in exclude if has_part(name, part)]
+        if kept_by:
+            unused = [part for part in unused if part not in kept_by]
+            continue
+        if is_linear:
             module.__class__ = Fp8Linear
-            converted.append(name)
+        else:
+            module.fp8 = True
+        converted.append(name)
+    if unused:
+        raise ValueError(f"{unused[0]!r} names no layer that FP8 would convert")
     return converted

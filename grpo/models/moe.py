@@ -387,13 +387,13 @@ def _from_hf_block(block: nn.Module, config) -> MoeLayer:
 HF_MOE_BLOCKS = ("DeepseekV3MoE", "Qwen3MoeSparseMoeBlock")
 
 
-def convert_moe(model: nn.Module, fp8: bool = False) -> list[str]:
-    """Replace transformers' DeepSeek-V3 / Qwen3-MoE blocks by `MoeLayer` in place; returns their names."""
+def convert_moe(model: nn.Module) -> list[str]:
+    """Replace transformers' DeepSeek-V3 / Qwen3-MoE blocks by `MoeLayer` in place; returns their
+    names. The experts start in high precision (`fp8.convert_to_fp8` switches them)."""
     converted = []
     for name, module in list(model.named_modules()):
         if type(module).__name__ in HF_MOE_BLOCKS:
             layer = _from_hf_block(module, model.config)
-            layer.experts.fp8 = fp8
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             converted.append(name)
