@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-fp8", help="write a checkpoint in DeepSeek-V3's FP8 format")
     export.add_argument("src", help="Hugging Face checkpoint folder")
     export.add_argument("dst", help="output folder")
+    export.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PART",
+        help="keep in BF16 the linear weights this names (whole dotted name components, as "
+        "model.fp8_exclude names them, e.g. self_attn); repeatable",
+    )
 
     report = commands.add_parser("report", help="plot a run's curves")
     report.add_argument("run_dir")
@@ -108,7 +116,7 @@ def _dispatch(args) -> int:
     elif args.command == "export-fp8":
         from grpo.models.fp8_export import export_fp8
 
-        counts = export_fp8(args.src, args.dst)
+        counts = export_fp8(args.src, args.dst, args.keep)
         print(f"export-fp8: {counts['fp8']} FP8 weights, {counts['bf16']} BF16 tensors -> {args.dst}")
     elif args.command == "report":
         from grpo.metrics import plot_run

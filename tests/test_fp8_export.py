@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from grpo.cli import main
@@ -66,17 +67,45 @@ def test_a_projection_that_vllm_fuses_with_a_ragged_one_stays_bf16_too():
     ]
 
 
-def test_transformers_loads_the_export(tmp_path):
+def test_kept_parts_stay_bf16_with_the_projections_vllm_fuses_with_them():
+    shapes = {
+        "model.layers.0.self_attn.q_a_proj.weight": (512, 1024),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (640, 1024),
+        "model.layers.0.self_attn.o_proj.weight": (1024, 1024),
+        "model.layers.0.mlp.gate_proj.weight": (2816, 1024),
+        "model.layers.0.mlp.up_proj.weight": (2816, 1024),
+        "model.layers.1.mlp.gate_proj.weight": (2816, 1024),
+    }
+    assert high_precision_linears(shapes, ["o_proj", "layers.0.mlp.up_proj", "q_a_proj"]) == [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.self_attn.q_a_proj",
+    ]
+
+
+def test_export_refuses_a_kept_part_that_names_no_quantized_weight(tmp_path, capsys):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    capsys.readouterr()  # transformers' progress bar writing the checkpoint
+    assert main(["export-fp8", str(src), str(tmp_path / "out"), "--keep", "self_atn"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "grpo export-fp8: error: --keep 'self_atn' names no weight the export would quantize"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [(), ("self_attn",)])
+def test_transformers_loads_the_export(tmp_path, keep):
     from transformers import AutoModelForCausalLM
 
     src = save_tiny_checkpoint(tmp_path / "src", hidden_size=256, intermediate_size=384)
-    counts = export_fp8(src, tmp_path / "fp8")
+    counts = export_fp8(src, tmp_path / "fp8", keep)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"].items() >= QUANTIZATION_CONFIG.items()
-    assert (
-        "model.layers.0.self_attn.kv_a_proj_with_mqa"
-        in config["quantization_config"]["modules_to_not_convert"]
-    )
+    not_converted = config["quantization_config"]["modules_to_not_convert"]
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa" in not_converted
+    assert ("model.layers.2.self_attn.o_proj" in not_converted) == bool(keep)
     assert counts["fp8"] > 0 and (tmp_path / "fp8" / "tokenizer.json").is_file()
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")  # CPU: transformers dequantizes

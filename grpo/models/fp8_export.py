@@ -4,7 +4,8 @@ Every linear weight but the embedding, output head and router gates becomes E4M3
 `weight_scale_inv` per 128 x 128 block, as in DeepSeek-V3's own release, except those not in whole
 blocks and those vLLM fuses with such a one (`high_precision_linears`); everything else is written
 in BF16, except the routing bias, which stays FP32 as there (it only breaks near-ties between
-experts). `config.json` gains the `quantization_config` that transformers (FineGrainedFP8) and vLLM
+experts). `--keep PART` keeps more linear weights in BF16 (e.g. `self_attn`, for a model trained
+with `model.fp8_exclude: [self_attn]`). `config.json` gains the `quantization_config` that transformers (FineGrainedFP8) and vLLM
 (block-wise FP8) read. Norms are 1-D and never quantized.
 """
 
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from grpo.models.fp8 import E4M3, quantize_blocks
+from grpo.models.fp8 import E4M3, has_part, quantize_blocks
 
 QUANTIZATION_CONFIG = {
     "quant_method": "fp8",
@@ -49,18 +51,27 @@ FUSED_PARTNERS = {
 }
 
 
-def high_precision_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def high_precision_linears(shapes: dict[str, tuple[int, ...]], keep: Sequence[str] = ()) -> list[str]:
     """Module names of the linear weights (given `name -> shape` of a whole checkpoint) that stay
-    BF16 for their shape: not in whole 128 x 128 blocks, or fused by vLLM with one that is not.
-    DeepSeek-V3's release also quantizes ragged ones (kv_a_proj_with_mqa: 576 rows), but
-    transformers cannot dequantize those ("not divisible by scale grid")."""
-    ragged = [
-        name.removesuffix(".weight")
+    BF16: those named by a part of `keep` (`fp8.has_part`, as `model.fp8_exclude` names them), those
+    not in whole 128 x 128 blocks, and those vLLM fuses with one of these. DeepSeek-V3's release also
+    quantizes ragged ones (kv_a_proj_with_mqa: 576 rows), but transformers cannot dequantize those
+    ("not divisible by scale grid")."""
+    candidates = {
+        name.removesuffix(".weight"): shape
         for name, shape in shapes.items()
-        if _fp8_candidate(name, len(shape)) and not _whole_blocks(shape)
+        if _fp8_candidate(name, len(shape))
+    }
+    for part in keep:
+        if not any(has_part(module, part) for module in candidates):
+            raise ValueError(f"--keep {part!r} names no weight the export would quantize")
+    chosen = [
+        module
+        for module, shape in candidates.items()
+        if not _whole_blocks(shape) or any(has_part(module, part) for part in keep)
     ]
-    kept = set(ragged)
-    for module in ragged:
+    kept = set(chosen)
+    for module in chosen:
         prefix, _, leaf = module.rpartition(".")
         kept.update(
             f"{prefix}.{partner}"
@@ -87,8 +98,9 @@ def fp8_state(state: dict[str, torch.Tensor], high_precision: set[str]) -> dict[
     return out
 
 
-def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
-    """Write the FP8 copy of the checkpoint folder `src` into `dst`; returns tensor counts."""
+def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> dict[str, int]:
+    """Write the FP8 copy of the checkpoint folder `src` into `dst`, the modules named by `keep` in
+    BF16 (`high_precision_linears`); returns tensor counts."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -108,7 +120,7 @@ def export_fp8(src: str | Path, dst: str | Path) -> dict[str, int]:
         with safe_open(str(shard), "pt") as f:
             names = f.keys()  # the handle itself is not iterable
             shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
-    not_converted = high_precision_linears(shapes)
+    not_converted = high_precision_linears(shapes, keep)
     keep_high_precision = set(not_converted)
     dst.mkdir(parents=True, exist_ok=True)
     counts = {"fp8": 0, "bf16": 0}
