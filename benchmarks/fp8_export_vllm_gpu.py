@@ -6,13 +6,14 @@ far from uniform (a misread weight scale then shows), saved, and exported to FP8
 128 x 128 block scales; the 576-row MLA projection stays BF16 and is listed in `ignored_layers`).
 Both folders are loaded in vLLM (the BF16 one as is, the FP8 one through vLLM's block-wise FP8
 path), and the log-probability of every token of fixed random sequences is read from each
-(`prompt_logprobs`), and from transformers on the BF16 folder.
+(`prompt_logprobs`), and from transformers on the BF16 folder. `--keep PART` exports with
+`grpo export-fp8 --keep PART` (more weights in BF16, listed in `ignored_layers`).
 
 Printed: per-token logprob differences (mean absolute, max) and correlations between vLLM FP8,
 vLLM BF16 and transformers BF16; FP8's effect should be small next to the spread of the logprobs
 themselves and correlate near 1. Last line: one JSON object.
 
-    python benchmarks/fp8_export_vllm_gpu.py [--workdir DIR]
+    python benchmarks/fp8_export_vllm_gpu.py [--workdir DIR] [--keep self_attn]
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--keep", action="append", default=[], help="as `grpo export-fp8 --keep`")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fp8_export_vllm_"))
     src = build_checkpoint(work / "bf16")
-    counts = export_fp8(src, work / "fp8")
+    counts = export_fp8(src, work / "fp8", args.keep)
     config = json.loads((work / "fp8" / "config.json").read_text())
     generator = torch.Generator().manual_seed(1)
     vocab = config["vocab_size"]
@@ -120,6 +122,7 @@ def main() -> None:
     result = {
         "benchmark": "fp8_export_vllm_gpu",
         "device": torch.cuda.get_device_name(),
+        "kept": args.keep,
         "tensors": counts,
         "ignored_layers": len(config["quantization_config"]["ignored_layers"]),
         "tokens_compared": len(reference),
