@@ -73,7 +73,9 @@ def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_fil
         }
         assert scored.components["raises"].message == "RuntimeError: bad reward"
         assert scored.reward == 1.0 and scored.status == "timeout"
-        assert elapsed < 3.0
+        # the 1 s timeout, not the 60 s hang; the room is for respawning the worker that died, which
+        # took the whole to 3.04 s once on a loaded 2-core machine
+        assert elapsed < 10.0
         # the killed and the dead workers were replaced: the runtime still answers
         [again] = runtime.score(["abcde"], [{}])
         assert again.components["length_bonus"].value == 0.5
