@@ -22,9 +22,11 @@ EXPERTS, ROWS_PER_EXPERT = 64, 512
 CONFIGS = [WeightGradientConfig(), WeightGradientConfig(num_stages=4), WeightGradientConfig(num_warps=4)]
 
 
-def measure(name: str, n: int, k: int) -> dict:
-    rows = EXPERTS * ROWS_PER_EXPERT
-    ends = torch.arange(1, EXPERTS + 1, device="cuda", dtype=torch.int32) * ROWS_PER_EXPERT
+def expert_operands(n: int, k: int, experts: int, rows_per_expert: int):
+    """`expert_weight_gradient`'s operands from random BF16 `g` and `x` (the experts' rows in equal
+    runs), and a random BF16 `.grad` to add into: `(operands, grad)`."""
+    rows = experts * rows_per_expert
+    ends = torch.arange(1, experts + 1, device="cuda", dtype=torch.int32) * rows_per_expert
     _, _, g_t_q, g_t_scale = fp8_triton.quantize_output_grad(
         torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
     )
@@ -32,7 +34,11 @@ def measure(name: str, n: int, k: int) -> dict:
         torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     )
     operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, ends, n, k, torch.bfloat16)
-    grad = torch.randn(EXPERTS, n, k, device="cuda", dtype=torch.bfloat16)
+    return operands, torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16)
+
+
+def measure(name: str, n: int, k: int) -> dict:
+    operands, grad = expert_operands(n, k, EXPERTS, ROWS_PER_EXPERT)
     row = {
         "shape": f"{name}: {EXPERTS} experts x {ROWS_PER_EXPERT} rows, {k}->{n}",
         "kernel_ms": median_ms(lambda: expert_weight_gradient(*operands)),

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from cuda_timing import median_ms
+from probe_weight_gradient_accumulation_gpu import expert_operands
 
-from grpo.models import fp8_triton
 from grpo.models.fp8_grouped import expert_weight_gradient
 
 
@@ -100,16 +100,7 @@ SETTINGS = [  # (programs per SM, flatten, warps, stages)
 
 
 def measure(name: str, n: int, k: int, experts: int, rows_per_expert: int) -> dict:
-    rows = experts * rows_per_expert
-    ends = torch.arange(1, experts + 1, device="cuda", dtype=torch.int32) * rows_per_expert
-    _, _, g_t_q, g_t_scale = fp8_triton.quantize_output_grad(
-        torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-    )
-    _, _, x_t_q, x_t_scale = fp8_triton.quantize_activation(
-        torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    )
-    operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, ends, n, k, torch.bfloat16)
-    grad = torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16)
+    operands, grad = expert_operands(n, k, experts, rows_per_expert)
     row = {
         "shape": f"{name}: {experts} experts x {rows_per_expert} rows, {k}->{n}",
         "library_ms": median_ms(lambda: expert_weight_gradient(*operands)),
