@@ -308,6 +308,11 @@ def has_part(name: str, part: str) -> bool:
     return f".{part}." in f".{name}."
 
 
+def unmatched_parts(parts: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The `parts` that `has_part` finds in none of `names`."""
+    return [part for part in parts if not any(has_part(name, part) for name in names)]
+
+
 def convert_to_fp8(
     model: nn.Module,
     module_filter: Callable[[str, nn.Module], bool] = default_fp8_filter,
@@ -316,21 +321,24 @@ def convert_to_fp8(
     """Swap the selected `nn.Linear` modules for `Fp8Linear` in place (weights are shared, not
     copied) and switch on the modules with an FP8 switch of their own (`fp8`, the grouped experts);
     returns the converted names. `exclude`: name parts (`has_part`) kept in high precision; one that
-    names none of those modules raises ValueError, since a typo would otherwise train in FP8 unseen."""
-    converted, unused = [], list(exclude)
-    for name, module in list(model.named_modules()):
-        is_linear = type(module) is nn.Linear and module_filter(name, module)
-        if not (is_linear or getattr(module, "fp8", None) is False):
+    names none of those modules raises ValueError before anything is converted, since a typo would
+    otherwise train in FP8 unseen."""
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if (type(module) is nn.Linear and module_filter(name, module))
+        or getattr(module, "fp8", None) is False
+    ]
+    unused = unmatched_parts(exclude, [name for name, _ in candidates])
+    if unused:
+        raise ValueError(f"{unused[0]!r} names no layer that FP8 would convert")
+    converted = []
+    for name, module in candidates:
+        if any(has_part(name, part) for part in exclude):
             continue
-        kept_by = [part for part in exclude if has_part(name, part)]
-        if kept_by:
-            unused = [part for part in unused if part not in kept_by]
-            continue
-        if is_linear:
+        if type(module) is nn.Linear:
             module.__class__ = Fp8Linear
         else:
             module.fp8 = True
         converted.append(name)
-    if unused:
-        raise ValueError(f"{unused[0]!r} names no layer that FP8 would convert")
     return converted

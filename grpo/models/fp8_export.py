@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.models.fp8 import E4M3, has_part, quantize_blocks
+from grpo.models.fp8 import E4M3, has_part, quantize_blocks, unmatched_parts
 
 QUANTIZATION_CONFIG = {
     "quant_method": "fp8",
@@ -62,9 +62,9 @@ def high_precision_linears(shapes: dict[str, tuple[int, ...]], keep: Sequence[st
         for name, shape in shapes.items()
         if _fp8_candidate(name, len(shape))
     }
-    for part in keep:
-        if not any(has_part(module, part) for module in candidates):
-            raise ValueError(f"--keep {part!r} names no weight the export would quantize")
+    unused = unmatched_parts(keep, list(candidates))
+    if unused:
+        raise ValueError(f"--keep {unused[0]!r} names no weight the export would quantize")
     chosen = [
         module
         for module, shape in candidates.items()
