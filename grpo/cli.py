@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         help="keep in BF16 the linear weights this names (whole dotted name components, as "
         "model.fp8_exclude names them, e.g. self_attn); repeatable",
     )
+    export.add_argument(
+        "--recipe",
+        help="also keep in BF16 what this recipe's model.fp8_exclude names (a run's config.yaml works)",
+    )
 
     report = commands.add_parser("report", help="plot a run's curves")
     report.add_argument("run_dir")
@@ -114,9 +118,11 @@ def _dispatch(args) -> int:
             json.dumps({key: report[key] for key in report if key.startswith("pass@") or key == "problems"})
         )
     elif args.command == "export-fp8":
+        from grpo.config import load_recipe
         from grpo.models.fp8_export import export_fp8
 
-        counts = export_fp8(args.src, args.dst, args.keep)
+        recipe_keeps = load_recipe(args.recipe).model.fp8_exclude if args.recipe else []
+        counts = export_fp8(args.src, args.dst, [*args.keep, *recipe_keeps])
         print(f"export-fp8: {counts['fp8']} FP8 weights, {counts['bf16']} BF16 tensors -> {args.dst}")
     elif args.command == "report":
         from grpo.metrics import plot_run

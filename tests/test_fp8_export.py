@@ -90,9 +90,20 @@ def test_export_refuses_a_kept_part_that_names_no_quantized_weight(tmp_path, cap
     capsys.readouterr()  # transformers' progress bar writing the checkpoint
     assert main(["export-fp8", str(src), str(tmp_path / "out"), "--keep", "self_atn"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "grpo export-fp8: error: --keep 'self_atn' names no weight the export would quantize"
+        "grpo export-fp8: error: kept part 'self_atn' names no weight the export would quantize"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_what_the_recipe_excludes_from_fp8(tmp_path, capsys):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    recipe = tmp_path / "config.yaml"
+    recipe.write_text("model:\n  path: tiny:deepseek_v3\n  fp8: true\n  fp8_exclude: [o_proj]\n")
+    capsys.readouterr()  # transformers' progress bar writing the checkpoint
+    assert main(["export-fp8", str(src), str(tmp_path / "out"), "--recipe", str(recipe)]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    kept = [name for name in config["quantization_config"]["modules_to_not_convert"] if "o_proj" in name]
+    assert kept == [f"model.layers.{layer}.self_attn.o_proj" for layer in range(3)]
 
 
 @pytest.mark.parametrize("keep", [(), ("self_attn",)])

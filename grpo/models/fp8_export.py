@@ -5,8 +5,9 @@ Every linear weight but the embedding, output head and router gates becomes E4M3
 blocks and those vLLM fuses with such a one (`high_precision_linears`); everything else is written
 in BF16, except the routing bias, which stays FP32 as there (it only breaks near-ties between
 experts). `--keep PART` keeps more linear weights in BF16 (e.g. `self_attn`, for a model trained
-with `model.fp8_exclude: [self_attn]`). `config.json` gains the `quantization_config` that
-transformers (FineGrainedFP8) and vLLM (block-wise FP8) read. Norms are 1-D and never quantized.
+with `model.fp8_exclude: [self_attn]`; `--recipe` reads those parts from the run's recipe).
+`config.json` gains the `quantization_config` that transformers (FineGrainedFP8) and vLLM
+(block-wise FP8) read. Norms are 1-D and never quantized.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def high_precision_linears(shapes: dict[str, tuple[int, ...]], keep: Sequence[st
     }
     unused = unmatched_parts(keep, list(candidates))
     if unused:
-        raise ValueError(f"--keep {unused[0]!r} names no weight the export would quantize")
+        raise ValueError(f"kept part {unused[0]!r} names no weight the export would quantize")
     chosen = [
         module
         for module, shape in candidates.items()
