@@ -14,13 +14,14 @@ from grpo.parallel.expert_parallel import experts_per_rank, shard_experts
 TOKENS_PER_RANK, HIDDEN = 6, 16
 
 
-def _layer() -> MoeLayer:
+def _layer(fp8: bool = False) -> MoeLayer:
     torch.manual_seed(0)
     routing = Routing(num_experts=8, top_k=2, n_group=2, topk_group=1, routed_scaling_factor=2.0)
     shared = torch.nn.Linear(HIDDEN, HIDDEN)
     layer = MoeLayer(HIDDEN, 8, routing, shared_experts=shared)
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.3)
+    layer.experts.fp8 = fp8  # the switch `fp8.convert_to_fp8` sets unless `fp8_exclude` names the experts
     return layer
 
 
@@ -31,8 +32,8 @@ def _inputs(ranks: int, device):
     return x.to(device), upstream.to(device)
 
 
-def _reference(ranks: int, device):
-    layer = _layer().to(device)
+def _reference(ranks: int, device, fp8: bool):
+    layer = _layer(fp8).to(device)
     x, upstream = _inputs(ranks, device)
     x.requires_grad_()
     out = layer(x)
@@ -40,14 +41,15 @@ def _reference(ranks: int, device):
     return layer, x, out
 
 
-def _rank_main(rank: int, ranks: int, init_file: str, backend: str):
+def _rank_main(rank: int, ranks: int, init_file: str, backend: str, fp8: bool = False):
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=ranks)
-    reference, x_ref, out_ref = _reference(ranks, device)
-    layer = _layer().to(device)
+    reference, x_ref, out_ref = _reference(ranks, device, fp8)
+    layer = _layer(fp8).to(device)
     assert shard_experts(layer) == 1
+    assert layer.experts.local.fp8 == fp8
     mine = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
     x, upstream = _inputs(ranks, device)
     x = x[mine].clone().requires_grad_()
@@ -74,9 +76,12 @@ def _rank_main(rank: int, ranks: int, init_file: str, backend: str):
     os._exit(0)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_sharded_experts_equal_the_single_process_layer(ranks, tmp_path):
-    mp.spawn(_rank_main, args=(ranks, str(tmp_path / "init"), "gloo"), nprocs=ranks)
+# FP8 experts too: each row's activation and output-gradient scales depend on that row alone, and an
+# expert's rows reach its rank in the single process's order, so the weight gradient's 128-row
+# tiles hold the same rows
+@pytest.mark.parametrize("ranks, fp8", [(2, False), (4, False), (2, True)])
+def test_sharded_experts_equal_the_single_process_layer(ranks, fp8, tmp_path):
+    mp.spawn(_rank_main, args=(ranks, str(tmp_path / "init"), "gloo", fp8), nprocs=ranks)
 
 
 @pytest.mark.gpu
