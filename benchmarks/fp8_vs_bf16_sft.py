@@ -11,7 +11,11 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
 - `fp8_forward_bf16_masters`: FP8 in the forward GEMM only, the two backward GEMMs in BF16 on the
   unquantized operands (an ablation: how much of the pair's gap the backward's FP8 makes);
 - `fp8_no_attention_bf16_masters`: FP8 GEMMs except in the attention projections, which stay BF16
-  (`model.fp8_exclude: [self_attn]`; an ablation: how much of the pair's gap the attention's FP8 makes).
+  (`model.fp8_exclude: [self_attn]`; an ablation: how much of the pair's gap the attention's FP8 makes);
+- `fp8_no_qkv_a_bf16_masters`: FP8 GEMMs except in the two projections that read the attention's
+  input (`model.fp8_exclude: [q_a_proj, kv_a_proj_with_mqa]`), which vLLM fuses into one layer and
+  `grpo export-fp8` keeps in BF16 anyway (576 rows are not whole blocks); they carry most of the
+  attention's FP8 forward effect (`fp8_forward_effect_by_part.py`).
 Reports two final losses and, for the pairs run, their signed relative differences (variant -
 baseline) / baseline:
 - `loss`: the training loss, mean of the last 20 steps (each step a different batch);
@@ -56,6 +60,10 @@ VARIANTS = {  # (model options, train options)
         {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["self_attn"]},
         {"bf16_moments": True},
     ),
+    "fp8_no_qkv_a_bf16_masters": (
+        {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["q_a_proj", "kv_a_proj_with_mqa"]},
+        {"bf16_moments": True},
+    ),
 }
 FP8_FORWARD_ONLY = {"fp8_forward_bf16_masters"}
 # (variant, baseline): relative difference of the first's final loss from the second's
@@ -66,6 +74,7 @@ PAIRS = [
     ("fp8_bf16_masters", "bf16_masters"),
     ("fp8_forward_bf16_masters", "bf16_masters"),
     ("fp8_no_attention_bf16_masters", "bf16_masters"),
+    ("fp8_no_qkv_a_bf16_masters", "bf16_masters"),
 ]
 
 
