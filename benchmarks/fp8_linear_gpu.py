@@ -28,7 +28,7 @@ import torch
 from cuda_timing import median_ms
 from torch import nn
 
-from grpo.models import fp8_deep_gemm, fp8_triton
+from grpo.models import fp8_activation_cache, fp8_deep_gemm, fp8_triton
 from grpo.models.fp8 import Fp8Linear, fp8_gemm
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 
@@ -40,6 +40,7 @@ STEPS = 10
 
 def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     x.grad = None
+    fp8_activation_cache.forget()  # x stands for a new activation each step
     layer(x).backward(grad)
 
 
@@ -65,6 +66,7 @@ def time_graphed(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     x.grad = None
+    fp8_activation_cache.forget()
     with torch.cuda.graph(graph):
         layer(x).backward(grad)
     return median_ms(graph.replay, repeats=20)

@@ -80,7 +80,7 @@ for what in "$@"; do
       --engine-kwarg quantization=none ;;
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
     stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py \
-      tests/test_weight_sync.py tests/test_moe.py ;;
+      tests/test_weight_sync.py tests/test_moe.py tests/test_fp8_activation_cache.py ;;
   grouped_bench)
     stage grouped_bench python3 benchmarks/fp8_grouped_gpu.py ;;
   export_vllm)

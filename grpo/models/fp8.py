@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from grpo.models import fp8_deep_gemm, fp8_weight_cache
+from grpo.models import fp8_activation_cache, fp8_deep_gemm, fp8_weight_cache
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -194,6 +194,30 @@ def weight_blocks(w_NK: torch.Tensor, power_of_two: bool, transposed: bool = Fal
     return fp8_weight_cache.quantized(w_NK, ("blocks", transposed, power_of_two), quantize)
 
 
+def activation_tiles(x_MK: torch.Tensor, power_of_two: bool):
+    """`x` in 1 x 128 tiles: `(q, scale_inv)`, shared with the next layer that reads the same `x`
+    (`fp8_activation_cache`)."""
+
+    def quantize():
+        if x_MK.is_cuda:
+            from grpo.models import fp8_triton
+
+            return fp8_triton.quantize_activation_rows(x_MK, power_of_two)
+        return quantize_tiles(x_MK, power_of_two)
+
+    return fp8_activation_cache.quantized(x_MK, ("tiles", power_of_two), quantize)
+
+
+def activation_tiles_and_blocks(x_MK: torch.Tensor, power_of_two: bool):
+    """CUDA: `x` in 1 x 128 tiles and `x.T` in 128 x 128 blocks from one pass
+    (`fp8_triton.quantize_activation`), shared like `activation_tiles`."""
+    from grpo.models import fp8_triton
+
+    return fp8_activation_cache.quantized(
+        x_MK, ("tiles and blocks", power_of_two), lambda: fp8_triton.quantize_activation(x_MK, power_of_two)
+    )
+
+
 def backward_can_follow(*inputs: torch.Tensor) -> bool:
     """Whether autograd will record an op on `inputs`. An autograd function cannot tell from
     inside: its `ctx.needs_input_grad` stays True under `torch.no_grad()`."""
@@ -206,12 +230,7 @@ def fp8_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, power_of_two: bool = Fals
     if backward_can_follow(x_MK, w_NK):
         return Fp8LinearFunction.apply(x_MK, w_NK, power_of_two)
     wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
-    if x_MK.is_cuda:
-        from grpo.models import fp8_triton
-
-        xq_MK, xs_MJ = fp8_triton.quantize_activation_rows(x_MK, power_of_two)
-    else:
-        xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
+    xq_MK, xs_MJ = activation_tiles(x_MK, power_of_two)
     return trimmed(fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype), x_MK.shape[0], w_NK.shape[0])
 
 
@@ -228,12 +247,10 @@ class Fp8LinearFunction(torch.autograd.Function):
         wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
         wq_KN, ws_JI = weight_blocks(w_NK, power_of_two, transposed=True)
         if x_MK.is_cuda:
-            from grpo.models import fp8_triton
-
-            xq_MK, xs_MJ, xq_KM, xs_PL = fp8_triton.quantize_activation(x_MK, power_of_two)
+            xq_MK, xs_MJ, xq_KM, xs_PL = activation_tiles_and_blocks(x_MK, power_of_two)
             ctx.save_for_backward(xq_KM, xs_PL, wq_KN, ws_JI)
         else:
-            xq_MK, xs_MJ = quantize_tiles(x_MK, power_of_two)
+            xq_MK, xs_MJ = activation_tiles(x_MK, power_of_two)
             ctx.save_for_backward(x_MK, wq_KN, ws_JI)
         return trimmed(fp8_gemm(xq_MK, xs_MJ, wq_NK, ws_IJ, x_MK.dtype), m, n)
 
