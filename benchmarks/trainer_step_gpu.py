@@ -4,8 +4,10 @@ and BF16 GEMMs, in three settings that alternate on one trainer:
   (`PolicyTrainer.backward_on_this_thread` off) and the FP8 quantizers launched through Triton's JIT
   dispatch (`probe_fp8_step_cpu_gpu.quantizer_launch`);
 - `this_thread`: the backward on the calling thread, the launch as before;
-- `now`: as the trainer runs now, the backward on the calling thread and the quantizers' compiled
-  kernel launched directly.
+- `now`: as the trainer runs now, the backward on the calling thread, the quantizers' compiled
+  kernel launched directly, and one quantized copy of an input that two FP8 projections read
+  (`grpo.models.fp8_activation_cache`; the three settings above quantize it for each);
+- `now_unshared`: `now` without the shared copies.
 
 Model: the H100 recipes' ~0.4 B-parameter DeepSeek-V3 MoE (`recipes/arithmetic_sft_h100.yaml`'s
 `tiny_overrides`) at random initialization, trained as `recipes/arithmetic_grpo_h100.yaml` says, on
@@ -31,11 +33,13 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 from probe_fp8_step_cpu_gpu import own_time_lines, quantizer_launch
 
 from grpo.config import load_recipe
+from grpo.models import fp8_activation_cache
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -55,13 +59,19 @@ def rollout_batch(vocab_size: int) -> RolloutBatch:
     return RolloutBatch(ids(PROMPT_TOKENS), ids(COMPLETION_TOKENS), advantages, [[] for _ in range(rows)])
 
 
-SETTINGS = {"before": (False, False), "this_thread": (False, True), "now": (True, True)}
-"""name -> (quantizer kernels launched directly, backward on the calling thread)"""
+SETTINGS = {
+    "before": (False, False, False),
+    "this_thread": (False, True, False),
+    "now": (True, True, True),
+    "now_unshared": (True, True, False),
+}
+"""name -> (quantizer kernels launched directly, backward on the calling thread, activation copies shared)"""
 
 
 def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> list[float]:
-    launch_directly, trainer.backward_on_this_thread = SETTINGS[setting]
-    with quantizer_launch(launch_directly):
+    launch_directly, trainer.backward_on_this_thread, shared = SETTINGS[setting]
+    kept = fp8_activation_cache.KEPT if shared else 0
+    with quantizer_launch(launch_directly), mock.patch.object(fp8_activation_cache, "KEPT", kept):
         return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
 
 
@@ -98,6 +108,9 @@ def main() -> None:
                     row[f"{name}_over_before"] = round(
                         row[f"tokens_per_s_{name}"] / row["tokens_per_s_before"], 3
                     )
+                row["now_over_now_unshared"] = round(
+                    row["tokens_per_s_now"] / row["tokens_per_s_now_unshared"], 3
+                )
                 rows.append(row)
                 print(row, flush=True)
                 if args.profile:
