@@ -18,9 +18,8 @@ import argparse
 import json
 import tempfile
 
-from fp8_vs_bf16_sft import VARIANTS, held_out_loss
+from fp8_vs_bf16_sft import held_out_loss, variant_recipe
 
-from grpo.config import recipe_from_dict
 from grpo.sft import sft
 
 PARTS = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,q_a_proj+kv_a_proj_with_mqa,self_attn,mlp"
@@ -34,21 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--exclude", default=PARTS, help="comma-separated entries; '+' joins parts")
     args = parser.parse_args()
-    model, train = VARIANTS["bf16_masters"]
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = recipe_from_dict(
-            {
-                "run": {"name": "bf16_masters", "output_dir": scratch, "seed": args.seed},
-                "model": {"path": "tiny:deepseek_v3", **model},
-                "sft": {
-                    "steps": args.steps,
-                    "batch_size": 32,
-                    "learning_rate": args.lr,
-                    "boxed_fraction": 1.0,
-                },
-                "train": {"threads": args.threads, **train},
-            }
-        )
+        recipe = variant_recipe("bf16_masters", scratch, args.seed, args.steps, args.lr, args.threads)
         checkpoint = sft(recipe, log=lambda line: None)["checkpoint"]
         bf16 = held_out_loss(checkpoint, recipe, "bf16")
 

@@ -138,6 +138,19 @@ def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32") -> float:
     return nll / tokens
 
 
+def variant_recipe(name: str, output_dir: str, seed: int, steps: int, lr: float, threads: int):
+    """The warm-up recipe of variant `name`: the same data, order and initialization for every one."""
+    model, train = VARIANTS[name]
+    return recipe_from_dict(
+        {
+            "run": {"name": name, "output_dir": output_dir, "seed": seed},
+            "model": {"path": "tiny:deepseek_v3", **model},
+            "sft": {"steps": steps, "batch_size": 32, "learning_rate": lr, "boxed_fraction": 1.0},
+            "train": {"threads": threads, **train},
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
@@ -165,20 +178,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
-            model, train = VARIANTS[name]
-            recipe = recipe_from_dict(
-                {
-                    "run": {"name": name, "output_dir": scratch, "seed": args.seed},
-                    "model": {"path": "tiny:deepseek_v3", **model},
-                    "sft": {
-                        "steps": args.steps,
-                        "batch_size": 32,
-                        "learning_rate": args.lr,
-                        "boxed_fraction": 1.0,
-                    },
-                    "train": {"threads": args.threads, **train},
-                }
-            )
+            recipe = variant_recipe(name, scratch, args.seed, args.steps, args.lr, args.threads)
             with fp8_forward_only(name in FP8_FORWARD_ONLY):
                 summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
                 checkpoint = summary["checkpoint"]
