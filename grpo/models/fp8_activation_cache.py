@@ -1,4 +1,4 @@
-"""The last activation's quantized copies, handed to the next FP8 linear layer that reads it too.
+"""The last activations' quantized copies, handed to the next FP8 linear layer that reads one too.
 
 Transformers' models feed one tensor to two projections: `gate_proj` and `up_proj` of every MLP
 (DeepSeek-V3's shared experts: 7168 -> 2048 twice), `q_a_proj` and `kv_a_proj_with_mqa` of MLA. Each
@@ -9,11 +9,12 @@ the first one's copies here.
 
 Two entries are kept: MLA quantizes its input for `q_a_proj`, then `q_a_proj`'s normed output for
 `q_b_proj`, then its input again for `kv_a_proj_with_mqa`. An entry is valid only while the tensor
-it came from is alive and unchanged.
-An activation's address can be reused by another one as soon as it is freed, so the entry holds a
-weak reference to the tensor (to its base, for a view: `Fp8Linear` reshapes its input, a new view
-each call), which drops the entry when the tensor goes; while the tensor lives nothing else can
-take its memory, and its version counter (shared by every view) tells whether it was written.
+it came from is alive and unchanged. An activation's address can be reused by another one as soon
+as it is freed, so the entry holds a weak reference to the tensor (to its base, for a view:
+`Fp8Linear` reshapes its input, a new view each call), which drops the entry when the tensor goes;
+while the tensor lives nothing else can take its memory, and its version counter (shared by every
+view) tells whether it was written (writes through `.data` do not advance it; model code does not
+write activations that way).
 """
 
 from __future__ import annotations
