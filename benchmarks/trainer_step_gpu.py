@@ -1,5 +1,5 @@
 """The policy trainer's update alone on one GPU: `PolicyTrainer.train_step`'s trainer tokens/s with FP8
-and BF16 GEMMs, in three settings that alternate on one trainer:
+and BF16 GEMMs, in four settings that alternate on one trainer:
 - `before`: as at 109b7e1, the backward on autograd's device thread
   (`PolicyTrainer.backward_on_this_thread` off) and the FP8 quantizers launched through Triton's JIT
   dispatch (`probe_fp8_step_cpu_gpu.quantizer_launch`);
