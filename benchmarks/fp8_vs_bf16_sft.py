@@ -15,7 +15,9 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
 - `fp8_no_qkv_a_bf16_masters`: FP8 GEMMs except in the two projections that read the attention's
   input (`model.fp8_exclude: [q_a_proj, kv_a_proj_with_mqa]`), which vLLM fuses into one layer and
   `grpo export-fp8` keeps in BF16 anyway (576 rows are not whole blocks); they carry most of the
-  attention's FP8 forward effect (`fp8_forward_effect_by_part.py`).
+  attention's FP8 forward effect (`fp8_forward_effect_by_part.py`);
+- `fp8_no_q_b_kv_b_o_bf16_masters`: the other three attention projections in BF16
+  (`model.fp8_exclude: [q_b_proj, kv_b_proj, o_proj]`), the complement of the one above.
 Reports two final losses and, for the pairs run, their signed relative differences (variant -
 baseline) / baseline:
 - `loss`: the training loss, mean of the last 20 steps (each step a different batch);
@@ -64,6 +66,10 @@ VARIANTS = {  # (model options, train options)
         {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["q_a_proj", "kv_a_proj_with_mqa"]},
         {"bf16_moments": True},
     ),
+    "fp8_no_q_b_kv_b_o_bf16_masters": (
+        {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["q_b_proj", "kv_b_proj", "o_proj"]},
+        {"bf16_moments": True},
+    ),
 }
 FP8_FORWARD_ONLY = {"fp8_forward_bf16_masters"}
 # (variant, baseline): relative difference of the first's final loss from the second's
@@ -75,6 +81,7 @@ PAIRS = [
     ("fp8_forward_bf16_masters", "bf16_masters"),
     ("fp8_no_attention_bf16_masters", "bf16_masters"),
     ("fp8_no_qkv_a_bf16_masters", "bf16_masters"),
+    ("fp8_no_q_b_kv_b_o_bf16_masters", "bf16_masters"),
 ]
 
 
