@@ -28,18 +28,18 @@ step are printed. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import statistics
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import torch
+from fp8_mlp_gpu import unshared
 from probe_fp8_step_cpu_gpu import own_time_lines, quantizer_launch
 
 from grpo.config import load_recipe
-from grpo.models import fp8_activation_cache
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -70,8 +70,7 @@ SETTINGS = {
 
 def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> list[float]:
     launch_directly, trainer.backward_on_this_thread, shared = SETTINGS[setting]
-    kept = fp8_activation_cache.KEPT if shared else 0
-    with quantizer_launch(launch_directly), mock.patch.object(fp8_activation_cache, "KEPT", kept):
+    with quantizer_launch(launch_directly), contextlib.nullcontext() if shared else unshared():
         return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
 
 
