@@ -29,9 +29,11 @@ class Setting:
     deep_gemm: str = "auto"
     """`GRPO_DEEP_GEMM` in each rank (the FP8 experts' kernels on Hopper)."""
     tolerance: float = 1e-6
-    """For outputs, input gradients and the replicated weights' summed gradients."""
+    """For outputs and input gradients."""
     expert_tolerance: float = 1e-6
     """For the experts' weight gradients."""
+    replicated_tolerance: float = 1e-6
+    """For the replicated weights' gradients summed over the ranks."""
 
 
 def _layer(setting: Setting) -> MoeLayer:
@@ -101,8 +103,10 @@ def _rank_main(rank: int, setting: Setting, init_file: str):
         dist.all_reduce(grad)
         errors[name] = _error(grad, reference.get_parameter(name).grad)
     print(f"rank {rank} of {setting}: {errors}", flush=True)
+    limits = {"out": setting.tolerance, "x.grad": setting.tolerance}
+    limits |= {"gate_up_proj.grad": setting.expert_tolerance, "down_proj.grad": setting.expert_tolerance}
     for name, error in errors.items():
-        limit = setting.expert_tolerance if name.endswith("proj.grad") else setting.tolerance
+        limit = limits.get(name, setting.replicated_tolerance)
         assert error <= limit, f"{name}: {error:.3g} over {limit:.3g}"
     gate_up, down = layer.experts.gathered()
     assert torch.equal(gate_up, reference.experts.gate_up_proj.detach())
@@ -143,10 +147,12 @@ def test_sharded_experts_equal_the_single_process_layer_under_nccl(ranks, tmp_pa
 def test_sharded_fp8_experts_equal_the_single_process_layer_under_nccl(deep_gemm, tmp_path):
     """BF16 layer, FP8 experts through the grouped GPU kernels (out-features multiples of 128): the
     Triton kernels, or DeepGEMM's for the forward and input gradient. Each row's FP8 products are the
-    single process's; the replicated layers' BF16 GEMMs and the gradient sums over ranks round
-    differently (BF16 tolerance). The experts' weight gradients: under DeepGEMM each expert's rows
+    single process's; the replicated layers' gradients, BF16 GEMMs over half the tokens summed over
+    the ranks, round differently. The experts' weight gradients: under DeepGEMM each expert's rows
     start a 128-row tile in both, the same tiles; the Triton kernel's tiles may span two experts, a
-    different pair on a rank than in the single process, so their FP8 scales differ (FP8 tolerance)."""
+    different pair on a rank than in the single process, so their FP8 scales differ. On two H200s
+    (2026-11-28): outputs and input gradients equal, the experts' gradients equal under DeepGEMM and
+    0.4-0.8% apart under Triton, the replicated ones 0.3% apart."""
     from grpo.models import fp8_deep_gemm
 
     _needs_gpus(2)
@@ -162,8 +168,9 @@ def test_sharded_fp8_experts_equal_the_single_process_layer_under_nccl(deep_gemm
         init_std=0.05,
         dtype=torch.bfloat16,
         deep_gemm=deep_gemm,
-        tolerance=1e-2,
-        expert_tolerance=1e-2 if deep_gemm == "on" else 0.1,
+        tolerance=1e-3,
+        expert_tolerance=1e-3 if deep_gemm == "on" else 0.03,
+        replicated_tolerance=1e-2,
     )
     _run(setting, tmp_path)
 
