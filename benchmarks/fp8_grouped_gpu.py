@@ -48,11 +48,12 @@ CONFIGS = [
     GemmConfig(block_m=128, group=8, num_warps=8, num_stages=3),
 ]
 WEIGHT_GRADIENT_CONFIGS = [
-    WeightGradientConfig(num_warps=8, num_stages=3),
-    WeightGradientConfig(num_warps=8, num_stages=4),
-    WeightGradientConfig(block_k=256, num_warps=8, num_stages=3),
+    WeightGradientConfig(),  # the default: 64 x 128, 4 warps, 3 stages
+    WeightGradientConfig(block_n=128, num_warps=8, num_stages=3),
+    WeightGradientConfig(block_n=128, num_warps=8, num_stages=4),
+    WeightGradientConfig(block_n=128, block_k=256, num_warps=8, num_stages=3),
     WeightGradientConfig(block_n=256, num_warps=8, num_stages=3),
-    WeightGradientConfig(block_k=256, num_warps=8, num_stages=4),
+    WeightGradientConfig(block_n=128, block_k=256, num_warps=8, num_stages=4),
     WeightGradientConfig(block_n=256, block_k=256, num_warps=8, num_stages=3),
 ]
 

@@ -54,15 +54,16 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class WeightGradientConfig:
-    block_n: int = 128
-    """Rows of dW[e] per program (of g.T; a multiple of 128 dividing 512, as are the copies' padding)."""
+    block_n: int = 64
+    """Rows of dW[e] per program (of g.T; a power of two dividing 512, the copies' padding)."""
     block_k: int = 128
     """Columns of dW[e] per program (of x.T; likewise)."""
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 
-# the fastest of the configurations `benchmarks/fp8_grouped_gpu.py` tried on the H100
+# the fastest of the configurations `benchmarks/fp8_grouped_gpu.py` and (the weight gradient's)
+# `benchmarks/probe_weight_gradient_configs_gpu.py` tried on the H100
 DEFAULT = GemmConfig()
 WEIGHT_GRADIENT = WeightGradientConfig()
 
