@@ -143,23 +143,25 @@ def test_sharded_experts_equal_the_single_process_layer_under_nccl(ranks, tmp_pa
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("deep_gemm", ["off", "on"])
-def test_sharded_fp8_experts_equal_the_single_process_layer_under_nccl(deep_gemm, tmp_path):
+def test_sharded_fp8_experts_equal_the_single_process_layer_under_nccl(ranks, deep_gemm, tmp_path):
     """BF16 layer, FP8 experts through the grouped GPU kernels (out-features multiples of 128): the
     Triton kernels, or DeepGEMM's for the forward and input gradient. Each row's FP8 products are the
     single process's; the replicated layers' gradients, BF16 GEMMs over half the tokens summed over
     the ranks, round differently. The experts' weight gradients: under DeepGEMM each expert's rows
     start a 128-row tile in both, the same tiles; the Triton kernel's tiles may span two experts, a
-    different pair on a rank than in the single process, so their FP8 scales differ. On two H200s
+    different pair on a rank than in the single process, so their FP8 scales differ: two FP8
+    roundings of one product, held to FP8's error (0.1, as in `test_moe.py`). On two and four H200s
     (2026-11-28): outputs and input gradients equal, the experts' gradients equal under DeepGEMM and
-    0.4-0.8% apart under Triton, the replicated ones 0.3% apart."""
+    0.4-0.8% (2 ranks) and 0.2-4.3% (4 ranks) apart under Triton, the replicated ones 0.3% apart."""
     from grpo.models import fp8_deep_gemm
 
-    _needs_gpus(2)
+    _needs_gpus(ranks)
     if deep_gemm == "on" and not fp8_deep_gemm.available(torch.device("cuda")):
         pytest.skip("DeepGEMM does not run here: it needs a Hopper GPU and vLLM's copy or deep_gemm")
     setting = Setting(
-        2,
+        ranks,
         backend="nccl",
         fp8=True,
         hidden=256,
@@ -169,7 +171,7 @@ def test_sharded_fp8_experts_equal_the_single_process_layer_under_nccl(deep_gemm
         dtype=torch.bfloat16,
         deep_gemm=deep_gemm,
         tolerance=1e-3,
-        expert_tolerance=1e-3 if deep_gemm == "on" else 0.03,
+        expert_tolerance=1e-3 if deep_gemm == "on" else 0.1,
         replicated_tolerance=1e-2,
     )
     _run(setting, tmp_path)
