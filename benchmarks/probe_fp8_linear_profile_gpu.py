@@ -1,0 +1,89 @@
+"""Where the GPU time of one `Fp8Linear` step goes, kernel by kernel, against BF16 `nn.Linear`.
+
+The step of `fp8_linear_gpu.py` (forward + backward of a hidden layer, the weight gradient
+accumulating, a new activation every step) at its two smaller DeepSeek-V3 shapes, profiled over
+`STEPS` steps with `torch.profiler` (CUDA activity only): each kernel's device time per step and
+how many launches per step, largest first; and the last step's quantizer launches one by one, in
+launch order (the FP8 forward quantizes w, w.T and x, the backward the output gradient). Fresh
+weight copies every step (no `reuse_quantized_weights`), as in `fp8_graph_ms`. Last line: one JSON
+object.
+
+    python3 benchmarks/probe_fp8_linear_profile_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from grpo.models import fp8_activation_cache
+from grpo.models.fp8 import Fp8Linear
+
+SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]
+STEPS = 10
+
+
+def kernels_per_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[list[dict], list[float]]:
+    def step():
+        x.grad = None
+        fp8_activation_cache.forget()  # x stands for a new activation each step
+        layer(x).backward(grad)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+    rows = [
+        {
+            "kernel": event.key[:100],
+            "us": round(event.device_time_total / STEPS, 1),
+            "launches": event.count / STEPS,
+        }
+        for event in prof.key_averages()
+        if event.device_time_total > 0
+    ]
+    quantizers = sorted(
+        (event for event in prof.events() if event.name == "_quantize_kernel"),
+        key=lambda e: e.time_range.start,
+    )
+    last_step = [round(event.time_range.elapsed_us(), 1) for event in quantizers[-len(quantizers) // STEPS :]]
+    return sorted(rows, key=lambda row: -row["us"]), last_step
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    torch.manual_seed(0)
+    results = []
+    for tokens, fan_in, fan_out in SHAPES:
+        x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
+        shape = f"{tokens}x{fan_in}->{fan_out}"
+        for name, layer_type in (("bf16", nn.Linear), ("fp8", Fp8Linear)):
+            layer = layer_type(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
+            kernels, quantizers = kernels_per_step(layer, x, grad)
+            total = round(sum(row["us"] for row in kernels), 1)
+            results.append(
+                {
+                    "shape": shape,
+                    "layer": name,
+                    "total_us": total,
+                    "kernels": kernels,
+                    "quantizers_us": quantizers,
+                }
+            )
+            print(f"===== {name} {shape}: {total} us of kernels per step; quantizers {quantizers}")
+            for row in kernels:
+                print(f"{row['us']:9.1f} us  x{row['launches']:3.1f}  {row['kernel']}")
+    print(
+        json.dumps({"probe": "fp8_linear_profile", "device": torch.cuda.get_device_name(), "rows": results})
+    )
+
+
+if __name__ == "__main__":
+    main()
