@@ -22,9 +22,8 @@ from grpo.models import fp8_triton
 from grpo.models.fp8 import dequantize_blocks, dequantize_tiles
 from grpo.models.fp8_grouped import WeightGradientConfig, expert_weight_gradient
 
-BEFORE = WeightGradientConfig(
-    block_n=128, block_k=128, num_warps=8, num_stages=3
-)  # the default until 2026-11-28
+# the default until 2026-11-28
+BEFORE = WeightGradientConfig(block_n=128, block_k=128, num_warps=8, num_stages=3)
 CONFIGS = [
     BEFORE,
     WeightGradientConfig(block_n=64, block_k=128, num_warps=4, num_stages=3),

@@ -43,9 +43,8 @@ def _layer(setting: Setting) -> MoeLayer:
     layer = MoeLayer(setting.hidden, setting.intermediate, routing, shared_experts=shared)
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=setting.init_std)
-    layer.experts.fp8 = (
-        setting.fp8
-    )  # the switch `fp8.convert_to_fp8` sets unless `fp8_exclude` names the experts
+    # the switch `fp8.convert_to_fp8` sets unless `fp8_exclude` names the experts
+    layer.experts.fp8 = setting.fp8
     return layer.to(setting.dtype)
 
 
