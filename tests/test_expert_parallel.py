@@ -123,7 +123,7 @@ def _run(setting: Setting, tmp_path):
 # FP8 experts too: each row's activation and output-gradient scales depend on that row alone, and an
 # expert's rows reach its rank in the single process's order, so the weight gradient's 128-row
 # tiles hold the same rows
-@pytest.mark.parametrize("ranks, fp8", [(2, False), (4, False), (2, True)])
+@pytest.mark.parametrize("ranks, fp8", [(2, False), (4, False), (2, True), (4, True)])
 def test_sharded_experts_equal_the_single_process_layer(ranks, fp8, tmp_path):
     _run(Setting(ranks, fp8=fp8), tmp_path)
 
