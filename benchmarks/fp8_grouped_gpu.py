@@ -75,6 +75,14 @@ def per_expert(offsets: list[int]):
     return [slice(start, end) for start, end in zip([0, *offsets[:-1]], offsets)]
 
 
+def weight_gradient_reference(g_t_q, g_t_scale, x_t_q, x_t_scale, offsets: list[int], n: int, k: int):
+    """FP32 dW `[E, N, K]` from the same dequantized transposed copies the weight-gradient kernel reads."""
+    rows = offsets[-1]
+    x_t = dequantize_blocks(x_t_q.float(), x_t_scale)[:k, :rows]
+    g_t = dequantize_tiles(g_t_q.float(), g_t_scale.float())[:n, :rows]
+    return torch.stack([g_t[:, s] @ x_t[:, s].t() for s in per_expert(offsets)])
+
+
 def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) -> dict:
     offsets = routed_offsets(tokens, top_k, experts)
     rows = offsets[-1]
@@ -101,13 +109,11 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
     x_deq = dequantize_tiles(xq[:rows].float(), xs[:rows].float())[:, :k]
     g_deq = dequantize_tiles(gq[:rows].float(), gs[:rows].float())[:, :n]
     w_deq = dequantize_blocks(forward.q.float(), forward.scale)[: experts * n, :k].view(experts, n, k)
-    x_t_deq = dequantize_blocks(xq_t.float(), xs_t)[:k, :rows]
-    g_t_deq = dequantize_tiles(gq_t.float(), gs_t.float())[:n, :rows]
     spans = per_expert(offsets)
     want_out = torch.cat([x_deq[s] @ w_deq[e].t() for e, s in enumerate(spans)])
     want_dx = torch.cat([g_deq[s] @ w_deq[e] for e, s in enumerate(spans)])
-    want_dw = torch.stack([g_t_deq[:, s] @ x_t_deq[:, s].t() for s in spans])
-    del x_deq, g_deq, w_deq, x_t_deq, g_t_deq
+    del x_deq, g_deq, w_deq
+    want_dw = weight_gradient_reference(gq_t, gs_t, xq_t, xs_t, offsets, n, k)
 
     row = {"shape": name, "rows": rows, "experts": experts, "k": k, "n": n}
     row["bf16_ms"] = {

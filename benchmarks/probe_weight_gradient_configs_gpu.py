@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 
 import torch
-from fp8_grouped_gpu import SHAPES, ms, per_expert, rel_error, routed_offsets
+from fp8_grouped_gpu import SHAPES, ms, rel_error, routed_offsets, weight_gradient_reference
 
 from grpo.models import fp8_triton
-from grpo.models.fp8 import dequantize_blocks, dequantize_tiles
 from grpo.models.fp8_grouped import WeightGradientConfig, expert_weight_gradient
 
 # the default until 2026-11-28
@@ -46,10 +45,7 @@ def measure(name: str, tokens: int, top_k: int, experts: int, k: int, n: int) ->
     g = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
     _, _, xq_t, xs_t = fp8_triton.quantize_activation(x)
     _, _, gq_t, gs_t = fp8_triton.quantize_output_grad(g)
-    x_t = dequantize_blocks(xq_t.float(), xs_t)[:k, :rows]
-    g_t = dequantize_tiles(gq_t.float(), gs_t.float())[:n, :rows]
-    want = torch.stack([g_t[:, s] @ x_t[:, s].t() for s in per_expert(offsets)])
-    del x_t, g_t
+    want = weight_gradient_reference(gq_t, gs_t, xq_t, xs_t, offsets, n, k)
 
     def weight_gradient(config, into=None):
         return expert_weight_gradient(gq_t, gs_t, xq_t, xs_t, offs, n, k, torch.bfloat16, config, into=into)
