@@ -17,7 +17,7 @@ from cuda_timing import cpu_us_per_call
 from triton.testing import do_bench
 
 from grpo.models import fp8_activation_cache, fp8_triton
-from grpo.models.fp8 import Fp8Linear, weight_blocks
+from grpo.models.fp8 import Fp8Linear, transposed_weight_blocks, weight_blocks
 
 sys.path.insert(0, "tests")
 from test_fp8_triton import _exactly_representable, check_against_portable_quantizers  # noqa: E402
@@ -26,7 +26,7 @@ CASES = {
     "activation 8192x7168": (fp8_triton.quantize_activation, (8192, 7168)),
     "output_grad 8192x2048": (fp8_triton.quantize_output_grad, (8192, 2048)),
     "weight 2048x7168": (
-        lambda w: weight_blocks(w, False) + weight_blocks(w, False, transposed=True),
+        lambda w: (blocks := weight_blocks(w, False)) + transposed_weight_blocks(w, False, blocks),
         (2048, 7168),
     ),
 }

@@ -49,7 +49,7 @@ def main() -> None:
     xp = torch.randn(layout.size, hidden, device="cuda", dtype=torch.bfloat16)
     xq, xs = fp8_triton.quantize_activation_rows(xp, False, layout.layout_P)
     with reuse_quantized_weights():
-        wts = expert_weights(layer.gate_up_proj, False, transposed=False)
+        wts = expert_weights(layer.gate_up_proj, False)
         out["deep_gemm_grouped_call_us"] = cpu_us_per_call(
             lambda: grouped_gemm(lib, xq, xs, wts, layout.layout_P, torch.bfloat16), calls=200, warmup=10
         )

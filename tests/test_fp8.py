@@ -40,6 +40,18 @@ def test_ragged_shapes_are_zero_padded_to_whole_tiles_and_blocks():
     assert dequantize_blocks(q, scale_inv)[130:].abs().sum() == 0
 
 
+def test_the_transposed_weight_copy_is_the_weight_copy_transposed():
+    """`w.T` has the blocks of `w`, so its copy comes from `w`'s by a transpose, exactly."""
+    w = (torch.arange(130 * 200).reshape(130, 200) % 37 - 18.0) / 7
+    w[128:, :128] *= 100  # each block its own scale
+    blocks = quantize_blocks(w)
+    q_t, scale_t = fp8.transposed_weight_blocks(w, False, blocks)
+    reference_q, reference_scale = quantize_blocks(w.t())
+    assert (q_t.shape, scale_t.shape) == ((256, 256), (2, 2))
+    assert torch.equal(q_t.view(torch.uint8), reference_q.view(torch.uint8))
+    assert torch.equal(scale_t, reference_scale)
+
+
 def test_quantization_error_is_within_e4m3_rounding():
     torch.manual_seed(0)
     x = torch.randn(16, 256) * torch.logspace(-3, 3, 16).unsqueeze(1)

@@ -63,10 +63,12 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
     reference_q, reference_scale = quantize_blocks(x, p2)
     assert _same(q, reference_q)
     assert torch.equal(q_scale[: reference_scale.shape[0], : reference_scale.shape[1]], reference_scale)
-    t, t_scale = fp8_triton.quantize_weight_blocks(
-        x.t(), p2
-    )  # the layer's w.T copy: the view, read by strides
+    t, t_scale = fp8_triton.quantize_weight_blocks(x.t(), p2)  # the transposed view, read by strides
     assert torch.equal(t.float(), q.float().t()) and torch.equal(t_scale, q_scale.t())
+    # the layer's w.T copy, transposed from w's
+    transposed, transposed_scale = fp8_triton.transpose_blocks(q, q_scale)
+    assert torch.equal(transposed.view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(transposed_scale, t_scale) and transposed_scale.is_contiguous()
 
     # rows whose layout entry is negative (padding) quantize as zeros, whatever they hold
     layout = torch.arange(rows, dtype=torch.int32, device=x.device) % 3 - 1
@@ -81,6 +83,12 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
         for quantize in (fp8_triton.quantize_weight_blocks, fp8_triton.quantize_output_grad):
             for copy, alone in zip(quantize(batch, p2), zip(*(quantize(matrix, p2) for matrix in batch))):
                 assert all(torch.equal(copy[i].float(), alone[i].float()) for i in range(2))
+    # the experts' per-matrix transposes (DeepGEMM's input-gradient copy) from the stack's copy
+    q, q_scale = fp8_triton.quantize_weight_blocks(stack, p2)
+    t, t_scale = fp8_triton.quantize_weight_blocks(stack.transpose(1, 2), p2)
+    transposed, transposed_scale = fp8_triton.transpose_blocks(q, q_scale)
+    assert torch.equal(transposed.view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(transposed_scale, t_scale)
 
 
 def test_fused_quantizers_in_the_triton_interpreter():

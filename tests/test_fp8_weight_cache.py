@@ -60,8 +60,8 @@ def _micro_batches(layer, inputs, grad, optimizer=None):
 @pytest.mark.parametrize("step_between", [False, True])
 def test_fp8_linear_gives_the_same_results_with_reused_weights(monkeypatch, step_between):
     """Two micro-batches through `Fp8Linear` in a scope equal the same two without one, bit for bit,
-    with or without an optimizer step between them; the weight is quantized twice (its two copies)
-    per version instead of twice per micro-batch."""
+    with or without an optimizer step between them; the weight is quantized once per version instead
+    of once per micro-batch (its transpose's copy is transposed from that one)."""
     torch.manual_seed(0)
     inputs = [torch.randn(5, 200) for _ in range(2)]
     grad = torch.randn(5, 130)
@@ -77,16 +77,16 @@ def test_fp8_linear_gives_the_same_results_with_reused_weights(monkeypatch, step
     real_quantize_blocks = fp8.quantize_blocks
 
     def spy(t, power_of_two=False):
-        if t.shape[0] != 5 and t.shape[1] != 5:  # the weight or its transpose, not x.T (K x 5)
+        if t.shape[1] != 5:  # the weight, not x.T (K x 5)
             weight_quantizations.append(t.shape)
         return real_quantize_blocks(t, power_of_two)
 
     monkeypatch.setattr(fp8, "quantize_blocks", spy)
     (fresh, fresh_grad), _ = run(torch.enable_grad())
-    assert len(weight_quantizations) == 4
+    assert weight_quantizations == [(130, 200)] * 2
     weight_quantizations.clear()
     (reused, reused_grad), _ = run(reuse_quantized_weights())
-    assert len(weight_quantizations) == (4 if step_between else 2)
+    assert weight_quantizations == [(130, 200)] * (2 if step_between else 1)
     assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
     assert torch.equal(reused_grad, fresh_grad)
 
@@ -109,9 +109,9 @@ def test_a_forward_without_backward_skips_the_autograd_function(monkeypatch):
 
 def test_a_train_step_quantizes_each_weight_once_per_version(tmp_path, monkeypatch):
     """`PolicyTrainer.train_step` with FP8 layers, three micro-batches, two optimizer passes (mu 2)
-    and a KL reference: a dense policy weight is quantized 4 times (its forward copy for the frozen
-    old-logprob pass, its transposed copy in the first pass, both again after the first optimizer
-    step), not 15; the frozen reference's weight once, not 3 times."""
+    and a KL reference: a dense policy weight is quantized twice (for the frozen old-logprob pass,
+    whose copy the first pass reuses and transposes, and after the first optimizer step), not 9;
+    the frozen reference's weight once, not 3 times."""
     from grpo.models.build import materialize
     from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -137,4 +137,4 @@ def test_a_train_step_quantizes_each_weight_once_per_version(tmp_path, monkeypat
     ids = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10], [11, 12], [13, 14, 15]]
     batch = RolloutBatch(ids, ids, [1.0, -1.0, 0.5, -0.5, 0.25, -0.25], [[] for _ in ids])
     trainer.train_step(batch)
-    assert counts == {"policy": 4, "reference": 1}
+    assert counts == {"policy": 2, "reference": 1}

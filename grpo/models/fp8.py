@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -176,22 +176,34 @@ def fp8_gemm(
     return out_MN.to(out_dtype)
 
 
-def weight_blocks(w_NK: torch.Tensor, power_of_two: bool, transposed: bool = False):
-    """`w` (or `w.T`) in 128 x 128 blocks: `(q, scale_inv)`, reused while `w` is unchanged inside
+def weight_blocks(w_NK: torch.Tensor, power_of_two: bool):
+    """`w` in 128 x 128 blocks: `(q, scale_inv)`, reused while `w` is unchanged inside
     `fp8_weight_cache.reuse_quantized_weights`."""
 
     def quantize():
-        # w.T is quantized from the transposed view, in a launch of its own on CUDA: with both
-        # copies from one program, the H100 build of Triton 3.6 wrote wrong transposed values (seen
-        # in `probe_fp8_quantizers_gpu.py`; the interpreter got them right)
-        source = w_NK.t() if transposed else w_NK
         if w_NK.is_cuda:
             from grpo.models import fp8_triton
 
-            return fp8_triton.quantize_weight_blocks(source, power_of_two)
-        return quantize_blocks(source, power_of_two)
+            return fp8_triton.quantize_weight_blocks(w_NK, power_of_two)
+        return quantize_blocks(w_NK, power_of_two)
 
-    return fp8_weight_cache.quantized(w_NK, ("blocks", transposed, power_of_two), quantize)
+    return fp8_weight_cache.quantized(w_NK, ("blocks", power_of_two), quantize)
+
+
+def transposed_weight_blocks(w: torch.Tensor, power_of_two: bool, blocks, kind: Hashable = "blocks"):
+    """`w.T` (for a stack, each matrix's transpose) in 128 x 128 blocks, from `blocks`, `w`'s own
+    copy: the same blocks with the same scales, so the same bytes and scales transposed, exactly
+    what quantizing `w.T` gives; reused like `blocks` (`kind` tells apart the layers' copies)."""
+
+    def transpose():
+        q, scale = blocks
+        if q.is_cuda:
+            from grpo.models import fp8_triton
+
+            return fp8_triton.transpose_blocks(q, scale)
+        return q.transpose(-2, -1).contiguous(), scale.transpose(-2, -1).contiguous()
+
+    return fp8_weight_cache.quantized(w, (kind, "transposed", power_of_two), transpose)
 
 
 def activation_tiles(x_MK: torch.Tensor, power_of_two: bool):
@@ -244,8 +256,8 @@ class Fp8LinearFunction(torch.autograd.Function):
         m, k = x_MK.shape
         n = w_NK.shape[0]
         ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
-        wq_NK, ws_IJ = weight_blocks(w_NK, power_of_two)
-        wq_KN, ws_JI = weight_blocks(w_NK, power_of_two, transposed=True)
+        wq_NK, ws_IJ = blocks = weight_blocks(w_NK, power_of_two)
+        wq_KN, ws_JI = transposed_weight_blocks(w_NK, power_of_two, blocks)
         if x_MK.is_cuda:
             xq_MK, xs_MJ, xq_KM, xs_PL = activation_tiles_and_blocks(x_MK, power_of_two)
             ctx.save_for_backward(xq_KM, xs_PL, wq_KN, ws_JI)

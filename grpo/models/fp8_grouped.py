@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from grpo.models import fp8_triton, fp8_weight_cache, fused_grad_accumulation
-from grpo.models.fp8 import T, backward_can_follow
+from grpo.models.fp8 import T, backward_can_follow, transposed_weight_blocks
 
 
 @dataclass(frozen=True)
@@ -332,25 +332,27 @@ def weight_gradient_for_autograd(ctx, *operands) -> torch.Tensor | None:
     return None if into is not None else grad_w
 
 
+KIND = "expert blocks"
+"""What the experts' copies are kept as in `fp8_weight_cache`."""
+
+
 def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
     """`(forward, input_gradient)` `ExpertWeights` of `w`: the stacked weight in blocks, and (unless
-    `input_gradient` is False, then None) its transposed view, in a second quantizer launch as
-    `fp8.weight_blocks` does for one matrix. Each copy is reused while `w` is unchanged
-    inside `fp8_weight_cache.reuse_quantized_weights`."""
+    `input_gradient` is False, then None) its transpose, both reused while `w` is unchanged inside
+    `fp8_weight_cache.reuse_quantized_weights` (as `fp8.weight_blocks` and
+    `fp8.transposed_weight_blocks` do for one matrix)."""
     experts, n, k = w_ENK.shape
     stacked_NK = w_ENK.reshape(experts * n, k)
-
-    def blocks(transposed: bool):
-        source = stacked_NK.t() if transposed else stacked_NK
-        kind = ("expert blocks", transposed, power_of_two)
-        return fp8_weight_cache.quantized(
-            w_ENK, kind, lambda: fp8_triton.quantize_weight_blocks(source, power_of_two)
-        )
-
-    forward = ExpertWeights.forward(*blocks(transposed=False), n, k)
+    blocks = fp8_weight_cache.quantized(
+        w_ENK,
+        (KIND, power_of_two),
+        lambda: fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two),
+    )
+    forward = ExpertWeights.forward(*blocks, n, k)
     if not input_gradient:
         return forward, None
-    return forward, ExpertWeights.input_gradient(*blocks(transposed=True), n, k)
+    transposed = transposed_weight_blocks(w_ENK, power_of_two, blocks, KIND)
+    return forward, ExpertWeights.input_gradient(*transposed, n, k)
 
 
 def grouped_fp8(x_MK, w_ENK, ends_E: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
-from grpo.models.fp8 import backward_can_follow, trimmed
+from grpo.models.fp8 import backward_can_follow, transposed_weight_blocks, trimmed
 from grpo.models.fp8_grouped import weight_gradient_for_autograd
 
 ALIGNMENT = 128
@@ -150,14 +150,14 @@ class PaddedLayout:
         return packed_N.new_zeros(self.size).index_copy_(0, self.destination_N, packed_N)
 
 
-def expert_weights(w_ENK: torch.Tensor, power_of_two: bool, transposed: bool):
-    """`w` per expert in 128 x 128 blocks: `[E, N', K']` (forward), or `w_e.T` `[E, K', N']` (input
-    gradient, so that both read the reduction contiguous); reused while `w` is unchanged inside
-    `fp8_weight_cache.reuse_quantized_weights`."""
-    source = w_ENK.transpose(1, 2) if transposed else w_ENK
-    kind = ("deep_gemm expert blocks", transposed, power_of_two)
+KIND = "deep_gemm expert blocks"
+
+
+def expert_weights(w_ENK: torch.Tensor, power_of_two: bool):
+    """`w` per expert in 128 x 128 blocks, `[E, N', K']` (the forward's), reused while `w` is
+    unchanged inside `fp8_weight_cache.reuse_quantized_weights`."""
     return fp8_weight_cache.quantized(
-        w_ENK, kind, lambda: fp8_triton.quantize_weight_blocks(source, power_of_two)
+        w_ENK, (KIND, power_of_two), lambda: fp8_triton.quantize_weight_blocks(w_ENK, power_of_two)
     )
 
 
@@ -177,7 +177,7 @@ def grouped_fp8_padded(library, x_PK, w_ENK, layout: PaddedLayout, power_of_two:
             x_PK, w_ENK, layout.layout_P, layout.padded_ends_E, power_of_two, library
         )
     xq, xs = fp8_triton.quantize_activation_rows(x_PK, power_of_two, layout.layout_P)
-    weights = expert_weights(w_ENK, power_of_two, transposed=False)
+    weights = expert_weights(w_ENK, power_of_two)
     return trimmed(
         grouped_gemm(library, xq, xs, weights, layout.layout_P, x_PK.dtype), layout.size, w_ENK.shape[1]
     )
@@ -200,8 +200,9 @@ class PaddedFp8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_PK, w_ENK, layout_P, padded_ends_E, power_of_two: bool, library):
         xq, xs, xq_t, xs_t = fp8_triton.quantize_activation(x_PK, power_of_two, layout_P)
-        weights = expert_weights(w_ENK, power_of_two, transposed=False)
-        weights_t = expert_weights(w_ENK, power_of_two, transposed=True)
+        weights = expert_weights(w_ENK, power_of_two)
+        # w_e.T `[E, K', N']` for the input gradient, so that both GEMMs read the reduction contiguous
+        weights_t = transposed_weight_blocks(w_ENK, power_of_two, weights, KIND)
         ctx.save_for_backward(xq_t, xs_t, *weights_t, layout_P, padded_ends_E)
         ctx.weight = w_ENK if w_ENK.is_leaf else None  # a parameter: no reference cycle
         ctx.meta = (library, w_ENK.shape[1], x_PK.shape[1], x_PK.dtype, power_of_two)

@@ -136,31 +136,24 @@ def _int_class(value: int) -> int:
     return (value == 1) | (value % 16 == 0) << 1 | (value >= 2**31) << 2
 
 
-def launch_through_jit(grid: tuple[int, int, int], args: tuple):
-    """The kernel launched through Triton's JIT dispatch (`args` as `_quantize` lists them, the
-    constexprs last); returns what Triton compiled for them."""
-    direct, transposed, power_of_two, skip_padding = args[-4:]
-    return _quantize_kernel[grid](
-        *args[:-4],
-        DIRECT=direct,
-        TRANSPOSED=transposed,
-        POWER_OF_TWO=power_of_two,
-        SKIP_PADDING=skip_padding,
-        num_warps=4,
-    )
+def launch_through_jit(grid: tuple[int, int, int], args: tuple, kernel=_quantize_kernel):
+    """`kernel` launched through Triton's JIT dispatch, every argument positional (constexprs
+    included, last); returns what Triton compiled for them."""
+    return kernel[grid](*args, num_warps=4)
 
 
-def _launch(grid: tuple[int, int, int], args: tuple) -> None:
-    x, constexprs = args[0], args[-4:]
-    integers = tuple(_int_class(a) for a in args[:-4] if type(a) is int)
-    key = (x.device, x.dtype, x.data_ptr() % 16 == 0, constexprs, integers)
-    kernel = _compiled.get(key)
-    if kernel is not None:
-        kernel[grid](*args)
+def _launch(grid: tuple[int, int, int], args: tuple, kernel=_quantize_kernel, constexprs: int = 4) -> None:
+    """`kernel` on `args`, whose last `constexprs` are its constexprs, through `_compiled`."""
+    x, given = args[0], args[len(args) - constexprs :]
+    integers = tuple(_int_class(a) for a in args[: len(args) - constexprs] if type(a) is int)
+    key = (kernel, x.device, x.dtype, x.data_ptr() % 16 == 0, given, integers)
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        compiled[grid](*args)
         return
-    kernel = launch_through_jit(grid, args)
-    if hasattr(kernel, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
-        _compiled[key] = kernel
+    compiled = launch_through_jit(grid, args, kernel)
+    if hasattr(compiled, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
+        _compiled[key] = compiled
 
 
 def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
@@ -229,3 +222,28 @@ def quantize_weight_blocks(w_NK: torch.Tensor, power_of_two: bool = False):
     transposed view) per matrix."""
     q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, ALIGN, power_of_two)
     return q, q_scale
+
+
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, rows, cols):
+    """One 128 x 128 tile of the byte matrix `src[b]` (rows x cols, contiguous, both multiples of
+    128) into `dst[b]` (cols x rows); axis 2 of the grid runs over the batch."""
+    pid_r, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    src_ptr += pid_b * rows * cols
+    dst_ptr += pid_b * rows * cols
+    r = pid_r * 128 + tl.arange(0, 128)
+    c = pid_c * 128 + tl.arange(0, 128)
+    tile = tl.load(src_ptr + r[:, None] * cols + c[None, :])
+    tl.store(dst_ptr + c[:, None] * rows + r[None, :], tl.trans(tile))
+
+
+def transpose_blocks(q: torch.Tensor, scale: torch.Tensor):
+    """`quantize_weight_blocks`' copy of `w.T` (of each matrix's transpose, for a stack) from its
+    copy of `w`: the bytes and the block scales transposed, a pass over one byte per element
+    instead of a quantizer's over the BF16 weight (`fp8.transposed_weight_blocks`)."""
+    rows, cols = q.shape[-2:]
+    batch = q.shape[0] if q.dim() == 3 else 1
+    t = torch.empty(q.shape[:-2] + (cols, rows), dtype=q.dtype, device=q.device)
+    _launch((rows // T, cols // T, batch), (q.view(torch.uint8), t.view(torch.uint8), rows, cols),
+            _transpose_kernel, constexprs=0)  # fmt: skip
+    return t, scale.transpose(-2, -1).contiguous()
