@@ -9,7 +9,13 @@ already zero-padded to what cuBLASLt's blockwise GEMM accepts, and the scales al
 it reads (so `fp8.fp8_gemm` copies nothing).
 
 Scales and rounding are those of `fp8.quantize_tiles` / `fp8.quantize_blocks` (`scale_inv = amax /
-448`, optionally a power of two; all-zero tiles get the 1e-12 floor); the GPU tests compare them.
+448`, optionally a power of two; all-zero tiles get the 1e-12 floor); the GPU tests compare them bit
+for bit on FP32 inputs. On BF16 inputs they are not bitwise equal (H200, 2026-11-28): a BF16 value
+divided by its scale often lands exactly between two E4M3 values, and Triton's division, which is
+not IEEE-rounded, sends some of those ties to the other neighbour (seen in `x.T`'s block-scaled
+copy), one E4M3 step on that value. Exact division (`tl.div_rn`) removed the difference but made
+the quantizers twice as slow, and multiplying each value by its tile's reciprocal made them 17-45%
+slower (`benchmarks/results/fp8_linear_h200.txt`); neither was kept.
 
 Padding: the rows of a GEMM's left operand to 16, every other dimension to 512 (4 scale blocks:
 cuBLASLt reads scale rows 16-byte aligned). Zeros change no product.
