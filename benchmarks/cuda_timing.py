@@ -1,5 +1,6 @@
-"""The GPU benchmarks' timers: median of CUDA-event timings after warm-up runs (`median_ms`), and
-the CPU time of calls queued without synchronization (`cpu_us_per_call`).
+"""The GPU benchmarks' timers: median of CUDA-event timings after warm-up runs (`median_ms`), the
+CPU time of calls queued without synchronization (`cpu_us_per_call`), and the profiler's record of
+calls (`profiled`).
 
 A fixed number of runs (not `triton.testing.do_bench`'s time-based count) so that ranks running
 collectives together call the same number of times. Imported by the scripts beside it, which run as
@@ -38,3 +39,18 @@ def cpu_us_per_call(fn, calls: int = 50, warmup: int = 5) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return round(elapsed / calls * 1e6, 1)
+
+
+def profiled(fn, calls: int, warmup: int = 1):
+    """`torch.profiler`'s record (CUDA activity only) of `calls` calls of `fn`, after `warmup`
+    calls outside it; read it with `key_averages()` or `events()`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof

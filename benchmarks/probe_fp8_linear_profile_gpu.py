@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 
 import torch
+from cuda_timing import profiled
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from grpo.models import fp8_activation_cache
 from grpo.models.fp8 import Fp8Linear
@@ -32,13 +32,7 @@ def kernels_per_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> t
         fp8_activation_cache.forget()  # x stands for a new activation each step
         layer(x).backward(grad)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled(step, STEPS, warmup=5)
     rows = [
         {
             "kernel": event.key[:100],

@@ -18,7 +18,7 @@ import json
 from unittest import mock
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from cuda_timing import profiled
 
 from grpo.models import fp8_triton
 
@@ -28,12 +28,7 @@ CALLS = 20
 
 def kernel_us(call) -> float:
     """Device time per call of the kernels `call` launches, mean of CALLS calls."""
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            call()
-        torch.cuda.synchronize()
+    prof = profiled(call, CALLS)
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memset" not in e.key]
     return sum(e.device_time_total for e in kernels) / CALLS
 
