@@ -131,8 +131,8 @@ def _quantize_kernel(
 # A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
 # argument, then looks the kernel up), more than the rest of a small layer's step; the layer makes
 # four. So each compiled kernel is also kept here, under what Triton compiled it for, and launched
-# directly: the device, the constexprs, the input's dtype and 16-byte alignment, and each integer's
-# class (`_int_class`). The outputs are fresh allocations, aligned like any other, and so is a
+# directly: the kernel and its warps, the device, the constexprs, the first input's dtype and 16-byte
+# alignment, and each integer's class (`_int_class`). The outputs are fresh allocations, aligned like any other, and so is a
 # padded layout (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole `torch.full`).
 _compiled: dict[tuple, object] = {}
 
