@@ -176,18 +176,20 @@ def fp8_gemm(
     return out_MN.to(out_dtype)
 
 
-def weight_blocks(w_NK: torch.Tensor, power_of_two: bool):
-    """`w` in 128 x 128 blocks: `(q, scale_inv)`, reused while `w` is unchanged inside
-    `fp8_weight_cache.reuse_quantized_weights`."""
+def weight_blocks(w: torch.Tensor, power_of_two: bool, kind: Hashable = "blocks", source=None):
+    """`w` (or `source`, a view of it: the experts' stacked weights) in 128 x 128 blocks, a stack
+    per matrix: `(q, scale_inv)`, reused while `w` is unchanged inside
+    `fp8_weight_cache.reuse_quantized_weights` (`kind` tells apart the layers' copies)."""
+    source = w if source is None else source
 
     def quantize():
-        if w_NK.is_cuda:
+        if source.is_cuda:
             from grpo.models import fp8_triton
 
-            return fp8_triton.quantize_weight_blocks(w_NK, power_of_two)
-        return quantize_blocks(w_NK, power_of_two)
+            return fp8_triton.quantize_weight_blocks(source, power_of_two)
+        return quantize_blocks(source, power_of_two)
 
-    return fp8_weight_cache.quantized(w_NK, ("blocks", power_of_two), quantize)
+    return fp8_weight_cache.quantized(w, (kind, power_of_two), quantize)
 
 
 def transposed_weight_blocks(w: torch.Tensor, power_of_two: bool, blocks, kind: Hashable = "blocks"):

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_triton, fp8_weight_cache, fused_grad_accumulation
-from grpo.models.fp8 import T, backward_can_follow, transposed_weight_blocks
+from grpo.models import fp8_triton, fused_grad_accumulation
+from grpo.models.fp8 import T, backward_can_follow, transposed_weight_blocks, weight_blocks
 
 
 @dataclass(frozen=True)
@@ -338,16 +338,11 @@ KIND = "expert blocks"
 
 def quantize_expert_weights(w_ENK: torch.Tensor, power_of_two: bool = False, input_gradient: bool = True):
     """`(forward, input_gradient)` `ExpertWeights` of `w`: the stacked weight in blocks, and (unless
-    `input_gradient` is False, then None) its transpose, both reused while `w` is unchanged inside
-    `fp8_weight_cache.reuse_quantized_weights` (as `fp8.weight_blocks` and
-    `fp8.transposed_weight_blocks` do for one matrix)."""
+    `input_gradient` is False, then None) its transpose (`fp8.weight_blocks`,
+    `fp8.transposed_weight_blocks`), both reused while `w` is unchanged inside
+    `fp8_weight_cache.reuse_quantized_weights`."""
     experts, n, k = w_ENK.shape
-    stacked_NK = w_ENK.reshape(experts * n, k)
-    blocks = fp8_weight_cache.quantized(
-        w_ENK,
-        (KIND, power_of_two),
-        lambda: fp8_triton.quantize_weight_blocks(stacked_NK, power_of_two),
-    )
+    blocks = weight_blocks(w_ENK, power_of_two, KIND, source=w_ENK.reshape(experts * n, k))
     forward = ExpertWeights.forward(*blocks, n, k)
     if not input_gradient:
         return forward, None

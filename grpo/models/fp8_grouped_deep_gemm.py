@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models import fp8_deep_gemm, fp8_triton, fp8_weight_cache
-from grpo.models.fp8 import backward_can_follow, transposed_weight_blocks, trimmed
+from grpo.models import fp8_deep_gemm, fp8_triton
+from grpo.models.fp8 import backward_can_follow, transposed_weight_blocks, trimmed, weight_blocks
 from grpo.models.fp8_grouped import weight_gradient_for_autograd
 
 ALIGNMENT = 128
@@ -156,9 +156,7 @@ KIND = "deep_gemm expert blocks"
 def expert_weights(w_ENK: torch.Tensor, power_of_two: bool):
     """`w` per expert in 128 x 128 blocks, `[E, N', K']` (the forward's), reused while `w` is
     unchanged inside `fp8_weight_cache.reuse_quantized_weights`."""
-    return fp8_weight_cache.quantized(
-        w_ENK, (KIND, power_of_two), lambda: fp8_triton.quantize_weight_blocks(w_ENK, power_of_two)
-    )
+    return weight_blocks(w_ENK, power_of_two, KIND)
 
 
 def grouped_gemm(library, a_q, a_scale, weights, layout_P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
