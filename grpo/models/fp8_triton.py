@@ -49,32 +49,6 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
     return scale_inv
 
 
-@triton.jit
-def _load_chunk(
-    x_ptr,
-    stride_xr,
-    stride_xc,
-    rows,
-    cols,
-    layout_ptr,
-    r,
-    c,
-    SKIP_PADDING: tl.constexpr,
-    EVICTION: tl.constexpr,
-):
-    """Rows `r`, columns `c` of `x` in FP32; zeros outside it and, with SKIP_PADDING, on padding rows."""
-    inside = (r[:, None] < rows) & (c[None, :] < cols)
-    if SKIP_PADDING:
-        inside &= tl.load(layout_ptr + r, mask=r < rows, other=-1)[:, None] >= 0
-    x = tl.load(
-        x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc,
-        mask=inside,
-        other=0.0,
-        eviction_policy=EVICTION,
-    )
-    return x.to(tl.float32)
-
-
 # Integer arguments keep Triton's divisibility-by-16 specialization: with `do_not_specialize` on the
 # sizes, this kernel ran 1.6x slower on the H100 (no vectorized stores).
 @triton.jit
@@ -100,74 +74,58 @@ def _quantize_kernel(
     TRANSPOSED: tl.constexpr,
     POWER_OF_TWO: tl.constexpr,
     SKIP_PADDING: tl.constexpr,
-    CHUNK: tl.constexpr,
 ):
     """One 128 x 128 tile of `x` -> its direct copy `q` (scaled per row of the tile or per block)
     and its transposed copy `t` (scaled per block or per column of the tile). Axis 2 of the grid
     runs over a batch of matrices (`stride_xb` apart in `x`, each copy and its scales one after
-    another). With SKIP_PADDING, the rows whose `layout` entry is negative (padding) read as zeros.
-
-    The tile is read in chunks of CHUNK rows, twice: the first pass finds the amaxes (and writes the
-    per-row scaled copy, whose scales a chunk holds whole), the second, reading the tile again from
-    the cache, writes what needs the whole tile's amaxes. Held whole in registers, the tile took 223
-    registers a thread, one program per SM quarter, too few loads in flight (ncu, H200)."""
+    another). With SKIP_PADDING, the rows whose `layout` entry is negative (padding) read as zeros."""
     pid_r, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x_ptr += pid_b * stride_xb
     q_ptr += pid_b * q_rows * q_cols
     qs_ptr += pid_b * qs_stride * ((q_rows if DIRECT == 2 else q_cols) // 128)
     t_ptr += pid_b * t_rows * t_cols
     ts_ptr += pid_b * ts_stride * ((t_rows if TRANSPOSED == 2 else t_cols) // 128)
+    r = pid_r * 128 + tl.arange(0, 128)
     c = pid_c * 128 + tl.arange(0, 128)
-    q_col_inside = c[None, :] < q_cols
-    column_amax = tl.zeros([128], dtype=tl.float32)
-    for first in range(0, 128, CHUNK):
-        r = pid_r * 128 + first + tl.arange(0, CHUNK)
-        x = _load_chunk(x_ptr, stride_xr, stride_xc, rows, cols, layout_ptr, r, c, SKIP_PADDING, "evict_last")
-        magnitude = tl.abs(x)
-        column_amax = tl.maximum(column_amax, tl.max(magnitude, axis=0))
-        if DIRECT == 1:  # ROWS: a chunk holds its rows whole
-            row_scale = _scale_inv(tl.max(magnitude, axis=1), POWER_OF_TWO)
-            # stored (cols/128) x rows: the column-major layout cuBLASLt reads tile scales in
-            tl.store(
-                qs_ptr + pid_c * qs_stride + r, row_scale, mask=(r < q_rows) & (r * 0 + pid_c * 128 < q_cols)
-            )
-            q = tl.clamp(x / row_scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
-            tl.store(q_ptr + r[:, None] * q_cols + c[None, :], q, mask=(r[:, None] < q_rows) & q_col_inside)
-    block_scale = _scale_inv(tl.max(column_amax, axis=0), POWER_OF_TWO)
+    inside = (r[:, None] < rows) & (c[None, :] < cols)
+    if SKIP_PADDING:
+        inside &= tl.load(layout_ptr + r, mask=r < rows, other=-1)[:, None] >= 0
+    x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    magnitude = tl.abs(x)
+    block_scale = _scale_inv(tl.max(tl.max(magnitude, axis=1), axis=0), POWER_OF_TWO)
+
+    # direct copy: rows x cols, padded to q_rows x q_cols
     if DIRECT == 2:
+        q = x / block_scale
+        direct_scale_at = qs_ptr + pid_r * qs_stride + pid_c
+        tl.store(direct_scale_at, block_scale, mask=(pid_r * 128 < q_rows) & (pid_c * 128 < q_cols))
+    else:
+        row_scale = _scale_inv(tl.max(magnitude, axis=1), POWER_OF_TWO)
+        q = x / row_scale[:, None]
+        # stored (cols/128) x rows: the column-major layout cuBLASLt reads tile scales in
         tl.store(
-            qs_ptr + pid_r * qs_stride + pid_c,
-            block_scale,
-            mask=(pid_r * 128 < q_rows) & (pid_c * 128 < q_cols),
+            qs_ptr + pid_c * qs_stride + r, row_scale, mask=(r < q_rows) & (c * 0 + pid_c * 128 < q_cols)
         )
-    if TRANSPOSED == 2:
-        tl.store(
-            ts_ptr + pid_c * ts_stride + pid_r,
-            block_scale,
-            mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols),
-        )
-    column_scale = _scale_inv(column_amax, POWER_OF_TWO)
-    if TRANSPOSED == 3:
-        tl.store(
-            ts_ptr + pid_r * ts_stride + c, column_scale, mask=(c < t_rows) & (c * 0 + pid_r * 128 < t_cols)
-        )
-    if DIRECT == 2 or TRANSPOSED != 0:
-        for first in range(0, 128, CHUNK):
-            r = pid_r * 128 + first + tl.arange(0, CHUNK)
-            x = _load_chunk(
-                x_ptr, stride_xr, stride_xc, rows, cols, layout_ptr, r, c, SKIP_PADDING, "evict_first"
-            )
-            if DIRECT == 2:
-                q = tl.clamp(x / block_scale, -448.0, 448.0).to(tl.float8e4nv)
-                tl.store(
-                    q_ptr + r[:, None] * q_cols + c[None, :], q, mask=(r[:, None] < q_rows) & q_col_inside
-                )
-            if TRANSPOSED != 0:
-                t = x / block_scale if TRANSPOSED == 2 else x / column_scale[None, :]
-                # transposed in FP8: a quarter of the shared memory of an FP32 transpose
-                t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
-                t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
-                tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
+    q = tl.clamp(q, -448.0, 448.0).to(tl.float8e4nv)
+    q_inside = (r[:, None] < q_rows) & (c[None, :] < q_cols)
+    tl.store(q_ptr + r[:, None] * q_cols + c[None, :], q, mask=q_inside)
+
+    # transposed copy: cols x rows, padded to t_rows x t_cols
+    if TRANSPOSED != 0:
+        if TRANSPOSED == 2:
+            t = x / block_scale
+            transposed_scale_at = ts_ptr + pid_c * ts_stride + pid_r
+            tl.store(transposed_scale_at, block_scale, mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols))
+        else:
+            column_scale = _scale_inv(tl.max(magnitude, axis=0), POWER_OF_TWO)
+            t = x / column_scale[None, :]
+            scale_ok = (c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
+            tl.store(ts_ptr + pid_r * ts_stride + c, column_scale, mask=scale_ok)
+        # transposed in FP8: a quarter of the shared memory of an FP32 transpose (same speed measured)
+        t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
+        t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
+        tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
 
 
 # A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
@@ -204,9 +162,11 @@ def _launch(grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 4, num
         _compiled[key] = compiled
 
 
-def launch_settings(direct: int, transposed: int) -> tuple[int, int]:
-    """(warps per program, rows per chunk) of the quantizer making these copies (to be measured)."""
-    return (8 if (direct, transposed) == (ROWS, BLOCKS) else 4), 32
+def warps_for(direct: int, transposed: int) -> int:
+    """Warps per program of the quantizer making these copies: 8 for the activation's (its 8192 x
+    7168 copies took 67 us instead of 72 on the H200), else 4 (the output gradient's took 40 us
+    instead of 29 with 8; `probe_quantizer_warps_gpu.py`)."""
+    return 8 if (direct, transposed) == (ROWS, BLOCKS) else 4
 
 
 def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
@@ -237,16 +197,15 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
         )
     else:  # placeholders the kernel never touches (no allocations: the layer is launch-bound)
         t, t_scale = q, q_scale
-    warps, chunk = launch_settings(direct, transposed)
     grid = (max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T, batch[0] if batch else 1)
     args = (  # the kernel's, in order: the input, each copy with its scales, the constexprs
         x, x.stride(0) if batch else 0, x.stride(-2), x.stride(-1), rows, cols,
         x if layout is None else layout,  # a placeholder pointer without a layout, never read
         q, q_rows, q_cols, q_scale, q_scale.stride(-2),
         t, t_rows, t_cols, t_scale, max(t_scale.stride(-2), 1),
-        direct, transposed, power_of_two, layout is not None, chunk,
+        direct, transposed, power_of_two, layout is not None,
     )  # fmt: skip
-    _launch(grid, args, constexprs=5, num_warps=warps)
+    _launch(grid, args, num_warps=warps_for(direct, transposed))
     q_scale = q_scale if direct == BLOCKS else q_scale.transpose(-2, -1)
     if transposed == NONE:
         return q, q_scale, None, None

@@ -1,6 +1,5 @@
-"""The fused FP8 quantizers (`fp8_triton`) per launch setting, on a CUDA GPU: warps a program and
-rows a chunk (`fp8_triton.launch_settings` replaced by one setting for all; the transpose keeps 4
-warps).
+"""The fused FP8 quantizers (`fp8_triton`) per number of warps a program, on a CUDA GPU (the
+quantizers' setting, `fp8_triton.warps_for`, replaced by one count for all; the transpose keeps 4).
 
 Each copy `Fp8Linear` makes at DeepSeek-V3's shapes (8192 tokens): the activation (1 x 128 tiles and
 its transpose in blocks), the output gradient (tiles both ways), the weight in blocks, and the
@@ -10,7 +9,7 @@ mean of CALLS calls (host time excluded), and its outputs compared with the defa
 (`same`: every byte and scale equal). `GB/s` counts bytes read and written; a device-to-device copy
 of the activation (`clone`, same profiler) is the bandwidth reference. Last line: one JSON object.
 
-    cd benchmarks && python3 probe_quantizer_settings_gpu.py
+    cd benchmarks && python3 probe_quantizer_warps_gpu.py
 """
 
 from __future__ import annotations
@@ -23,16 +22,7 @@ from cuda_timing import profiled
 
 from grpo.models import fp8_triton
 
-SETTINGS = [
-    (4, 16),
-    (4, 32),
-    (4, 64),
-    (4, 128),
-    (8, 32),
-    (8, 64),
-    (8, 128),
-    (16, 64),
-] * 2  # (warps, rows a chunk)
+WARPS = [4, 8, 16, 4, 8, 16]
 CALLS = 20
 
 
@@ -67,27 +57,17 @@ def main() -> None:
     reference = {name: call() for name, (call, _) in cases.items()}
     copy_us = kernel_us(x.clone)
     rows = []
-    for warps, chunk in SETTINGS:
-        with mock.patch.object(
-            fp8_triton, "launch_settings", lambda *copies, setting=(warps, chunk): setting
-        ):
+    for warps in WARPS:
+        with mock.patch.object(fp8_triton, "warps_for", lambda *copies, warps=warps: warps):
             for name, (call, moved) in cases.items():
                 us = kernel_us(call)
                 same = outputs_equal(call(), reference[name])
-                rows.append({"copy": name, "warps": warps, "chunk": chunk, "us": round(us, 1), "GB/s": round(moved / us / 1e3), "same": same})  # fmt: skip
+                rows.append({"copy": name, "warps": warps, "us": round(us, 1), "GB/s": round(moved / us / 1e3), "same": same})  # fmt: skip
                 print(rows[-1], flush=True)
-    for name in cases:  # the fastest setting per copy, from the slower of its two timings
-        timings = {}
-        for row in rows:
-            if row["copy"] == name:
-                setting = (row["warps"], row["chunk"])
-                timings[setting] = max(timings.get(setting, 0.0), row["us"])
-        best = min(timings, key=timings.get)
-        print(f"fastest for {name}: {best[0]} warps, {best[1]} rows a chunk, {timings[best]} us", flush=True)
     print(
         json.dumps(
             {
-                "probe": "quantizer_settings",
+                "probe": "quantizer_warps",
                 "device": torch.cuda.get_device_name(),
                 "activation_clone_us": round(copy_us, 1),
                 "activation_clone_GB/s": round(x.numel() * 4 / copy_us / 1e3),
