@@ -1,14 +1,15 @@
-"""DeepGEMM's dense FP8 GEMMs of an `Fp8Linear` step per number of SMs it is told to use, on a Hopper GPU.
+"""DeepGEMM's dense FP8 GEMMs of an `Fp8Linear` step per setting of its block-shape heuristic, on Hopper.
 
-DeepGEMM picks its block shape and the number of SMs its persistent kernel runs on from the GEMM's
-shape and `set_num_sms` (all of the card's by default). A smaller count can pick another block shape
-or fill the last wave better. This times the layer's three GEMMs (forward, input gradient, weight
+DeepGEMM picks its block shape from the GEMM's shape, the number of SMs it is told to use
+(`set_num_sms`, all of the card's by default) and the multiples block sizes must be
+(`set_block_size_multiple_of`). This times the layer's three GEMMs (forward, input gradient, weight
 gradient; operands from the fused quantizers, 8192 tokens) at the two smaller DeepSeek-V3 shapes
-through `fp8_deep_gemm.gemm`, as the layer calls it, for each count in SMS: device time per call under
-`torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default count's. Every
-count is timed twice, in alternating order. Last line: one JSON object.
+through `fp8_deep_gemm.gemm`, as the layer calls it, for each setting in SETTINGS: device time per
+call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
+setting's. Every setting is timed twice, in alternating order. Run with `DG_PRINT_CONFIGS=1` to see
+the block shapes chosen. Last line: one JSON object.
 
-    python3 benchmarks/probe_deep_gemm_sms_gpu.py
+    python3 benchmarks/probe_deep_gemm_configs_gpu.py
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from grpo.models import fp8_deep_gemm, fp8_triton
 
 TOKENS = 8192
 SHAPES = [(7168, 2048), (2048, 7168)]
-SMS = [0, 128, 124, 120, 114, 0, 128, 124, 120, 114]  # 0: the card's own count
+# (SMs, block rows a multiple of, block columns a multiple of); 0 SMs: the card's own count
+SETTINGS = [(0, 1, 1), (128, 1, 1), (124, 1, 1), (0, 1, 32), (0, 1, 64), (128, 1, 32)] * 2
 CALLS = 20
 
 
@@ -47,11 +49,18 @@ def gemms(fan_in: int, fan_out: int) -> dict:
     }
 
 
+def apply(library, setting: tuple[int, int, int]) -> None:
+    sms, m_multiple, n_multiple = setting
+    library.set_num_sms(sms)
+    library.set_block_size_multiple_of([m_multiple, n_multiple])
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     library = fp8_deep_gemm.library(torch.device("cuda"))
     assert library is not None, "DeepGEMM does not load here"
     card = library.get_num_sms()
+    print("set_block_size_multiple_of:", library.set_block_size_multiple_of.__doc__, flush=True)
     torch.manual_seed(0)
     rows = []
     for fan_in, fan_out in SHAPES:
@@ -60,20 +69,21 @@ def main() -> None:
             def call(operands=operands):
                 return fp8_deep_gemm.gemm(*operands, torch.bfloat16)
 
-            library.set_num_sms(card)
+            apply(library, (card, 1, 1))
             reference = call()
-            for sms in SMS:
-                library.set_num_sms(sms or card)
+            for sms, m_multiple, n_multiple in SETTINGS:
+                apply(library, (sms or card, m_multiple, n_multiple))
                 us = kernel_us(call)
                 same = torch.equal(call(), reference)
                 flops = 2 * reference.shape[0] * reference.shape[1] * operands[0].shape[1]
                 rows.append({"shape": f"{TOKENS}x{fan_in}->{fan_out}", "gemm": name, "sms": sms or card,
+                             "block_m_multiple_of": m_multiple, "block_n_multiple_of": n_multiple,
                              "us": round(us, 1), "TFLOP/s": round(flops / us / 1e6), "same": same})  # fmt: skip
                 print(rows[-1], flush=True)
-            library.set_num_sms(card)
+            apply(library, (card, 1, 1))
     print(
         json.dumps(
-            {"probe": "deep_gemm_sms", "device": torch.cuda.get_device_name(), "sms": card, "rows": rows}
+            {"probe": "deep_gemm_configs", "device": torch.cuda.get_device_name(), "sms": card, "rows": rows}
         )
     )
 
