@@ -4,7 +4,8 @@ DeepGEMM picks its block shape from the GEMM's shape, the number of SMs it is to
 (`set_num_sms`, all of the card's by default) and the multiples block sizes must be
 (`set_block_size_multiple_of`). This times the layer's three GEMMs (forward, input gradient, weight
 gradient; operands from the fused quantizers, 8192 tokens) at the two smaller DeepSeek-V3 shapes
-through `fp8_deep_gemm.gemm`, as the layer calls it, for each setting in SETTINGS: device time per
+through DeepGEMM's `fp8_gemm_nt`, as `fp8_deep_gemm.gemm` calls it but for its own setting
+(`fp8_deep_gemm.use_settings`, here one row of SETTINGS), for each setting in SETTINGS: device time per
 call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
 setting's. Every setting is timed twice, in alternating order. Run with `DG_PRINT_CONFIGS=1` to see
 the block shapes chosen. Last line: one JSON object.
@@ -34,7 +35,7 @@ def kernel_us(call) -> float:
 
 
 def gemms(fan_in: int, fan_out: int) -> dict:
-    """The step's three products as `fp8_deep_gemm.gemm` calls on their quantized operands."""
+    """The step's three products' quantized operands."""
     x = torch.randn(TOKENS, fan_in, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(TOKENS, fan_out, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(fan_out, fan_in, device="cuda", dtype=torch.bfloat16) / fan_in**0.5
@@ -52,7 +53,7 @@ def gemms(fan_in: int, fan_out: int) -> dict:
 def apply(library, setting: tuple[int, int, int]) -> None:
     sms, m_multiple, n_multiple = setting
     library.set_num_sms(sms)
-    library.set_block_size_multiple_of([m_multiple, n_multiple])
+    library.set_block_size_multiple_of((m_multiple, n_multiple))
 
 
 def main() -> None:
@@ -60,14 +61,16 @@ def main() -> None:
     library = fp8_deep_gemm.library(torch.device("cuda"))
     assert library is not None, "DeepGEMM does not load here"
     card = library.get_num_sms()
-    print("set_block_size_multiple_of:", library.set_block_size_multiple_of.__doc__, flush=True)
     torch.manual_seed(0)
     rows = []
     for fan_in, fan_out in SHAPES:
         for name, operands in gemms(fan_in, fan_out).items():
+            a, a_scale, b, b_scale = operands
 
-            def call(operands=operands):
-                return fp8_deep_gemm.gemm(*operands, torch.bfloat16)
+            def call(a=a, a_scale=a_scale, b=b, b_scale=b_scale):
+                out = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device="cuda")
+                library.fp8_gemm_nt((a, a_scale), (b, b_scale), out)
+                return out
 
             apply(library, (card, 1, 1))
             reference = call()

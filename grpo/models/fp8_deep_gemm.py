@@ -111,6 +111,32 @@ def library(device: torch.device) -> ModuleType | None:
     return None
 
 
+# DeepGEMM picks each GEMM's block shape from its shape, the SMs it may use (`set_num_sms`) and the
+# multiples a block's sides must be (`set_block_size_multiple_of`). At the card's defaults it picked
+# 256 x 112 blocks for the weight gradient of a 7168 -> 2048 layer, 195-200 us on an H200, against
+# 180 us with 256 x 128 blocks, which it picks when told to use 128 SMs and block columns that are
+# multiples of 32; that setting was as fast or faster for all six dense GEMMs of the two smaller
+# DeepSeek-V3 layers, with bitwise the same products (`benchmarks/probe_deep_gemm_configs_gpu.py`,
+# `results/fp8_linear_h200.txt`). Measured for dense GEMMs only: the grouped ones keep the defaults.
+DENSE_SMS = 128
+DENSE_BLOCK_N_MULTIPLE = 32
+_card_sms: int | None = None
+_applied: tuple[int, int] | None = None
+
+
+def use_settings(found: ModuleType, dense: bool) -> None:
+    """Sets DeepGEMM's block-shape choice for a dense GEMM (`DENSE_*`) or for a grouped one (the
+    library's defaults), calling into it only when the last call set the other."""
+    global _card_sms, _applied
+    if _card_sms is None:
+        _card_sms = found.get_num_sms()  # the card's, before anything here changed it
+    wanted = (min(_card_sms, DENSE_SMS), DENSE_BLOCK_N_MULTIPLE) if dense else (_card_sms, 1)
+    if wanted != _applied:
+        found.set_num_sms(wanted[0])
+        found.set_block_size_multiple_of((1, wanted[1]))
+        _applied = wanted
+
+
 def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Tensor | None:
     """`a @ b.T` (operands as `fp8.fp8_gemm` takes them) through DeepGEMM's `fp8_gemm_nt`, or None
     where DeepGEMM is not to be used (the caller runs cuBLASLt). Under `auto`, a DeepGEMM failure
@@ -122,6 +148,7 @@ def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Te
         return None
     out_MN = torch.empty(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype, device=a_MK.device)
     try:
+        use_settings(found, dense=True)
         found.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
     except RuntimeError as error:
         if mode == "on":
