@@ -3,7 +3,7 @@
 DeepGEMM picks its block shape from the GEMM's shape, the number of SMs it is told to use
 (`set_num_sms`, all of the card's by default) and the multiples block sizes must be
 (`set_block_size_multiple_of`). This times the layer's three GEMMs (forward, input gradient, weight
-gradient; operands from the fused quantizers, 8192 tokens) at the two smaller DeepSeek-V3 shapes
+gradient; operands from the fused quantizers, 8192 tokens) at DeepSeek-V3's three dense shapes
 through DeepGEMM's `fp8_gemm_nt`, as `fp8_deep_gemm.gemm` calls it but for its own setting
 (`fp8_deep_gemm.use_settings`, here one row of SETTINGS), for each setting in SETTINGS: device time per
 call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
@@ -23,9 +23,9 @@ from cuda_timing import profiled
 from grpo.models import fp8_deep_gemm, fp8_triton
 
 TOKENS = 8192
-SHAPES = [(7168, 2048), (2048, 7168)]
+SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]
 # (SMs, block rows a multiple of, block columns a multiple of); 0 SMs: the card's own count
-SETTINGS = [(0, 1, 1), (128, 1, 1), (124, 1, 1), (0, 1, 32), (0, 1, 64), (128, 1, 32)] * 2
+SETTINGS = [(0, 1, 1), (128, 1, 32), (124, 1, 32), (120, 1, 32), (112, 1, 32), (124, 1, 1)] * 2
 CALLS = 20
 
 
