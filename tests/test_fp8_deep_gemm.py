@@ -90,3 +90,33 @@ def test_a_cuda_home_without_nvcc_cannot_compile_deep_gemms_kernels(tmp_path, mo
     (tmp_path / "bin" / "nvcc").unlink()
     monkeypatch.setenv("DG_JIT_USE_NVRTC", "1")
     assert fp8_deep_gemm._can_compile(Library)
+
+
+def test_dense_gemms_run_on_the_fewest_sms_that_keep_their_waves_of_blocks():
+    # 256 x 128 blocks of the output over 132 SMs: 448 blocks take 4 waves on 112 to 132 SMs; 512
+    # take 4 on 128 (5 on 120); 1792 take 14 on 128; 4608 take 35 on 132 but 36 on 128
+    assert fp8_deep_gemm.dense_sms(2048, 7168, 132) == 112
+    assert fp8_deep_gemm.dense_sms(8192, 2048, 132) == 128
+    assert fp8_deep_gemm.dense_sms(8192, 7168, 132) == 128
+    assert fp8_deep_gemm.dense_sms(8192, 18432, 132) == 132
+    assert fp8_deep_gemm.dense_sms(100, 300, 132) == 112  # one wave of 3 blocks
+    assert fp8_deep_gemm.dense_sms(8192, 2048, 114) == 112  # 5 waves on a card of 114 SMs or on 112
+
+
+def test_deep_gemms_settings_change_only_between_dense_and_grouped_gemms_or_shapes(monkeypatch):
+    calls = []
+
+    class Library:
+        get_num_sms = staticmethod(lambda: 132)
+        set_num_sms = staticmethod(lambda sms: calls.append(("sms", sms)))
+        set_block_size_multiple_of = staticmethod(lambda multiples: calls.append(("multiples", multiples)))
+
+    monkeypatch.setattr(fp8_deep_gemm, "_card_sms", None)
+    monkeypatch.setattr(fp8_deep_gemm, "_applied", None)
+    for m_n in ((2048, 7168), (2048, 7168), None, None, (8192, 2048)):
+        fp8_deep_gemm.use_settings(Library, m_n)
+    assert calls == [
+        ("sms", 112), ("multiples", (1, 32)),
+        ("sms", 132), ("multiples", (1, 1)),
+        ("sms", 128), ("multiples", (1, 32)),
+    ]  # fmt: skip

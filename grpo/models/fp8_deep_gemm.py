@@ -111,26 +111,41 @@ def library(device: torch.device) -> ModuleType | None:
     return None
 
 
-# DeepGEMM picks each GEMM's block shape from its shape, the SMs it may use (`set_num_sms`) and the
-# multiples a block's sides must be (`set_block_size_multiple_of`). At the card's defaults it picked
-# 256 x 112 blocks for the weight gradient of a 7168 -> 2048 layer, 195-200 us on an H200, against
-# 180 us with 256 x 128 blocks, which it picks when told to use 128 SMs and block columns that are
-# multiples of 32; that setting was as fast or faster for all six dense GEMMs of the two smaller
-# DeepSeek-V3 layers, with bitwise the same products (`benchmarks/probe_deep_gemm_configs_gpu.py`,
-# `results/fp8_linear_h200.txt`). Measured for dense GEMMs only: the grouped ones keep the defaults.
-DENSE_SMS = 128
-DENSE_BLOCK_N_MULTIPLE = 32
+# DeepGEMM's kernels are persistent: a GEMM's output blocks run in waves over the SMs it is told to
+# use (`set_num_sms`; each count is a kernel of its own), in a block shape it picks from the shape,
+# that count and the multiples a block's sides must be (`set_block_size_multiple_of`). At its
+# defaults it picked 256 x 112 blocks for the weight gradient of a 7168 -> 2048 layer, 195 us on an
+# H200 against 179 us in 256 x 128 blocks; and a GEMM whose blocks fill its last wave only partly ran
+# 1-4% faster on the fewest SMs that keep its number of waves, while fewer waves' worth of SMs made
+# the large GEMMs of a 7168 -> 18432 layer 6-8% slower (`benchmarks/probe_deep_gemm_configs_gpu.py`,
+# `results/fp8_linear_h200.txt`; the products are bitwise the same). So the dense GEMMs ask for block
+# columns that are multiples of 32, on the fewest of the card's SMs or SMS_TRIED that run their
+# 256 x 128 blocks in as many waves as the whole card. The grouped GEMMs keep the library's defaults.
+BLOCK_M, BLOCK_N = 256, 128  # what DeepGEMM chose at DeepSeek-V3's dense shapes once 112 was ruled out
+BLOCK_N_MULTIPLE = 32
+SMS_TRIED = (128, 120, 112)
 _card_sms: int | None = None
 _applied: tuple[int, int] | None = None
 
 
-def use_settings(found: ModuleType, dense: bool) -> None:
-    """Sets DeepGEMM's block-shape choice for a dense GEMM (`DENSE_*`) or for a grouped one (the
-    library's defaults), calling into it only when the last call set the other."""
+def dense_sms(m: int, n: int, card: int) -> int:
+    """The fewest SMs, of the card's `card` and SMS_TRIED, that run an m x n output's blocks in as
+    many waves as the whole card does."""
+    blocks = -(-m // BLOCK_M) * -(-n // BLOCK_N)
+    waves = -(-blocks // card)
+    return min(sms for sms in (card, *SMS_TRIED) if sms <= card and -(-blocks // sms) == waves)
+
+
+def use_settings(found: ModuleType, m_n: tuple[int, int] | None) -> None:
+    """DeepGEMM's block-shape choice set for a dense GEMM of an m x n output (`m_n`), or its
+    defaults for a grouped one (None); it is called only when the setting changes. A version without
+    these settings keeps its own choice."""
     global _card_sms, _applied
+    if not hasattr(found, "set_block_size_multiple_of"):
+        return
     if _card_sms is None:
-        _card_sms = found.get_num_sms()  # the card's, before anything here changed it
-    wanted = (min(_card_sms, DENSE_SMS), DENSE_BLOCK_N_MULTIPLE) if dense else (_card_sms, 1)
+        _card_sms = found.get_num_sms()  # the card's: nothing here has changed it yet
+    wanted = (_card_sms, 1) if m_n is None else (dense_sms(*m_n, _card_sms), BLOCK_N_MULTIPLE)
     if wanted != _applied:
         found.set_num_sms(wanted[0])
         found.set_block_size_multiple_of((1, wanted[1]))
@@ -148,7 +163,7 @@ def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Te
         return None
     out_MN = torch.empty(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype, device=a_MK.device)
     try:
-        use_settings(found, dense=True)
+        use_settings(found, out_MN.shape)
         found.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
     except RuntimeError as error:
         if mode == "on":

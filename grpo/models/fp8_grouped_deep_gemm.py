@@ -162,7 +162,7 @@ def expert_weights(w_ENK: torch.Tensor, power_of_two: bool):
 def grouped_gemm(library, a_q, a_scale, weights, layout_P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     w_q, w_scale = weights
     out = torch.empty(layout_P.shape[0], w_q.shape[1], dtype=dtype, device=a_q.device)
-    fp8_deep_gemm.use_settings(library, dense=False)
+    fp8_deep_gemm.use_settings(library, None)
     library.m_grouped_fp8_gemm_nt_contiguous((a_q, a_scale), (w_q, w_scale), out, layout_P)
     return out
 
