@@ -4,9 +4,8 @@ DeepGEMM picks its block shape from the GEMM's shape, the number of SMs it is to
 (`set_num_sms`, all of the card's by default) and the multiples block sizes must be
 (`set_block_size_multiple_of`). This times the layer's three GEMMs (forward, input gradient, weight
 gradient; operands from the fused quantizers, 8192 tokens) at DeepSeek-V3's three dense shapes
-through DeepGEMM's `fp8_gemm_nt`, as `fp8_deep_gemm.gemm` calls it but for its own setting
-(`fp8_deep_gemm.use_settings`, here one row of SETTINGS), for each setting in SETTINGS: device time per
-call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
+through DeepGEMM's `fp8_gemm_nt` called directly (`fp8_deep_gemm.gemm` would apply its own setting,
+`fp8_deep_gemm.use_settings`), for each setting in SETTINGS: device time per call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
 setting's. Every setting is timed twice, in alternating order. Run with `DG_PRINT_CONFIGS=1` to see
 the block shapes chosen. Last line: one JSON object.
 

@@ -50,7 +50,10 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
 
 
 # Integer arguments keep Triton's divisibility-by-16 specialization: with `do_not_specialize` on the
-# sizes, this kernel ran 1.6x slower on the H100 (no vectorized stores).
+# sizes, this kernel ran 1.6x slower on the H100 (no vectorized stores). The tile stays whole in
+# registers (223 a thread for the output gradient's copies, 12.5% occupancy on the H200): reading it
+# in row chunks, twice, or looping persistently over tiles with pipelined loads, freed registers but
+# ran 5-27% slower at their best settings (`benchmarks/results/fp8_linear_h200.txt`, session 16).
 @triton.jit
 def _quantize_kernel(
     x_ptr,
