@@ -29,7 +29,9 @@ def _exactly_representable(rows: int, cols: int) -> torch.Tensor:
     values = torch.randint(-7, 8, (rows, cols)).float() * 16
     values[:, ::128] = 448.0
     values[::128, :] = 448.0
-    return values * 0.5
+    # each 128 x 128 block its own power of two, so that no two blocks' scales are equal
+    block_i, block_j = torch.arange(rows)[:, None] // 128, torch.arange(cols)[None, :] // 128
+    return values * 2.0 ** (block_i - 2 * block_j - 1)
 
 
 def _same(padded: torch.Tensor, reference: torch.Tensor) -> bool:
