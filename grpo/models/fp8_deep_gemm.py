@@ -138,8 +138,9 @@ def dense_sms(m: int, n: int, card: int) -> int:
 
 def use_settings(found: ModuleType, m_n: tuple[int, int] | None) -> None:
     """DeepGEMM's block-shape choice set for a dense GEMM of an m x n output (`m_n`), or its
-    defaults for a grouped one (None); it is called only when the setting changes. A version without
-    these settings keeps its own choice."""
+    defaults for a grouped one (None); it is called only when the setting changes (so a change made
+    to DeepGEMM's settings elsewhere in the process goes unseen). A version without these settings
+    keeps its own choice."""
     global _card_sms, _applied
     if not hasattr(found, "set_block_size_multiple_of"):
         return
