@@ -1,6 +1,6 @@
 """The GPU benchmarks' timers: median of CUDA-event timings after warm-up runs (`median_ms`), the
-CPU time of calls queued without synchronization (`cpu_us_per_call`), and the profiler's record of
-calls (`profiled`).
+CPU time of calls queued without synchronization (`cpu_us_per_call`), the profiler's record of
+calls (`profiled`) and the device time of their kernels (`kernel_us_per_call`).
 
 A fixed number of runs (not `triton.testing.do_bench`'s time-based count) so that ranks running
 collectives together call the same number of times. Imported by the scripts beside it, which run as
@@ -54,3 +54,11 @@ def profiled(fn, calls: int, warmup: int = 1):
             fn()
         torch.cuda.synchronize()
     return prof
+
+
+def kernel_us_per_call(fn, calls: int) -> float:
+    """Microseconds of device time per call of the kernels `fn` launches (memsets left out), under
+    `torch.profiler`, mean of `calls` calls after one outside it; host time is not counted."""
+    prof = profiled(fn, calls)
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memset" not in e.key]
+    return sum(e.device_time_total for e in kernels) / calls

@@ -5,8 +5,8 @@ DeepGEMM picks its block shape from the GEMM's shape, the number of SMs it is to
 (`set_block_size_multiple_of`). This times the layer's three GEMMs (forward, input gradient, weight
 gradient; operands from the fused quantizers, 8192 tokens) at DeepSeek-V3's three dense shapes
 through DeepGEMM's `fp8_gemm_nt` called directly (`fp8_deep_gemm.gemm` would apply its own setting,
-`fp8_deep_gemm.use_settings`), for each setting in SETTINGS: device time per call under `torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default
-setting's. Every setting is timed twice, in alternating order. Run with `DG_PRINT_CONFIGS=1` to see
+`fp8_deep_gemm.use_settings`), for each setting in SETTINGS: device time per call under
+`torch.profiler`, mean of CALLS calls, and whether the product is bitwise the default setting's. Every setting is timed twice, in alternating order. Run with `DG_PRINT_CONFIGS=1` to see
 the block shapes chosen. Last line: one JSON object.
 
     python3 benchmarks/probe_deep_gemm_configs_gpu.py
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 import torch
-from cuda_timing import profiled
+from cuda_timing import kernel_us_per_call
 
 from grpo.models import fp8_deep_gemm, fp8_triton
 
@@ -26,11 +26,6 @@ SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]
 # (SMs, block rows a multiple of, block columns a multiple of); 0 SMs: the card's own count
 SETTINGS = [(0, 1, 1), (128, 1, 32), (124, 1, 32), (120, 1, 32), (112, 1, 32), (124, 1, 1)] * 2
 CALLS = 20
-
-
-def kernel_us(call) -> float:
-    prof = profiled(call, CALLS)
-    return sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0) / CALLS
 
 
 def gemms(fan_in: int, fan_out: int) -> dict:
@@ -75,7 +70,7 @@ def main() -> None:
             reference = call()
             for sms, m_multiple, n_multiple in SETTINGS:
                 apply(library, (sms or card, m_multiple, n_multiple))
-                us = kernel_us(call)
+                us = kernel_us_per_call(call, CALLS)
                 same = torch.equal(call(), reference)
                 flops = 2 * reference.shape[0] * reference.shape[1] * operands[0].shape[1]
                 rows.append({"shape": f"{TOKENS}x{fan_in}->{fan_out}", "gemm": name, "sms": sms or card,

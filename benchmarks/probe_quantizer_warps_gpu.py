@@ -18,19 +18,12 @@ import json
 from unittest import mock
 
 import torch
-from cuda_timing import profiled
+from cuda_timing import kernel_us_per_call
 
 from grpo.models import fp8_triton
 
 WARPS = [4, 8, 16, 4, 8, 16]
 CALLS = 20
-
-
-def kernel_us(call) -> float:
-    """Device time per call of the kernels `call` launches, mean of CALLS calls."""
-    prof = profiled(call, CALLS)
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memset" not in e.key]
-    return sum(e.device_time_total for e in kernels) / CALLS
 
 
 def outputs_equal(got, want) -> bool:
@@ -55,12 +48,12 @@ def main() -> None:
         "weight transposed 2048x7168": (lambda: fp8_triton.transpose_blocks(*wq), w.numel() * 2),
     }
     reference = {name: call() for name, (call, _) in cases.items()}
-    copy_us = kernel_us(x.clone)
+    copy_us = kernel_us_per_call(x.clone, CALLS)
     rows = []
     for warps in WARPS:
         with mock.patch.object(fp8_triton, "warps_for", lambda *copies, warps=warps: warps):
             for name, (call, moved) in cases.items():
-                us = kernel_us(call)
+                us = kernel_us_per_call(call, CALLS)
                 same = outputs_equal(call(), reference[name])
                 rows.append({"copy": name, "warps": warps, "us": round(us, 1), "GB/s": round(moved / us / 1e3), "same": same})  # fmt: skip
                 print(rows[-1], flush=True)

@@ -128,6 +128,7 @@ _card_sms: int | None = None
 _applied: tuple[int, int] | None = None
 
 
+@functools.cache  # asked before every dense GEMM, for a few shapes
 def dense_sms(m: int, n: int, card: int) -> int:
     """The fewest SMs, of the card's `card` and SMS_TRIED, that run an m x n output's blocks in as
     many waves as the whole card does."""

@@ -151,6 +151,7 @@ class PaddedLayout:
 
 
 KIND = "deep_gemm expert blocks"
+"""What these experts' copies are kept as in `fp8_weight_cache`."""
 
 
 def expert_weights(w_ENK: torch.Tensor, power_of_two: bool):

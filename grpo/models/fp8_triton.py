@@ -135,8 +135,9 @@ def _quantize_kernel(
 # argument, then looks the kernel up), more than the rest of a small layer's step; the layer makes
 # four. So each compiled kernel is also kept here, under what Triton compiled it for, and launched
 # directly: the kernel and its warps, the device, the constexprs, the first input's dtype and 16-byte
-# alignment, and each integer's class (`_int_class`). The outputs are fresh allocations, aligned like any other, and so is a
-# padded layout (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole `torch.full`).
+# alignment, and each integer's class (`_int_class`). The outputs are fresh allocations, aligned like
+# any other, and so is a padded layout (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole
+# `torch.full`).
 _compiled: dict[tuple, object] = {}
 
 
