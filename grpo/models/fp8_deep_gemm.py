@@ -116,8 +116,8 @@ def library(device: torch.device) -> ModuleType | None:
 # that count and the multiples a block's sides must be (`set_block_size_multiple_of`). At its
 # defaults it picked 256 x 112 blocks for the weight gradient of a 7168 -> 2048 layer, 195 us on an
 # H200 against 179 us in 256 x 128 blocks; and a GEMM whose blocks fill its last wave only partly ran
-# 1-4% faster on the fewest SMs that keep its number of waves, while fewer waves' worth of SMs made
-# the large GEMMs of a 7168 -> 18432 layer 6-8% slower (`benchmarks/probe_deep_gemm_configs_gpu.py`,
+# 0.5-4% faster on the fewest SMs that keep its number of waves, while fewer waves' worth of SMs made
+# the large GEMMs of a 7168 -> 18432 layer 1-9% slower (`benchmarks/probe_deep_gemm_configs_gpu.py`,
 # `results/fp8_linear_h200.txt`; the products are bitwise the same). So the dense GEMMs ask for block
 # columns that are multiples of 32, on the fewest of the card's SMs or SMS_TRIED that run their
 # 256 x 128 blocks in as many waves as the whole card. The grouped GEMMs keep the library's defaults.
