@@ -39,9 +39,11 @@ from grpo.models.fp8 import Fp8Linear, Fp8LinearFunction
 CALLS, ROUNDS = 200, 7
 
 
-def through_jit_dispatch(grid, args, kernel=fp8_triton._quantize_kernel, constexprs=4, num_warps=4):
+def through_jit_dispatch(
+    grid, args, kernel=fp8_triton._quantize_kernel, constexprs=4, num_warps=4, max_registers=None
+):
     """The kernels' launch before `fp8_triton._launch` kept compiled ones."""
-    fp8_triton.launch_through_jit(grid, args, kernel, num_warps)
+    fp8_triton.launch_through_jit(grid, args, kernel, num_warps, max_registers)
 
 
 def quantizer_launch(directly: bool):

@@ -51,9 +51,17 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
 
 # Integer arguments keep Triton's divisibility-by-16 specialization: with `do_not_specialize` on the
 # sizes, this kernel ran 1.6x slower on the H100 (no vectorized stores). The tile stays whole in
-# registers (223 a thread for the output gradient's copies, 12.5% occupancy on the H200): reading it
-# in row chunks, twice, or looping persistently over tiles with pipelined loads, freed registers but
-# ran 5-27% slower at their best settings (`benchmarks/results/fp8_linear_h200.txt`, session 16).
+# registers, which bounds how many programs share an SM; what the H200 ran fastest
+# (`benchmarks/results/fp8_linear_h200.txt`, sessions 16-17):
+# - the tile held in its own dtype until each copy converts it: the activation's copies in 80
+#   registers a thread instead of 125 (3 programs an SM instead of 2), 4% faster; but the weight's
+#   copy 10% slower, so weights are converted once, up front;
+# - the transposed copy scaled per column made from the transposed tile (its column maxima become
+#   row maxima), which lets the output gradient's copies fit `launch_settings`' register cap without
+#   spilling: 159 registers a thread instead of 223, 3 programs an SM instead of 2, 7-11% faster
+#   (the same code uncapped, or the old code capped, was slower than before);
+# - reading the tile in row chunks, twice, or looping persistently over tiles with pipelined loads
+#   freed registers too, but ran 5-27% slower at their best settings (session 16).
 @triton.jit
 def _quantize_kernel(
     x_ptr,
@@ -94,18 +102,19 @@ def _quantize_kernel(
     if SKIP_PADDING:
         inside &= tl.load(layout_ptr + r, mask=r < rows, other=-1)[:, None] >= 0
     x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0)
-    x = x.to(tl.float32)
-    magnitude = tl.abs(x)
-    block_scale = _scale_inv(tl.max(tl.max(magnitude, axis=1), axis=0), POWER_OF_TWO)
+    if DIRECT == 2:  # a weight (see above); `.to(tl.float32)` below is then a no-op
+        x = x.to(tl.float32)
+    magnitude = tl.abs(x)  # maxima are exact in any float dtype
+    block_scale = _scale_inv(tl.max(tl.max(magnitude, axis=1), axis=0).to(tl.float32), POWER_OF_TWO)
 
     # direct copy: rows x cols, padded to q_rows x q_cols
     if DIRECT == 2:
-        q = x / block_scale
+        q = x.to(tl.float32) / block_scale
         direct_scale_at = qs_ptr + pid_r * qs_stride + pid_c
         tl.store(direct_scale_at, block_scale, mask=(pid_r * 128 < q_rows) & (pid_c * 128 < q_cols))
     else:
-        row_scale = _scale_inv(tl.max(magnitude, axis=1), POWER_OF_TWO)
-        q = x / row_scale[:, None]
+        row_scale = _scale_inv(tl.max(magnitude, axis=1).to(tl.float32), POWER_OF_TWO)
+        q = x.to(tl.float32) / row_scale[:, None]
         # stored (cols/128) x rows: the column-major layout cuBLASLt reads tile scales in
         tl.store(
             qs_ptr + pid_c * qs_stride + r, row_scale, mask=(r < q_rows) & (c * 0 + pid_c * 128 < q_cols)
@@ -117,16 +126,18 @@ def _quantize_kernel(
     # transposed copy: cols x rows, padded to t_rows x t_cols
     if TRANSPOSED != 0:
         if TRANSPOSED == 2:
-            t = x / block_scale
+            t = x.to(tl.float32) / block_scale
             transposed_scale_at = ts_ptr + pid_c * ts_stride + pid_r
             tl.store(transposed_scale_at, block_scale, mask=(pid_c * 128 < t_rows) & (pid_r * 128 < t_cols))
+            # transposed in FP8: a quarter of the shared memory of an FP32 transpose (same speed)
+            t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
         else:
-            column_scale = _scale_inv(tl.max(magnitude, axis=0), POWER_OF_TWO)
-            t = x / column_scale[None, :]
+            x_t = tl.trans(x).to(tl.float32)
+            column_scale = _scale_inv(tl.max(tl.abs(x_t), axis=1), POWER_OF_TWO)
+            t = x_t / column_scale[:, None]
             scale_ok = (c < t_rows) & (r * 0 + pid_r * 128 < t_cols)
             tl.store(ts_ptr + pid_r * ts_stride + c, column_scale, mask=scale_ok)
-        # transposed in FP8: a quarter of the shared memory of an FP32 transpose (same speed measured)
-        t = tl.trans(tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv))
+            t = tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv)
         t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
         tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
 
@@ -134,7 +145,7 @@ def _quantize_kernel(
 # A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
 # argument, then looks the kernel up), more than the rest of a small layer's step; the layer makes
 # four. So each compiled kernel is also kept here, under what Triton compiled it for, and launched
-# directly: the kernel and its warps, the device, the constexprs, the first input's dtype and 16-byte
+# directly: the kernel, its warps and register cap, the device, the constexprs, the first input's dtype and 16-byte
 # alignment, and each integer's class (`_int_class`). The outputs are fresh allocations, aligned like
 # any other, and so is a padded layout (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole
 # `torch.full`).
@@ -146,31 +157,45 @@ def _int_class(value: int) -> int:
     return (value == 1) | (value % 16 == 0) << 1 | (value >= 2**31) << 2
 
 
-def launch_through_jit(grid: tuple[int, int, int], args: tuple, kernel=_quantize_kernel, num_warps: int = 4):
+def launch_through_jit(
+    grid: tuple[int, int, int], args: tuple, kernel=_quantize_kernel, num_warps: int = 4, max_registers=None
+):
     """`kernel` launched through Triton's JIT dispatch, every argument positional (constexprs
-    included, last); returns what Triton compiled for them."""
-    return kernel[grid](*args, num_warps=num_warps)
+    included, last), with at most `max_registers` a thread where given; returns what Triton
+    compiled for them."""
+    cap = {} if max_registers is None else {"maxnreg": max_registers}
+    return kernel[grid](*args, num_warps=num_warps, **cap)
 
 
-def _launch(grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 4, num_warps: int = 4) -> None:
+def _launch(
+    grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 4, num_warps: int = 4, max_registers=None
+):
     """`kernel` on `args`, whose last `constexprs` are its constexprs, through `_compiled`."""
     x, given = args[0], args[len(args) - constexprs :]
     integers = tuple(_int_class(a) for a in args[: len(args) - constexprs] if type(a) is int)
-    key = (kernel, num_warps, x.device, x.dtype, x.data_ptr() % 16 == 0, given, integers)
+    key = (kernel, num_warps, max_registers, x.device, x.dtype, x.data_ptr() % 16 == 0, given, integers)
     compiled = _compiled.get(key)
     if compiled is not None:
         compiled[grid](*args)
         return
-    compiled = launch_through_jit(grid, args, kernel, num_warps)
+    compiled = launch_through_jit(grid, args, kernel, num_warps, max_registers)
     if hasattr(compiled, "packed_metadata"):  # Triton's interpreter (the CPU tests) compiles nothing
         _compiled[key] = compiled
 
 
-def warps_for(direct: int, transposed: int) -> int:
-    """Warps per program of the quantizer making these copies: 8 for the activation's (its 8192 x
-    7168 copies took 67 us instead of 72 on the H200), else 4 (the output gradient's took 40 us
-    instead of 29 with 8; `probe_quantizer_warps_gpu.py`)."""
-    return 8 if (direct, transposed) == (ROWS, BLOCKS) else 4
+# 65536 registers an SM over 3 programs of 128 threads, in the steps of 8 they are allotted in
+THREE_PROGRAMS_OF_4_WARPS = 168
+
+
+def launch_settings(direct: int, transposed: int) -> tuple[int, int | None]:
+    """Warps per program and register cap a thread (None: the compiler's choice) of the quantizer
+    making these copies. On the H200 (8192 tokens, `probe_quantizer_warps_gpu.py`): the output
+    gradient's with 4 warps capped to 3 programs an SM (8192 x 7168: 77 us, against 97 uncapped and
+    139 with 8 warps), the weight's and the activation's with 8 warps (the activation's 8192 x 7168:
+    64 us against 66 with 4)."""
+    if (direct, transposed) == (ROWS, COLUMNS):
+        return 4, THREE_PROGRAMS_OF_4_WARPS
+    return (8, None) if transposed == BLOCKS or direct == BLOCKS else (4, None)
 
 
 def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
@@ -209,7 +234,8 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
         t, t_rows, t_cols, t_scale, max(t_scale.stride(-2), 1),
         direct, transposed, power_of_two, layout is not None,
     )  # fmt: skip
-    _launch(grid, args, num_warps=warps_for(direct, transposed))
+    warps, max_registers = launch_settings(direct, transposed)
+    _launch(grid, args, num_warps=warps, max_registers=max_registers)
     q_scale = q_scale if direct == BLOCKS else q_scale.transpose(-2, -1)
     if transposed == NONE:
         return q, q_scale, None, None
