@@ -55,7 +55,7 @@ def _scale_inv(amax, POWER_OF_TWO: tl.constexpr):
 # (`benchmarks/results/fp8_linear_h200.txt`, sessions 16-17):
 # - the tile held in its own dtype until each copy converts it: the activation's copies in 80
 #   registers a thread instead of 125 (3 programs an SM instead of 2), 4% faster; but the weight's
-#   copy 10% slower, so weights are converted once, up front;
+#   copy 10-15% slower, so weights are converted once, up front;
 # - the transposed copy scaled per column made from the transposed tile (its column maxima become
 #   row maxima), which lets the output gradient's copies fit `launch_settings`' register cap without
 #   spilling: 159 registers a thread instead of 223, 3 programs an SM instead of 2, 7-11% faster
@@ -189,13 +189,14 @@ THREE_PROGRAMS_OF_4_WARPS = 168
 
 def launch_settings(direct: int, transposed: int) -> tuple[int, int | None]:
     """Warps per program and register cap a thread (None: the compiler's choice) of the quantizer
-    making these copies. On the H200 (8192 tokens, `probe_quantizer_warps_gpu.py`): the output
-    gradient's with 4 warps capped to 3 programs an SM (8192 x 7168: 77 us, against 97 uncapped and
-    139 with 8 warps), the weight's and the activation's with 8 warps (the activation's 8192 x 7168:
-    64 us against 66 with 4)."""
-    if (direct, transposed) == (ROWS, COLUMNS):
-        return 4, THREE_PROGRAMS_OF_4_WARPS
-    return (8, None) if transposed == BLOCKS or direct == BLOCKS else (4, None)
+    making these copies. What the H200 ran fastest (8192 tokens, `probe_quantizer_warps_gpu.py`):
+    copies in tiles only with 4 warps capped to 3 programs an SM (the output gradient's 8192 x 7168:
+    77 us, against 97 uncapped, 89 with 8 warps; the activation's alone: 47 against 50), copies with
+    a block-scaled part with 8 warps (the activation's 8192 x 7168: 65 us against 66 with 4; the
+    weight's 7168 x 2048: 9.8 against 10.3)."""
+    if direct == BLOCKS or transposed == BLOCKS:
+        return 8, None
+    return 4, THREE_PROGRAMS_OF_4_WARPS
 
 
 def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
