@@ -1,8 +1,8 @@
 """The fused Triton quantizers write what the portable ones do, in the padded layouts cuBLASLt reads.
 
-On CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1) on FP32 and BF16
-inputs whose every tile has amax 448 * 2^k, so every quantized value is exact: the interpreter's own FP8 rounding
-differs from the GPU's on inexact values. On a GPU the same checks run on random inputs, and the
+On CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1) on FP32 and
+BF16 inputs whose every tile has amax 448 * 2^k, so every quantized value is exact: the interpreter's
+own FP8 rounding differs from the GPU's on inexact values. On a GPU the same checks run on random inputs, and the
 layer's three GEMMs are compared with products of the dequantized operands.
 """
 
@@ -224,7 +224,7 @@ def test_the_blockwise_gemm_takes_operands_as_they_come(deep_gemm_mode):
 
 
 if __name__ == "__main__":
-    # BF16 too: the kernel keeps a BF16 tile in BF16 until each copy converts it (the values are exact in BF16)
+    # BF16 too: the kernel holds a BF16 tile as BF16 until each copy converts it (these values are exact)
     for dtype in (torch.float32, torch.bfloat16):
         for p2 in (False, True):
             torch.manual_seed(0)

@@ -145,10 +145,10 @@ def _quantize_kernel(
 # A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
 # argument, then looks the kernel up), more than the rest of a small layer's step; the layer makes
 # four. So each compiled kernel is also kept here, under what Triton compiled it for, and launched
-# directly: the kernel, its warps and register cap, the device, the constexprs, the first input's dtype and 16-byte
-# alignment, and each integer's class (`_int_class`). The outputs are fresh allocations, aligned like
-# any other, and so is a padded layout (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole
-# `torch.full`).
+# directly: the kernel, its warps and register cap, the device, the constexprs, the first input's
+# dtype and 16-byte alignment, and each integer's class (`_int_class`). The outputs are fresh
+# allocations, aligned like any other, and so is a padded layout
+# (`fp8_grouped_deep_gemm.PaddedLayout.layout_P`, a whole `torch.full`).
 _compiled: dict[tuple, object] = {}
 
 
@@ -169,7 +169,7 @@ def launch_through_jit(
 
 def _launch(
     grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 4, num_warps: int = 4, max_registers=None
-):
+) -> None:
     """`kernel` on `args`, whose last `constexprs` are its constexprs, through `_compiled`."""
     x, given = args[0], args[len(args) - constexprs :]
     integers = tuple(_int_class(a) for a in args[: len(args) - constexprs] if type(a) is int)
