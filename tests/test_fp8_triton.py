@@ -2,8 +2,8 @@
 
 On CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1) on FP32 and
 BF16 inputs whose every tile has amax 448 * 2^k, so every quantized value is exact: the interpreter's
-own FP8 rounding differs from the GPU's on inexact values. On a GPU the same checks run on random inputs, and the
-layer's three GEMMs are compared with products of the dequantized operands.
+own FP8 rounding differs from the GPU's on inexact values. On a GPU the same checks run on random
+inputs, and the layer's three GEMMs are compared with products of the dequantized operands.
 """
 
 import os

@@ -183,8 +183,8 @@ def _launch(
         _compiled[key] = compiled
 
 
-# 65536 registers an SM over 3 programs of 128 threads, in the steps of 8 they are allotted in
-THREE_PROGRAMS_OF_4_WARPS = 168
+# an SM's 65536 registers over 3 programs of 4 warps (128 threads), in the steps of 8 they come in: 168
+THREE_PROGRAMS_OF_4_WARPS = 65536 // (3 * 4 * 32) // 8 * 8
 
 
 def launch_settings(direct: int, transposed: int) -> tuple[int, int | None]:
