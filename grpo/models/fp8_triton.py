@@ -193,11 +193,11 @@ THREE_PROGRAMS_OF_4_WARPS = 65536 // (3 * 4 * 32) // 8 * 8
 
 def launch_settings(direct: int, transposed: int) -> tuple[int, int | None]:
     """Warps per program and register cap a thread (None: the compiler's choice) of the quantizer
-    making these copies. What the H200 ran fastest (8192 tokens, `probe_quantizer_warps_gpu.py`):
-    copies in tiles only with 4 warps capped to 3 programs an SM (the output gradient's 8192 x 7168:
-    77 us, against 97 uncapped, 89 with 8 warps; the activation's alone: 47 against 50), copies with
-    a block-scaled part with 8 warps (the activation's 8192 x 7168: 65 us against 66 with 4; the
-    weight's 7168 x 2048: 9.8 against 10.3)."""
+    making these copies. What the H200 ran fastest (8192 tokens, `probe_quantizer_warps_gpu.py`,
+    session 18): copies in tiles only with 4 warps capped to 3 programs an SM (the output gradient's
+    8192 x 7168: 76 us, against 91 uncapped, 90 with 8 warps; the activation's alone: 44 against
+    47), copies with a block-scaled part with 8 warps (the activation's 8192 x 7168: 63 us against
+    65 with 4 capped, 69 uncapped; the weight's 7168 x 2048: 9.7 against 10.2)."""
     if direct == BLOCKS or transposed == BLOCKS:
         return 8, None
     return 4, THREE_PROGRAMS_OF_4_WARPS
