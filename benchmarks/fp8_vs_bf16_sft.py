@@ -27,7 +27,9 @@ baseline) / baseline:
 - `fp8_forward_effect`: on each run's final weights, the held-out loss with the project's layers in
   FP8 GEMMs against the same layers in BF16 GEMMs, relative: what FP8 changes in the loss of one
   model, free of the divergence between two training runs.
-Target from the FP8 issue: FP8 within 1% of BF16. Last line: one JSON object.
+Target from the FP8 issue: FP8 within 1% of BF16. On a machine with a CUDA GPU, `grpo sft` trains there
+(real FP8 GEMMs; the held-out evaluations stay on the CPU): `results/fp8_vs_bf16_sft_h200.txt`.
+Last line: one JSON object.
 
     python benchmarks/fp8_vs_bf16_sft.py [--steps 300] [--seed 0] [--threads 2] [--lr 3e-3]
         [--variants fp32,bf16,fp8]
