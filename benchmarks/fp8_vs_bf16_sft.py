@@ -10,6 +10,9 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
   the GEMMs' precision;
 - `fp8_forward_bf16_masters`: FP8 in the forward GEMM only, the two backward GEMMs in BF16 on the
   unquantized operands (an ablation: how much of the pair's gap the backward's FP8 makes);
+- `fp8_wgrad_bf16_bf16_masters`: FP8 in the forward and input-gradient GEMMs, the weight gradient in
+  BF16 on the unquantized operands (an ablation: its FP8 error grows as training goes deep,
+  `results/fp8_gemm_error_cpu.txt`);
 - `fp8_no_attention_bf16_masters`: FP8 GEMMs except in the attention projections, which stay BF16
   (`model.fp8_exclude: [self_attn]`; an ablation: how much of the pair's gap the attention's FP8 makes);
 - `fp8_no_qkv_a_bf16_masters`: FP8 GEMMs except in the two projections that read the attention's
@@ -60,6 +63,7 @@ VARIANTS = {  # (model options, train options)
     "bf16_masters": ({"dtype": "bfloat16"}, {"bf16_moments": True}),
     "fp8_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
     "fp8_forward_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
+    "fp8_wgrad_bf16_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
     "fp8_no_attention_bf16_masters": (
         {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["self_attn"]},
         {"bf16_moments": True},
@@ -73,7 +77,6 @@ VARIANTS = {  # (model options, train options)
         {"bf16_moments": True},
     ),
 }
-FP8_FORWARD_ONLY = {"fp8_forward_bf16_masters"}
 # (variant, baseline): relative difference of the first's final loss from the second's
 PAIRS = [
     ("fp8", "bf16"),
@@ -81,6 +84,7 @@ PAIRS = [
     ("bf16", "fp32"),
     ("fp8_bf16_masters", "bf16_masters"),
     ("fp8_forward_bf16_masters", "bf16_masters"),
+    ("fp8_wgrad_bf16_bf16_masters", "bf16_masters"),
     ("fp8_no_attention_bf16_masters", "bf16_masters"),
     ("fp8_no_qkv_a_bf16_masters", "bf16_masters"),
     ("fp8_no_q_b_kv_b_o_bf16_masters", "bf16_masters"),
@@ -106,12 +110,41 @@ class Fp8ForwardOnly(torch.autograd.Function):
         return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
 
 
-def fp8_forward_only(enabled: bool):
-    """Every FP8 linear (and, on CPU, every FP8 expert, which runs through `fp8_linear`) through
-    `Fp8ForwardOnly` for the duration."""
-    if not enabled:
+class Fp8WeightGradientInBf16(torch.autograd.Function):
+    """`x @ w.T` with the forward and the input gradient in FP8 (the recipe's quantizers and GEMM),
+    the weight gradient in the operands' own precision."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, power_of_two: bool):
+        ctx.save_for_backward(x_MK, w_NK)
+        ctx.power_of_two = power_of_two
+        with torch.no_grad():
+            return fp8_layers.fp8_linear(x_MK, w_NK, power_of_two)
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, w_NK = ctx.saved_tensors
+        grad_MN = grad_MN.to(x_MK.dtype)
+        gq_MN, gs_MI = fp8_layers.quantize_tiles(grad_MN, ctx.power_of_two)
+        wq_KN, ws_JI = fp8_layers.quantize_blocks(w_NK.t(), ctx.power_of_two)
+        grad_x_MK = fp8_layers.fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, x_MK.dtype)
+        return fp8_layers.trimmed(grad_x_MK, *x_MK.shape), grad_MN.t() @ x_MK, None
+
+
+LINEAR_FUNCTION = {
+    "fp8_forward_bf16_masters": Fp8ForwardOnly,
+    "fp8_wgrad_bf16_bf16_masters": Fp8WeightGradientInBf16,
+}
+"""The variants whose FP8 layers run another autograd function than the recipe's."""
+
+
+def linear_function_of(name: str):
+    """Every FP8 linear (and, on CPU, every FP8 expert, which runs through `fp8_linear`; on a GPU the
+    grouped experts keep the recipe's GEMMs) through the variant's function in `LINEAR_FUNCTION` for
+    the duration, if it has one."""
+    if name not in LINEAR_FUNCTION:
         return contextlib.nullcontext()
-    return mock.patch.object(fp8_layers, "Fp8LinearFunction", Fp8ForwardOnly)
+    return mock.patch.object(fp8_layers, "Fp8LinearFunction", LINEAR_FUNCTION[name])
 
 
 def packed_problems(tokenizer, rows):
@@ -188,7 +221,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             recipe = variant_recipe(name, scratch, args.seed, args.steps, args.lr, args.threads)
-            with fp8_forward_only(name in FP8_FORWARD_ONLY):
+            with linear_function_of(name):
                 summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
                 checkpoint = summary["checkpoint"]
                 bf16, fp8 = (held_out_loss(checkpoint, recipe, gemms) for gemms in ("bf16", "fp8"))
