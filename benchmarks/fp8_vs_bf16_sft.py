@@ -100,6 +100,7 @@ class Fp8ForwardOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_NK, power_of_two: bool):
         ctx.save_for_backward(x_MK, w_NK)
+        ctx.power_of_two = power_of_two
         with torch.no_grad():
             return fp8_layers.fp8_linear(x_MK, w_NK, power_of_two)
 
@@ -110,16 +111,9 @@ class Fp8ForwardOnly(torch.autograd.Function):
         return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
 
 
-class Fp8WeightGradientInBf16(torch.autograd.Function):
-    """`x @ w.T` with the forward and the input gradient in FP8 (the recipe's quantizers and GEMM),
-    the weight gradient in the operands' own precision."""
-
-    @staticmethod
-    def forward(ctx, x_MK, w_NK, power_of_two: bool):
-        ctx.save_for_backward(x_MK, w_NK)
-        ctx.power_of_two = power_of_two
-        with torch.no_grad():
-            return fp8_layers.fp8_linear(x_MK, w_NK, power_of_two)
+class Fp8WeightGradientInBf16(Fp8ForwardOnly):
+    """`x @ w.T` with the forward (`Fp8ForwardOnly`'s) and the input gradient in FP8 (the recipe's
+    quantizers and GEMM), the weight gradient in the operands' own precision."""
 
     @staticmethod
     def backward(ctx, grad_MN):
