@@ -119,10 +119,10 @@ class Fp8WeightGradientInBf16(Fp8ForwardOnly):
     def backward(ctx, grad_MN):
         x_MK, w_NK = ctx.saved_tensors
         grad_MN = grad_MN.to(x_MK.dtype)
-        gq_MN, gs_MI = fp8_layers.quantize_tiles(grad_MN, ctx.power_of_two)
-        wq_KN, ws_JI = fp8_layers.quantize_blocks(w_NK.t(), ctx.power_of_two)
-        grad_x_MK = fp8_layers.fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, x_MK.dtype)
-        return fp8_layers.trimmed(grad_x_MK, *x_MK.shape), grad_MN.t() @ x_MK, None
+        # grad @ w as the layer's own forward GEMM on w.T (in 128 x 128 blocks, the same bytes as
+        # the recipe's transposed copy); a copy of its own, so no cached copy of w can answer for it
+        grad_x_MK = fp8_layers.fp8_linear(grad_MN, w_NK.t().contiguous(), ctx.power_of_two)
+        return grad_x_MK, grad_MN.t() @ x_MK, None
 
 
 LINEAR_FUNCTION = {
