@@ -51,6 +51,7 @@ import torch
 from grpo.config import recipe_from_dict
 from grpo.data import eval_prompts
 from grpo.models import fp8 as fp8_layers
+from grpo.models import moe
 from grpo.models.build import converters_for, load_policy, load_tokenizer
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
@@ -133,12 +134,24 @@ LINEAR_FUNCTION = {
 
 
 def linear_function_of(name: str):
-    """Every FP8 linear (and, on CPU, every FP8 expert, which runs through `fp8_linear`; on a GPU the
-    grouped experts keep the recipe's GEMMs) through the variant's function in `LINEAR_FUNCTION` for
-    the duration, if it has one."""
+    """Every FP8 linear and every FP8 expert through the variant's function in `LINEAR_FUNCTION` for
+    the duration, if it has one. The experts run through `fp8_linear` one at a time (on the CPU they
+    always do; on a GPU this replaces the recipe's grouped kernels, so that the ablation means the
+    same on both)."""
     if name not in LINEAR_FUNCTION:
         return contextlib.nullcontext()
-    return mock.patch.object(fp8_layers, "Fp8LinearFunction", LINEAR_FUNCTION[name])
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(fp8_layers, "Fp8LinearFunction", LINEAR_FUNCTION[name]))
+    stack.enter_context(mock.patch.object(moe, "grouped_linear", experts_one_at_a_time))
+    stack.enter_context(mock.patch.object(moe.GroupedExperts, "_deep_gemm", lambda self, x: None))
+    return stack
+
+
+def experts_one_at_a_time(x_NK, w_EOK, offsets_E, fp8: bool, grouped_linear=moe.grouped_linear):
+    """`moe.grouped_linear` with its FP8 experts through `fp8_linear`, one per expert, on any device."""
+    if fp8:
+        return moe.per_expert_fp8(x_NK, w_EOK, offsets_E)
+    return grouped_linear(x_NK, w_EOK, offsets_E, fp8)
 
 
 def packed_problems(tokenizer, rows):
