@@ -229,3 +229,19 @@ if __name__ == "__main__":
         for p2 in (False, True):
             torch.manual_seed(0)
             check_against_portable_quantizers(_exactly_representable(200, 300).to(dtype), p2)
+
+
+def test_a_quantizer_launch_larger_than_cuda_grids_is_refused_with_its_shape():
+    """Activations launch their token tiles along the grid's second axis, which CUDA caps at 65535
+    programs: past 65535 x 128 rows the quantizer says so instead of CUDA's unnamed launch error."""
+    pytest.importorskip("triton")
+    from grpo.models import fp8_triton
+
+    too_many_rows = torch.empty(65535 * 128 + 1, 256, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(
+        ValueError, match=r"fp8_triton: a \(8388481, 256\) tensor needs a \(4, 65536, 1\) grid"
+    ):
+        fp8_triton.quantize_activation(too_many_rows)
+    # a stack of matrices launches along the third axis
+    with pytest.raises(ValueError, match="at most 65535 along its second and third axes"):
+        fp8_triton.quantize_weight_blocks(torch.empty(65536, 128, 128, device="meta"))

@@ -35,6 +35,7 @@ ALIGN = CUBLAS_BLOCKS * T
 # how a copy is scaled: the direct copy by ROWS or BLOCKS, the transposed one by BLOCKS or COLUMNS
 # (of the input tile), or NONE made
 NONE, ROWS, BLOCKS, COLUMNS = 0, 1, 2, 3
+MAX_GRID_YZ = 65535
 
 
 def _up(n: int, multiple: int) -> int:
@@ -213,6 +214,17 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
     rows, cols = x.shape[-2:]
     q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
     t_rows, t_cols = (_up(cols, ALIGN), _up(rows, ALIGN)) if transposed != NONE else (0, 0)
+    tiles_r, tiles_c = max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T
+    matrices = batch[0] if batch else 1
+    # programs launch along axis 0 first: along a row of tiles (neighbours in memory) for activations
+    # and gradients, 1-7% faster than down a column; down a column for weights, 23% faster (H200,
+    # `benchmarks/results/fp8_linear_h200.txt`, sessions 17-18)
+    grid = (tiles_r, tiles_c, matrices) if direct == BLOCKS else (tiles_c, tiles_r, matrices)
+    if max(grid[1:]) > MAX_GRID_YZ:  # CUDA would refuse the launch with an unnamed error
+        raise ValueError(
+            f"fp8_triton: a {tuple(x.shape)} tensor needs a {grid} grid of 128 x 128 tiles; CUDA launches"
+            f" at most {MAX_GRID_YZ} along its second and third axes (split the batch)"
+        )
     device = x.device
 
     def scales(mode, rows, cols):
@@ -231,12 +243,6 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
         )
     else:  # placeholders the kernel never touches (no allocations: the layer is launch-bound)
         t, t_scale = q, q_scale
-    tiles_r, tiles_c = max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T
-    matrices = batch[0] if batch else 1
-    # programs launch along axis 0 first: along a row of tiles (neighbours in memory) for activations
-    # and gradients, 1-7% faster than down a column; down a column for weights, 23% faster (H200,
-    # `benchmarks/results/fp8_linear_h200.txt`, sessions 17-18)
-    grid = (tiles_r, tiles_c, matrices) if direct == BLOCKS else (tiles_c, tiles_r, matrices)
     args = (  # the kernel's, in order: the input, each copy with its scales, the constexprs
         x, x.stride(0) if batch else 0, x.stride(-2), x.stride(-1), rows, cols,
         x if layout is None else layout,  # a placeholder pointer without a layout, never read
