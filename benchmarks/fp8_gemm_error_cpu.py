@@ -12,7 +12,14 @@ BF16 operands (FP64):
   product in FP64: the error is the quantization's);
 - `weight_grad` with `x` quantized two ways: in 128 x 128 blocks of `x.T` (the project's layout)
   and in 128 x 1 tiles (one scale per channel per 128 tokens, DeepSeek-V3's layout, tried on branch
-  `wgrad-x-tiles`: slower on the H100, see `benchmarks/results/fp8_gemm_error_cpu.txt`).
+  `wgrad-x-tiles`: slower on the H100, see `benchmarks/results/fp8_gemm_error_cpu.txt`); with one
+  operand exact (`fp8_g_only`, `fp8_x_only`: whose rounding it is); with the tokens sorted by
+  gradient magnitude (`fp8_tokens_sorted`, `weight_gradient_ways`);
+- `weight_grad_coherence`: ||g.T @ x|| / sqrt(sum over tokens m of ||g_m||^2 ||x_m||^2), how much the
+  tokens' contributions to the weight gradient add up rather than cancel (1 for a random walk,
+  sqrt(M) when all point alike). Rounding each contribution by a fixed relative amount leaves an
+  error of about that amount times sqrt(sum ||g_m||^2 ||x_m||^2), so the weight gradient's relative
+  error goes as 1 / coherence.
 Errors are relative Frobenius norms, ||approx - exact|| / ||exact||, pooled over all layers (a sum of
 squares) and per kind of layer (`q_a_proj`, `o_proj`, ...). The routed experts are not hooked (they
 are not `nn.Linear`); their GEMMs quantize alike. Last line: one JSON object.
@@ -70,13 +77,23 @@ def capture_operands(model, packed) -> list[tuple[str, torch.Tensor, torch.Tenso
     ]
 
 
-def fp8(a_MK, b_NK, b_tiles: bool = False) -> torch.Tensor:
-    """a @ b.T from FP8 operands, `a` in 1 x 128 tiles along K, `b` in 128 x 128 blocks or (b_tiles) in
-    1 x 128 tiles: the product of the dequantized operands in FP64, so that the error is the
-    quantization's alone (with the project's CPU GEMM instead, the figures agreed to 4 digits)."""
-    a = dequantize_tiles(*quantize_tiles(a_MK))
-    b = dequantize_tiles(*quantize_tiles(b_NK)) if b_tiles else dequantize_blocks(*quantize_blocks(b_NK))
-    return (a.double() @ b.double().t())[: a_MK.shape[0], : b_NK.shape[0]]
+def dequantized(x: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """`x` through the project's quantizer for `layout` and back (`tiles`: 1 x 128 along a row;
+    `blocks`: 128 x 128), or as it is (None)."""
+    if layout is None:
+        return x
+    back = (
+        dequantize_tiles(*quantize_tiles(x)) if layout == "tiles" else dequantize_blocks(*quantize_blocks(x))
+    )
+    return back[: x.shape[0], : x.shape[1]]
+
+
+def fp8(a_MK, b_NK, a_layout: str | None = "tiles", b_layout: str | None = "blocks") -> torch.Tensor:
+    """a @ b.T from FP8 operands (by default `a` in 1 x 128 tiles along K, `b` in 128 x 128 blocks; a
+    layout of None leaves that operand exact): the product of the dequantized operands in FP64, so
+    that the error is the quantization's alone (with the project's CPU GEMM instead, the figures
+    agreed to 4 digits)."""
+    return dequantized(a_MK, a_layout).double() @ dequantized(b_NK, b_layout).double().t()
 
 
 def bf16(a_MK, b_NK) -> torch.Tensor:
@@ -95,20 +112,40 @@ def gemm_errors(operands) -> dict[str, float]:
     """Pooled relative error of each GEMM done each way, over all layers' operands: `{gemm}_{way}`."""
     squares: dict[tuple[str, str], float] = {}
     reference: dict[str, float] = {}
+    coherence = [0.0, 0.0]  # ||g.T @ x||^2, and the sum over tokens m of ||g_m||^2 ||x_m||^2
     for _, x, w, g in operands:
         for gemm, pick in GEMMS.items():
             a, b = pick(x, w, g)
             exact = a.double() @ b.double().t()
             reference[gemm] = reference.get(gemm, 0.0) + exact.square().sum().item()
             ways = {"bf16": bf16(a, b)}
-            if gemm == "weight_grad":  # x.T in the project's 128 x 128 blocks, or in DeepSeek-V3's tiles
-                ways |= {"fp8_x_blocks": fp8(a, b), "fp8_x_tiles": fp8(a, b, b_tiles=True)}
+            if gemm == "weight_grad":
+                ways |= weight_gradient_ways(a, b)
+                coherence[0] += exact.square().sum().item()
+                coherence[1] += (a.double().square().sum(0) * b.double().square().sum(0)).sum().item()
             else:
                 ways["fp8"] = fp8(a, b)
             for way, approx in ways.items():
                 error = (approx.double() - exact).square().sum().item()
                 squares[gemm, way] = squares.get((gemm, way), 0.0) + error
-    return {f"{gemm}_{way}": (value / reference[gemm]) ** 0.5 for (gemm, way), value in squares.items()}
+    errors = {f"{gemm}_{way}": (value / reference[gemm]) ** 0.5 for (gemm, way), value in squares.items()}
+    return errors | {"weight_grad_coherence": (coherence[0] / coherence[1]) ** 0.5}
+
+
+def weight_gradient_ways(g_NM, x_KM) -> dict[str, torch.Tensor]:
+    """The weight gradient `g.T @ x` (here `g_NM @ x_KM.T`, reducing over the tokens M) from FP8
+    operands, several ways: `x.T` in the project's 128 x 128 blocks or in DeepSeek-V3's 128 x 1 tiles;
+    one operand quantized and the other exact; and the tokens sorted by the gradient's magnitude
+    first (the product is the same in any token order, but each 128-token tile then holds tokens of
+    like magnitude: whether tiles that mix large and tiny gradients lose the tiny ones)."""
+    order = g_NM.float().abs().amax(dim=0).argsort()
+    return {
+        "fp8_x_blocks": fp8(g_NM, x_KM),
+        "fp8_x_tiles": fp8(g_NM, x_KM, b_layout="tiles"),
+        "fp8_g_only": fp8(g_NM, x_KM, b_layout=None),
+        "fp8_x_only": fp8(g_NM, x_KM, a_layout=None),
+        "fp8_tokens_sorted": fp8(g_NM[:, order], x_KM[:, order]),
+    }
 
 
 def main() -> None:
