@@ -223,14 +223,6 @@ def test_the_blockwise_gemm_takes_operands_as_they_come(deep_gemm_mode):
     assert error(trimmed(fused, 200, 260)) < 1e-2
 
 
-if __name__ == "__main__":
-    # BF16 too: the kernel holds a BF16 tile as BF16 until each copy converts it (these values are exact)
-    for dtype in (torch.float32, torch.bfloat16):
-        for p2 in (False, True):
-            torch.manual_seed(0)
-            check_against_portable_quantizers(_exactly_representable(200, 300).to(dtype), p2)
-
-
 def test_a_quantizer_launch_larger_than_cuda_grids_is_refused_with_its_shape():
     """Activations launch their token tiles along the grid's second axis, which CUDA caps at 65535
     programs: past 65535 x 128 rows the quantizer says so instead of CUDA's unnamed launch error."""
@@ -245,3 +237,11 @@ def test_a_quantizer_launch_larger_than_cuda_grids_is_refused_with_its_shape():
     # a stack of matrices launches along the third axis
     with pytest.raises(ValueError, match="at most 65535 along its second and third axes"):
         fp8_triton.quantize_weight_blocks(torch.empty(65536, 128, 128, device="meta"))
+
+
+if __name__ == "__main__":
+    # BF16 too: the kernel holds a BF16 tile as BF16 until each copy converts it (these values are exact)
+    for dtype in (torch.float32, torch.bfloat16):
+        for p2 in (False, True):
+            torch.manual_seed(0)
+            check_against_portable_quantizers(_exactly_representable(200, 300).to(dtype), p2)
