@@ -220,7 +220,7 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
     # and gradients, 1-7% faster than down a column; down a column for weights, 23% faster (H200,
     # `benchmarks/results/fp8_linear_h200.txt`, sessions 17-18)
     grid = (tiles_r, tiles_c, matrices) if direct == BLOCKS else (tiles_c, tiles_r, matrices)
-    if max(grid[1:]) > MAX_GRID_YZ:  # CUDA would refuse the launch with an unnamed error
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:  # CUDA would refuse it with an unnamed error
         raise ValueError(
             f"fp8_triton: a {tuple(x.shape)} tensor needs a {grid} grid of 128 x 128 tiles; CUDA launches"
             f" at most {MAX_GRID_YZ} along its second and third axes (split the batch)"
