@@ -35,7 +35,7 @@ Target from the FP8 issue: FP8 within 1% of BF16. On a machine with a CUDA GPU, 
 Last line: one JSON object.
 
     python benchmarks/fp8_vs_bf16_sft.py [--steps 300] [--seed 0] [--threads 2] [--lr 3e-3]
-        [--variants fp32,bf16,fp8]
+        [--variants fp32,bf16,fp8] [--tiny hidden_size=512 ...] [--eval-device cuda]
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ from unittest import mock
 
 import torch
 
-from grpo.config import recipe_from_dict
+from grpo.config import RecipeError, recipe_from_dict
 from grpo.data import eval_prompts
 from grpo.models import fp8 as fp8_layers
 from grpo.models import moe
 from grpo.models.build import converters_for, load_policy, load_tokenizer
+from grpo.models.tiny import tiny_deepseek_v3_config
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.policy_trainer import pack, token_logprobs
@@ -165,35 +166,37 @@ def packed_problems(tokenizer, rows):
 
 
 @torch.no_grad()
-def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32") -> float:
+def held_out_loss(checkpoint: str, recipe, gemms: str = "fp32", device: str = "cpu") -> float:
     """Mean completion-token NLL of `checkpoint` on HELD_OUT held-out problems (the same set for every
     run and seed), as `grpo sft` computes its loss. `gemms`: `fp32`, transformers' own model in FP32;
     `bf16` or `fp8`, the project's layers (the recipe's MoE layer) on BF16 weights, GEMMs in BF16 or
-    FP8."""
+    FP8; evaluated on `device`."""
     tokenizer = load_tokenizer(checkpoint)
     if gemms == "fp32":
         model = load_policy(checkpoint, "float32")
     else:
         layers = recipe.model.model_copy(update={"dtype": "bfloat16", "fp8": gemms == "fp8"})
         model = load_policy(checkpoint, "bfloat16", converters_for(layers))
-    model.eval()
+    model.to(device).eval()
     rows = eval_prompts(recipe.data, HELD_OUT, seed=0)
     nll, tokens = 0.0, 0
     for start in range(0, len(rows), 64):
-        packed = packed_problems(tokenizer, rows[start : start + 64])
+        packed = packed_problems(tokenizer, rows[start : start + 64]).to(device)
         logp_BL1, _ = token_logprobs(model, packed)
         nll -= (logp_BL1 * packed.completion_mask_BL1).sum().item()
         tokens += int(packed.completion_mask_BL1.sum().item())
     return nll / tokens
 
 
-def variant_recipe(name: str, output_dir: str, seed: int, steps: int, lr: float, threads: int):
+def variant_recipe(
+    name: str, output_dir: str, seed: int, steps: int, lr: float, threads: int, tiny_overrides: dict
+):
     """The warm-up recipe of variant `name`: the same data, order and initialization for every one."""
     model, train = VARIANTS[name]
     return recipe_from_dict(
         {
             "run": {"name": name, "output_dir": output_dir, "seed": seed},
-            "model": {"path": "tiny:deepseek_v3", **model},
+            "model": {"path": "tiny:deepseek_v3", "tiny_overrides": tiny_overrides, **model},
             "sft": {"steps": steps, "batch_size": 32, "learning_rate": lr, "boxed_fraction": 1.0},
             "train": {"threads": threads, **train},
         }
@@ -219,7 +222,30 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="fp32,bf16,fp8", help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
+    parser.add_argument(
+        "--tiny",
+        action="append",
+        default=[],
+        metavar="FIELD=INT",
+        help="a size of the tiny model other than its default (model.tiny_overrides), e.g. hidden_size=512",
+    )
+    parser.add_argument(
+        "--eval-device",
+        default="cpu",
+        help="where the held-out losses are evaluated (cpu, the default, or cuda: a wider model's "
+        "CPU evaluations would take longer than its training)",
+    )
     args = parser.parse_args()
+    tiny_overrides = {}
+    for item in args.tiny:
+        field, _, value = item.partition("=")
+        if not value.isdigit():
+            parser.error(f"--tiny: {item!r} is not FIELD=INT")
+        tiny_overrides[field] = int(value)
+    try:
+        tiny_deepseek_v3_config(vocab_size=128, **tiny_overrides)
+    except RecipeError as error:
+        parser.error(f"--tiny: {error}")
     names = args.variants.split(",")
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -227,14 +253,18 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
-            recipe = variant_recipe(name, scratch, args.seed, args.steps, args.lr, args.threads)
+            recipe = variant_recipe(
+                name, scratch, args.seed, args.steps, args.lr, args.threads, tiny_overrides
+            )
             with linear_function_of(name):
                 summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
                 checkpoint = summary["checkpoint"]
-                bf16, fp8 = (held_out_loss(checkpoint, recipe, gemms) for gemms in ("bf16", "fp8"))
+                bf16, fp8 = (
+                    held_out_loss(checkpoint, recipe, gemms, args.eval_device) for gemms in ("bf16", "fp8")
+                )
             results[name] = {
                 "loss": summary["final_loss"],
-                "held_out_loss": held_out_loss(checkpoint, recipe),
+                "held_out_loss": held_out_loss(checkpoint, recipe, "fp32", args.eval_device),
                 "fp8_forward_effect": (fp8 - bf16) / bf16,
                 "seconds": summary["wall_time_s"],
             }
@@ -246,6 +276,9 @@ def main() -> None:
                 "seed": args.seed,
                 "threads": args.threads,
                 "lr": args.lr,
+                # only where they differ from the defaults, so that earlier lines read the same
+                **({"tiny_overrides": tiny_overrides} if tiny_overrides else {}),
+                **({"eval_device": args.eval_device} if args.eval_device != "cpu" else {}),
                 **{f"loss_{k}": round(v["loss"], 5) for k, v in results.items()},
                 **{f"held_out_loss_{k}": round(v["held_out_loss"], 5) for k, v in results.items()},
                 **{f"fp8_forward_effect_{k}": round(v["fp8_forward_effect"], 5) for k, v in results.items()},
