@@ -13,6 +13,10 @@ Runs `grpo sft` on the arithmetic task with identical data order and initialisat
 - `fp8_wgrad_bf16_bf16_masters`: FP8 in the forward and input-gradient GEMMs, the weight gradient in
   BF16 on the unquantized operands (an ablation: its FP8 error grows as training goes deep,
   `results/fp8_gemm_error_cpu.txt`);
+- `fp8_forward_weight_only_bf16_masters` and `fp8_forward_activation_only_bf16_masters`: as
+  `fp8_forward_bf16_masters`, with only one operand of the forward GEMM through its FP8 quantizer
+  and back, the other exact (an ablation: whether the forward's gap comes from the weights' rounding,
+  which training cannot move below E4M3's step, or from the activations');
 - `fp8_no_attention_bf16_masters`: FP8 GEMMs except in the attention projections, which stay BF16
   (`model.fp8_exclude: [self_attn]`; an ablation: how much of the pair's gap the attention's FP8 makes);
 - `fp8_no_qkv_a_bf16_masters`: FP8 GEMMs except in the two projections that read the attention's
@@ -66,6 +70,8 @@ VARIANTS = {  # (model options, train options)
     "fp8_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
     "fp8_forward_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
     "fp8_wgrad_bf16_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
+    "fp8_forward_weight_only_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
+    "fp8_forward_activation_only_bf16_masters": ({"dtype": "bfloat16", "fp8": True}, {"bf16_moments": True}),
     "fp8_no_attention_bf16_masters": (
         {"dtype": "bfloat16", "fp8": True, "fp8_exclude": ["self_attn"]},
         {"bf16_moments": True},
@@ -87,6 +93,8 @@ PAIRS = [
     ("fp8_bf16_masters", "bf16_masters"),
     ("fp8_forward_bf16_masters", "bf16_masters"),
     ("fp8_wgrad_bf16_bf16_masters", "bf16_masters"),
+    ("fp8_forward_weight_only_bf16_masters", "bf16_masters"),
+    ("fp8_forward_activation_only_bf16_masters", "bf16_masters"),
     ("fp8_no_attention_bf16_masters", "bf16_masters"),
     ("fp8_no_qkv_a_bf16_masters", "bf16_masters"),
     ("fp8_no_q_b_kv_b_o_bf16_masters", "bf16_masters"),
@@ -96,21 +104,43 @@ PAIRS = [
 HELD_OUT = 512
 
 
-class Fp8ForwardOnly(torch.autograd.Function):
-    """`x @ w.T` with the forward in FP8 and both backward GEMMs in the operands' own precision."""
+def forward_only(forward_gemm):
+    """An autograd function for `x @ w.T` whose forward is `forward_gemm(x, w, power_of_two)` and
+    whose two backward GEMMs run in the operands' own precision on the unquantized operands."""
 
-    @staticmethod
-    def forward(ctx, x_MK, w_NK, power_of_two: bool):
-        ctx.save_for_backward(x_MK, w_NK)
-        ctx.power_of_two = power_of_two
-        with torch.no_grad():
-            return fp8_layers.fp8_linear(x_MK, w_NK, power_of_two)
+    class ForwardOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x_MK, w_NK, power_of_two: bool):
+            ctx.save_for_backward(x_MK, w_NK)
+            ctx.power_of_two = power_of_two
+            with torch.no_grad():
+                return forward_gemm(x_MK, w_NK, power_of_two)
 
-    @staticmethod
-    def backward(ctx, grad_MN):
-        x_MK, w_NK = ctx.saved_tensors
-        grad_MN = grad_MN.to(x_MK.dtype)
-        return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
+        @staticmethod
+        def backward(ctx, grad_MN):
+            x_MK, w_NK = ctx.saved_tensors
+            grad_MN = grad_MN.to(x_MK.dtype)
+            return grad_MN @ w_NK, grad_MN.t() @ x_MK, None
+
+    return ForwardOnly
+
+
+def fp8_weight_only(x_MK, w_NK, power_of_two: bool):
+    """The forward GEMM with the weight through the recipe's quantizer (128 x 128 blocks) and back,
+    `x` exact: FP32 products and sums, the output in `x`'s dtype."""
+    w_back_NK = fp8_layers.dequantize_blocks(*fp8_layers.quantize_blocks(w_NK, power_of_two))
+    return (x_MK.float() @ fp8_layers.trimmed(w_back_NK, *w_NK.shape).t()).to(x_MK.dtype)
+
+
+def fp8_activation_only(x_MK, w_NK, power_of_two: bool):
+    """The forward GEMM with `x` through the recipe's quantizer (1 x 128 tiles) and back, the weight
+    exact: FP32 products and sums, the output in `x`'s dtype."""
+    x_back_MK = fp8_layers.dequantize_tiles(*fp8_layers.quantize_tiles(x_MK, power_of_two))
+    return (fp8_layers.trimmed(x_back_MK, *x_MK.shape) @ w_NK.float().t()).to(x_MK.dtype)
+
+
+Fp8ForwardOnly = forward_only(fp8_layers.fp8_linear)
+"""`x @ w.T` with the forward in FP8 and both backward GEMMs in the operands' own precision."""
 
 
 class Fp8WeightGradientInBf16(Fp8ForwardOnly):
@@ -129,6 +159,8 @@ class Fp8WeightGradientInBf16(Fp8ForwardOnly):
 
 LINEAR_FUNCTION = {
     "fp8_forward_bf16_masters": Fp8ForwardOnly,
+    "fp8_forward_weight_only_bf16_masters": forward_only(fp8_weight_only),
+    "fp8_forward_activation_only_bf16_masters": forward_only(fp8_activation_only),
     "fp8_wgrad_bf16_bf16_masters": Fp8WeightGradientInBf16,
 }
 """The variants whose FP8 layers run another autograd function than the recipe's."""
