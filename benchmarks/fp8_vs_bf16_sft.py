@@ -264,8 +264,9 @@ def main() -> None:
     parser.add_argument(
         "--eval-device",
         default="cpu",
-        help="where the held-out losses are evaluated (cpu, the default, or cuda: a wider model's "
-        "CPU evaluations would take longer than its training)",
+        choices=["cpu", "cuda"],
+        help="where the held-out losses are evaluated (a wider model's CPU evaluations would take "
+        "longer than its training on a GPU)",
     )
     args = parser.parse_args()
     tiny_overrides = {}

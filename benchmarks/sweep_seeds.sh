@@ -13,7 +13,7 @@
 # output in LOG.errors and no line in LOG.
 set -euo pipefail
 if [ $# -ne 6 ]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,11p' "$0" >&2
     exit 2
 fi
 log=$1 steps=$2 lr=$3 variants=$4 first=$5 last=$6
