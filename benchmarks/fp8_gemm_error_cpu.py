@@ -34,19 +34,12 @@ import json
 import tempfile
 
 import torch
-from fp8_vs_bf16_sft import packed_problems
+from fp8_vs_bf16_sft import dequantized, packed_problems
 
 from grpo.config import recipe_from_dict
 from grpo.data import eval_prompts
 from grpo.models.build import converters_for, load_policy, load_tokenizer
-from grpo.models.fp8 import (
-    Fp8Linear,
-    dequantize_blocks,
-    dequantize_tiles,
-    high_precision,
-    quantize_blocks,
-    quantize_tiles,
-)
+from grpo.models.fp8 import Fp8Linear, high_precision
 from grpo.sft import sft
 from grpo.trainer.policy_trainer import token_logprobs
 
@@ -75,17 +68,6 @@ def capture_operands(model, packed) -> list[tuple[str, torch.Tensor, torch.Tenso
     return [
         (name, inputs[name], layers[name].weight.detach(), grads[name]) for name in layers if name in grads
     ]
-
-
-def dequantized(x: torch.Tensor, layout: str | None) -> torch.Tensor:
-    """`x` through the project's quantizer for `layout` and back (`tiles`: 1 x 128 along a row;
-    `blocks`: 128 x 128), or as it is (None)."""
-    if layout is None:
-        return x
-    back = (
-        dequantize_tiles(*quantize_tiles(x)) if layout == "tiles" else dequantize_blocks(*quantize_blocks(x))
-    )
-    return back[: x.shape[0], : x.shape[1]]
 
 
 def fp8(a_MK, b_NK, a_layout: str | None = "tiles", b_layout: str | None = "blocks") -> torch.Tensor:

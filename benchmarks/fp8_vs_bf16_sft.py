@@ -125,18 +125,28 @@ def forward_only(forward_gemm):
     return ForwardOnly
 
 
-def fp8_weight_only(x_MK, w_NK, power_of_two: bool):
-    """The forward GEMM with the weight through the recipe's quantizer (128 x 128 blocks) and back,
-    `x` exact: FP32 products and sums, the output in `x`'s dtype."""
-    w_back_NK = fp8_layers.dequantize_blocks(*fp8_layers.quantize_blocks(w_NK, power_of_two))
-    return (x_MK.float() @ fp8_layers.trimmed(w_back_NK, *w_NK.shape).t()).to(x_MK.dtype)
+def dequantized(x: torch.Tensor, layout: str | None, power_of_two: bool = False) -> torch.Tensor:
+    """`x` through the project's quantizer for `layout` and back (`tiles`: 1 x 128 along a row;
+    `blocks`: 128 x 128), or as it is (None)."""
+    if layout is None:
+        return x
+    if layout == "tiles":
+        back = fp8_layers.dequantize_tiles(*fp8_layers.quantize_tiles(x, power_of_two))
+    else:
+        back = fp8_layers.dequantize_blocks(*fp8_layers.quantize_blocks(x, power_of_two))
+    return back[: x.shape[0], : x.shape[1]]
 
 
-def fp8_activation_only(x_MK, w_NK, power_of_two: bool):
-    """The forward GEMM with `x` through the recipe's quantizer (1 x 128 tiles) and back, the weight
-    exact: FP32 products and sums, the output in `x`'s dtype."""
-    x_back_MK = fp8_layers.dequantize_tiles(*fp8_layers.quantize_tiles(x_MK, power_of_two))
-    return (fp8_layers.trimmed(x_back_MK, *x_MK.shape) @ w_NK.float().t()).to(x_MK.dtype)
+def fp8_rounded_operands(x_layout: str | None, w_layout: str | None):
+    """A forward GEMM `x @ w.T` on the operands through their quantizers and back (a layout of None
+    leaves that operand exact): FP32 products and sums, the output in `x`'s dtype."""
+
+    def gemm(x_MK, w_NK, power_of_two: bool):
+        x_rounded_MK = dequantized(x_MK, x_layout, power_of_two).float()
+        w_rounded_NK = dequantized(w_NK, w_layout, power_of_two).float()
+        return (x_rounded_MK @ w_rounded_NK.t()).to(x_MK.dtype)
+
+    return gemm
 
 
 Fp8ForwardOnly = forward_only(fp8_layers.fp8_linear)
@@ -159,8 +169,8 @@ class Fp8WeightGradientInBf16(Fp8ForwardOnly):
 
 LINEAR_FUNCTION = {
     "fp8_forward_bf16_masters": Fp8ForwardOnly,
-    "fp8_forward_weight_only_bf16_masters": forward_only(fp8_weight_only),
-    "fp8_forward_activation_only_bf16_masters": forward_only(fp8_activation_only),
+    "fp8_forward_weight_only_bf16_masters": forward_only(fp8_rounded_operands(None, "blocks")),
+    "fp8_forward_activation_only_bf16_masters": forward_only(fp8_rounded_operands("tiles", None)),
     "fp8_wgrad_bf16_bf16_masters": Fp8WeightGradientInBf16,
 }
 """The variants whose FP8 layers run another autograd function than the recipe's."""
