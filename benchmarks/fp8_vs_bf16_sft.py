@@ -57,7 +57,6 @@ from grpo.data import eval_prompts
 from grpo.models import fp8 as fp8_layers
 from grpo.models import moe
 from grpo.models.build import converters_for, load_policy, load_tokenizer
-from grpo.models.tiny import tiny_deepseek_v3_config
 from grpo.sft import sft
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.policy_trainer import pack, token_logprobs
@@ -285,20 +284,22 @@ def main() -> None:
         if not value.isdigit():
             parser.error(f"--tiny: {item!r} is not FIELD=INT")
         tiny_overrides[field] = int(value)
-    try:
-        tiny_deepseek_v3_config(vocab_size=128, **tiny_overrides)
-    except RecipeError as error:
-        parser.error(f"--tiny: {error}")
     names = args.variants.split(",")
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name in names:
-            recipe = variant_recipe(
-                name, scratch, args.seed, args.steps, args.lr, args.threads, tiny_overrides
-            )
+        try:  # every recipe up front: a bad --tiny or --steps stops here, not after a variant's training
+            recipes = {
+                name: variant_recipe(
+                    name, scratch, args.seed, args.steps, args.lr, args.threads, tiny_overrides
+                )
+                for name in names
+            }
+        except RecipeError as error:
+            parser.error(str(error))
+        for name, recipe in recipes.items():
             with linear_function_of(name):
                 summary = sft(recipe, log=lambda line, name=name: print(f"[{name}] {line}", flush=True))
                 checkpoint = summary["checkpoint"]

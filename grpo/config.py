@@ -57,6 +57,10 @@ class ModelConfig(Section):
     def _overrides_need_the_tiny_model(self) -> ModelConfig:
         if self.tiny_overrides and self.path != "tiny:deepseek_v3":
             raise ValueError("tiny_overrides: only applies to path tiny:deepseek_v3")
+        if self.tiny_overrides:  # at load, not when the model is built minutes into a run
+            from grpo.models.tiny import check_tiny_overrides
+
+            check_tiny_overrides(self.tiny_overrides)
         return self
 
     @model_validator(mode="after")

@@ -103,13 +103,24 @@ def test_tiny_overrides_only_apply_to_the_tiny_model():
         recipe_from_dict({"model": {"path": "some/folder", "tiny_overrides": {"hidden_size": 256}}})
 
 
-def test_a_misspelt_tiny_override_is_named():
-    from grpo.models.tiny import tiny_deepseek_v3_config
-
+def test_a_misspelt_tiny_override_is_named_at_load():
     with pytest.raises(
-        RecipeError, match=r"^model\.tiny_overrides\.hiden_size: not a DeepseekV3Config field$"
+        RecipeError, match=r"^recipe: model: tiny_overrides\.hiden_size: not a DeepseekV3Config field$"
     ):
-        tiny_deepseek_v3_config(vocab_size=10, hiden_size=256)
+        recipe_from_dict({"model": {"path": "tiny:deepseek_v3", "tiny_overrides": {"hiden_size": 256}}})
+
+
+def test_a_tiny_override_of_the_wrong_kind_is_named_at_load():
+    with pytest.raises(
+        RecipeError, match=r"^recipe: model: tiny_overrides\.hidden_size: expected int, got '512'$"
+    ):
+        recipe_from_dict({"model": {"path": "tiny:deepseek_v3", "tiny_overrides": {"hidden_size": "512"}}})
+
+
+def test_tiny_overrides_of_the_right_kinds_load():
+    overrides = {"hidden_size": 256, "routed_scaling_factor": 2, "scoring_func": "softmax"}
+    recipe = recipe_from_dict({"model": {"path": "tiny:deepseek_v3", "tiny_overrides": overrides}})
+    assert recipe.model.tiny_overrides == overrides
 
 
 def test_fp8_exclusions_need_fp8():
