@@ -6,10 +6,11 @@
 # The machine still needs the CUDA toolkit's nvcc to compile the kernels (the lent GPU image has it).
 #
 #   benchmarks/deep_gemm_from_vllm_wheel.sh DEST [PYTHON_TAG]     e.g. .dg cp312 (the default)
-#   then, on the GPU machine: export PYTHONPATH=$PWD/DEST:$PYTHONPATH  (carry DEST to it)
+#   then, on the GPU machine: export PYTHONPATH=$PWD/DEST:$PYTHONPATH  (carry DEST to it), or
+#   DEEP_GEMM_DIR=DEST benchmarks/h100_loop.sh install fp8_profile
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n 2,9p "$0" >&2
+    sed -n 2,10p "$0" >&2
     exit 2
 fi
 dest=$1 tag=${2:-cp312}

@@ -6,13 +6,15 @@
 #   stages: install | sft | smoke | grpo_fp8 | grpo_bf16 | moe_bench | fp8_bench
 #           | sft_1b | smoke_1b | grpo_1b | breakdown_1b (the ~1.1 B variant: 96 routed experts, FP8 rollouts too)
 #           | gpu_tests | grouped_bench | export_vllm | ep (ep: a machine of 2+ GPUs)
+#           | fp8_profile (the FP8 layer step kernel by kernel, twice, and fp8_linear_gpu.py: the speed target)
 #           | sft_short | grpo_ep (grpo_ep: a machine of 4 GPUs, after sft or sft_short)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
-# Ray need the wheels of ../shared/gpu/README.md in /tmp/site.
+# Ray need the wheels of ../shared/gpu/README.md in /tmp/site. Without them, DEEP_GEMM_DIR names a folder made
+# by deep_gemm_from_vllm_wheel.sh (carried along), so that the FP8 layers find DeepGEMM all the same.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONPATH=/tmp/grpo_site:/tmp/site VLLM_LOGGING_LEVEL=WARNING
+export PYTHONPATH=/tmp/grpo_site:/tmp/site${DEEP_GEMM_DIR:+:$(realpath "$DEEP_GEMM_DIR")} VLLM_LOGGING_LEVEL=WARNING
 # the installed entry point: `python3 -m` would import the source tree (cwd) instead of the install
 grpo() { python3 /tmp/grpo_site/bin/grpo "$@"; }
 # the ~1.1 B variant: the H100 recipe with 96 routed experts (active parameters unchanged); its GRPO
@@ -81,6 +83,10 @@ for what in "$@"; do
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
     stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py \
       tests/test_weight_sync.py tests/test_moe.py tests/test_fp8_activation_cache.py ;;
+  fp8_profile)
+    stage fp8_profile_1 python3 benchmarks/probe_fp8_linear_profile_gpu.py
+    stage fp8_profile_2 python3 benchmarks/probe_fp8_linear_profile_gpu.py
+    stage fp8_linear python3 benchmarks/fp8_linear_gpu.py ;;
   grouped_bench)
     stage grouped_bench python3 benchmarks/fp8_grouped_gpu.py ;;
   export_vllm)
