@@ -133,7 +133,7 @@ def dequantized(x: torch.Tensor, layout: str | None, power_of_two: bool = False)
         back = fp8_layers.dequantize_tiles(*fp8_layers.quantize_tiles(x, power_of_two))
     else:
         back = fp8_layers.dequantize_blocks(*fp8_layers.quantize_blocks(x, power_of_two))
-    return back[: x.shape[0], : x.shape[1]]
+    return fp8_layers.trimmed(back, *x.shape)
 
 
 def fp8_rounded_operands(x_layout: str | None, w_layout: str | None):
