@@ -4,22 +4,24 @@ The step of `fp8_linear_gpu.py` (forward + backward of a hidden layer, the weigh
 accumulating, a new activation every step) at its two smaller DeepSeek-V3 shapes, profiled over
 `STEPS` steps with `torch.profiler` (CUDA activity only): each kernel's device time per step and
 how many launches per step, largest first; and the last step's quantizer launches one by one, in
-launch order (the FP8 forward quantizes w, w.T and x, the backward the output gradient). Fresh
-weight copies every step (no `reuse_quantized_weights`), as in `fp8_graph_ms`. Last line: one JSON
-object.
+launch order (the FP8 forward quantizes w, w.T and x, the backward the output gradient). `fp8`
+makes fresh weight copies every step (no `reuse_quantized_weights`), as in `fp8_graph_ms`;
+`fp8_reused` runs inside `reuse_quantized_weights`, as a trainer's micro-batches after an optimizer
+step's first do (the weight is unchanged, so its copies are made once). Last line: one JSON object.
 
     python3 benchmarks/probe_fp8_linear_profile_gpu.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
 from cuda_timing import profiled
 from torch import nn
 
-from grpo.models import fp8_activation_cache
+from grpo.models import fp8_activation_cache, fp8_weight_cache
 from grpo.models.fp8 import Fp8Linear
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]
@@ -58,9 +60,15 @@ def main() -> None:
         x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
         shape = f"{tokens}x{fan_in}->{fan_out}"
-        for name, layer_type in (("bf16", nn.Linear), ("fp8", Fp8Linear)):
+        for name, layer_type in (("bf16", nn.Linear), ("fp8", Fp8Linear), ("fp8_reused", Fp8Linear)):
             layer = layer_type(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
-            kernels, quantizers = kernels_per_step(layer, x, grad)
+            reuse = (
+                fp8_weight_cache.reuse_quantized_weights()
+                if name == "fp8_reused"
+                else contextlib.nullcontext()
+            )
+            with reuse:
+                kernels, quantizers = kernels_per_step(layer, x, grad)
             total = round(sum(row["us"] for row in kernels), 1)
             results.append(
                 {
