@@ -40,7 +40,7 @@ CALLS, ROUNDS = 200, 7
 
 
 def through_jit_dispatch(
-    grid, args, kernel=fp8_triton._quantize_kernel, constexprs=5, num_warps=4, max_registers=None
+    grid, args, kernel=fp8_triton._quantize_kernel, constexprs=4, num_warps=4, max_registers=None
 ):
     """The kernels' launch before `fp8_triton._launch` kept compiled ones."""
     fp8_triton.launch_through_jit(grid, args, kernel, num_warps, max_registers)

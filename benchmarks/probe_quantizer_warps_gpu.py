@@ -8,13 +8,8 @@ both ways), the weight in blocks. Every setting is timed twice, in reversed orde
 drift of the card shows as a difference between the two): the kernel's device time under
 `torch.profiler`, mean of CALLS calls (host time excluded), and its outputs compared with the
 default setting's (`same`: every byte and scale equal; `default` marks that setting). `GB/s` counts
-bytes read and written; a device-to-device copy of the activation (`clone`, same profiler) is the
-bandwidth reference. Last line: one JSON object.
-
-Then, at the default settings, the cache hints (`fp8_triton.cache_hints`: 1 the input read
-evict-first, 2 also the transposed copy stored streaming), compared with none; and the weight's two
-copies (`w` and `w.T` in blocks) made in one pass of the quantizer, against its quantizer and
-`transpose_blocks` (the layer's way), compared with them.
+bytes read and written; a device-to-device copy (`clone`, same profiler) of each input is the
+bandwidth reference (`clone_GB/s`). Last line: one JSON object.
 
     cd benchmarks && python3 probe_quantizer_warps_gpu.py
 """
@@ -28,10 +23,9 @@ import torch
 from cuda_timing import kernel_us_per_call
 
 from grpo.models import fp8_triton
-from grpo.models.fp8_triton import ALIGN, BLOCKS, COLUMNS, NONE, ROWS
+from grpo.models.fp8_triton import BLOCKS, COLUMNS, NONE, ROWS
 
 SETTINGS = [(4, None), (4, fp8_triton.THREE_PROGRAMS_OF_4_WARPS), (4, 128), (8, None), (8, 80), (16, None)]
-HINTS = (1, 2)
 CALLS = 20
 
 
@@ -60,46 +54,21 @@ def main() -> None:
     }  # fmt: skip
     defaults = {name: fp8_triton.launch_settings(*copies) for name, (_, _, copies) in cases.items()}
     reference = {name: call() for name, (call, _, _) in cases.items()}
+    clone_gbs = {
+        t.shape: round(t.numel() * 4 / kernel_us_per_call(t.clone, CALLS) / 1e3) for t in (x, g_small, w)
+    }
     copy_us = kernel_us_per_call(x.clone, CALLS)
     rows = []
-
-    def measure(name, call, moved, setting, hints):
-        fp8_triton._compiled.clear()  # to read this setting's kernels below
-        us = kernel_us_per_call(call, CALLS)
-        same = outputs_equal(call(), reference[name])
-        regs, spills = zip(*((k.n_regs, k.n_spills) for k in fp8_triton._compiled.values()))
-        default = setting == defaults[name]
-        rows.append({"copy": name, "warps": setting[0], "cap": setting[1], "hints": hints, "default": default, "us": round(us, 1), "GB/s": round(moved / us / 1e3), "same": same, "regs": max(regs), "spills": max(spills)})  # fmt: skip
-        print(rows[-1], flush=True)
-
     for warps, cap in SETTINGS + SETTINGS[::-1]:
         with mock.patch.object(fp8_triton, "launch_settings", lambda *copies, setting=(warps, cap): setting):
             for name, (call, moved, _) in cases.items():
-                measure(name, call, moved, (warps, cap), 0)
-    for hints in (0, *HINTS, *HINTS[::-1], 0):
-        with mock.patch.object(fp8_triton, "cache_hints", hints):
-            for name, (call, moved, _) in cases.items():
-                measure(name, call, moved, defaults[name], hints)
-
-    def weight_then_transpose():
-        q, q_scale = fp8_triton.quantize_weight_blocks(w)
-        return (q, q_scale, *fp8_triton.transpose_blocks(q, q_scale))
-
-    def weight_in_one_pass():
-        return fp8_triton._quantize(w, BLOCKS, BLOCKS, ALIGN, False)
-
-    two_copies = weight_then_transpose()
-    one_pass = {}
-    for _ in range(2):
-        for name, call, moved in (
-            ("weight then transpose 2048x7168", weight_then_transpose, w.numel() * 5),
-            ("weight in one pass 2048x7168", weight_in_one_pass, w.numel() * 4),
-        ):
-            us = kernel_us_per_call(call, CALLS)
-            one_pass.setdefault(name, []).append(round(us, 1))
-            print(name, round(us, 1), "us", round(moved / us / 1e3), "GB/s", flush=True)
-    one_pass["same"] = outputs_equal(weight_in_one_pass(), two_copies)
-    print("weight in one pass equals weight then transpose:", one_pass["same"], flush=True)
+                fp8_triton._compiled.clear()  # to read this setting's kernels below
+                us = kernel_us_per_call(call, CALLS)
+                same = outputs_equal(call(), reference[name])
+                regs, spills = zip(*((k.n_regs, k.n_spills) for k in fp8_triton._compiled.values()))
+                default = (warps, cap) == defaults[name]
+                rows.append({"copy": name, "warps": warps, "cap": cap, "default": default, "us": round(us, 1), "GB/s": round(moved / us / 1e3), "same": same, "regs": max(regs), "spills": max(spills)})  # fmt: skip
+                print(rows[-1], flush=True)
     print(
         json.dumps(
             {
@@ -107,8 +76,8 @@ def main() -> None:
                 "device": torch.cuda.get_device_name(),
                 "activation_clone_us": round(copy_us, 1),
                 "activation_clone_GB/s": round(x.numel() * 4 / copy_us / 1e3),
+                "clone_GB/s": {"x".join(map(str, shape)): gbs for shape, gbs in clone_gbs.items()},
                 "rows": rows,
-                "weight_two_copies": one_pass,
             }
         )
     )

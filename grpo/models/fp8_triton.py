@@ -36,11 +36,6 @@ ALIGN = CUBLAS_BLOCKS * T
 # (of the input tile), or NONE made
 NONE, ROWS, BLOCKS, COLUMNS = 0, 1, 2, 3
 MAX_GRID_YZ = 65535
-cache_hints = 0
-"""The quantizer's cache hints (`_quantize_kernel`'s CACHE_HINTS), read per call so that
-`probe_quantizer_warps_gpu.py` can compare them in one process: 0 none, 1 the input read as
-evict-first (it is read once), 2 also the transposed copy stored as streaming (the backward reads it,
-long after)."""
 
 
 def _up(n: int, multiple: int) -> int:
@@ -91,13 +86,11 @@ def _quantize_kernel(
     TRANSPOSED: tl.constexpr,
     POWER_OF_TWO: tl.constexpr,
     SKIP_PADDING: tl.constexpr,
-    CACHE_HINTS: tl.constexpr,
 ):
     """One 128 x 128 tile of `x` -> its direct copy `q` (scaled per row of the tile or per block)
     and its transposed copy `t` (scaled per block or per column of the tile). Axis 2 of the grid
     runs over a batch of matrices (`stride_xb` apart in `x`, each copy and its scales one after
-    another). With SKIP_PADDING, the rows whose `layout` entry is negative (padding) read as zeros.
-    CACHE_HINTS (see `cache_hints`): 1 reads `x` as evict-first, 2 also stores `t` as streaming."""
+    another). With SKIP_PADDING, the rows whose `layout` entry is negative (padding) read as zeros."""
     if DIRECT == 2:  # the grid's fastest axis: see `_quantize`
         pid_r, pid_c = tl.program_id(0), tl.program_id(1)
     else:
@@ -113,11 +106,7 @@ def _quantize_kernel(
     inside = (r[:, None] < rows) & (c[None, :] < cols)
     if SKIP_PADDING:
         inside &= tl.load(layout_ptr + r, mask=r < rows, other=-1)[:, None] >= 0
-    x_at = x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc
-    if CACHE_HINTS:
-        x = tl.load(x_at, mask=inside, other=0.0, eviction_policy="evict_first")
-    else:
-        x = tl.load(x_at, mask=inside, other=0.0)
+    x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=inside, other=0.0)
     if DIRECT == 2:  # a weight (see above); `.to(tl.float32)` below is then a no-op
         x = x.to(tl.float32)
     magnitude = tl.abs(x)  # maxima are exact in any float dtype
@@ -155,10 +144,7 @@ def _quantize_kernel(
             tl.store(ts_ptr + pid_r * ts_stride + c, column_scale, mask=scale_ok)
             t = tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv)
         t_inside = (c[:, None] < t_rows) & (r[None, :] < t_cols)
-        if CACHE_HINTS == 2:
-            tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside, cache_modifier=".cs")
-        else:
-            tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
+        tl.store(t_ptr + c[:, None] * t_cols + r[None, :], t, mask=t_inside)
 
 
 # A launch through Triton's JIT dispatch costs about 30 us of CPU (it binds and classifies every
@@ -187,7 +173,7 @@ def launch_through_jit(
 
 
 def _launch(
-    grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 5, num_warps: int = 4, max_registers=None
+    grid, args: tuple, kernel=_quantize_kernel, constexprs: int = 4, num_warps: int = 4, max_registers=None
 ) -> None:
     """`kernel` on `args`, whose last `constexprs` are its constexprs, through `_compiled`."""
     x, given = args[0], args[len(args) - constexprs :]
@@ -262,7 +248,7 @@ def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: b
         x if layout is None else layout,  # a placeholder pointer without a layout, never read
         q, q_rows, q_cols, q_scale, q_scale.stride(-2),
         t, t_rows, t_cols, t_scale, max(t_scale.stride(-2), 1),
-        direct, transposed, power_of_two, layout is not None, cache_hints,
+        direct, transposed, power_of_two, layout is not None,
     )  # fmt: skip
     warps, max_registers = launch_settings(direct, transposed)
     _launch(grid, args, num_warps=warps, max_registers=max_registers)
