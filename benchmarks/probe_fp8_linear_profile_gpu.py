@@ -4,10 +4,17 @@ The step of `fp8_linear_gpu.py` (forward + backward of a hidden layer, the weigh
 accumulating, a new activation every step) at its two smaller DeepSeek-V3 shapes, profiled over
 `STEPS` steps with `torch.profiler` (CUDA activity only): each kernel's device time per step and
 how many launches per step, largest first; and the last step's quantizer launches one by one, in
-launch order (the FP8 forward quantizes w, w.T and x, the backward the output gradient). `fp8`
-makes fresh weight copies every step (no `reuse_quantized_weights`), as in `fp8_graph_ms`;
-`fp8_reused` runs inside `reuse_quantized_weights`, as a trainer's micro-batches after an optimizer
-step's first do (the weight is unchanged, so its copies are made once). Last line: one JSON object.
+launch order (the FP8 forward quantizes w, w.T and x, the backward the output gradient). The layers:
+- `bf16` and `fp8`: the weight gradient added into the existing `.grad`, and for FP8 fresh weight
+  copies every step (no `reuse_quantized_weights`), as in `fp8_graph_ms`: the figure of record
+  since session 14, and a worst case that the trainer never runs (where it adds into `.grad` it
+  has the weight's copies already);
+- `fp8_reused`: the same inside `reuse_quantized_weights`, as the trainer's micro-batches after an
+  optimizer step's first (the weight is unchanged, so its copies are made once);
+- `bf16_first` and `fp8_first`: `.grad` set to None before each step, fresh weight copies: the
+  trainer's first micro-batch after `zero_grad(set_to_none=True)`, whose weight gradient is stored,
+  not added.
+Last line: one JSON object.
 
     python3 benchmarks/probe_fp8_linear_profile_gpu.py
 """
@@ -28,9 +35,22 @@ SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]
 STEPS = 10
 
 
-def kernels_per_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[list[dict], list[float]]:
+LAYERS = {  # name: (layer, weight copies reused, weight gradient added into the existing .grad)
+    "bf16": (nn.Linear, False, True),
+    "fp8": (Fp8Linear, False, True),
+    "fp8_reused": (Fp8Linear, True, True),
+    "bf16_first": (nn.Linear, False, False),
+    "fp8_first": (Fp8Linear, False, False),
+}
+
+
+def kernels_per_step(
+    layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, accumulate: bool
+) -> tuple[list[dict], list[float]]:
     def step():
         x.grad = None
+        if not accumulate:
+            layer.weight.grad = None
         fp8_activation_cache.forget()  # x stands for a new activation each step
         layer(x).backward(grad)
 
@@ -60,15 +80,10 @@ def main() -> None:
         x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
         shape = f"{tokens}x{fan_in}->{fan_out}"
-        for name, layer_type in (("bf16", nn.Linear), ("fp8", Fp8Linear), ("fp8_reused", Fp8Linear)):
+        for name, (layer_type, reused, accumulate) in LAYERS.items():
             layer = layer_type(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
-            reuse = (
-                fp8_weight_cache.reuse_quantized_weights()
-                if name == "fp8_reused"
-                else contextlib.nullcontext()
-            )
-            with reuse:
-                kernels, quantizers = kernels_per_step(layer, x, grad)
+            with fp8_weight_cache.reuse_quantized_weights() if reused else contextlib.nullcontext():
+                kernels, quantizers = kernels_per_step(layer, x, grad, accumulate)
             total = round(sum(row["us"] for row in kernels), 1)
             results.append(
                 {
