@@ -57,7 +57,7 @@ def measure(found, tokens: int, fan_in: int, fan_out: int) -> dict:
         out = fp8_deep_gemm.gemm(gq_NM, gs_NL, xq_blocks_KM, xs_blocks, torch.bfloat16)
         grad_bf16.add_(trimmed(out, fan_out, fan_in))
 
-    def fused():  # the recipe named: DeepGEMM 2.x does not infer it from 1 x 128 scales on both sides
+    def fused():  # the recipe named: vLLM 0.26's DeepGEMM does not infer it from per-row scales on both sides
         fp8_deep_gemm.use_settings(found, grad_fp32.shape)
         found.fp8_gemm_nt((gq_NM, gs_NL), (xq_tiles_KM, xs_tiles), grad_fp32, c=grad_fp32, recipe=(1, 1, 128))
 
