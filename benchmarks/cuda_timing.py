@@ -1,6 +1,6 @@
 """The GPU benchmarks' timers: median of CUDA-event timings after warm-up runs (`median_ms`), the
 CPU time of calls queued without synchronization (`cpu_us_per_call`), the profiler's record of
-calls (`profiled`) and the device time of their kernels (`kernel_us_per_call`).
+calls (`profiled`) and the device time of their kernels (`kernel_us_by_name`, `kernel_us_per_call`).
 
 A fixed number of runs (not `triton.testing.do_bench`'s time-based count) so that ranks running
 collectives together call the same number of times. Imported by the scripts beside it, which run as
@@ -56,9 +56,14 @@ def profiled(fn, calls: int, warmup: int = 1):
     return prof
 
 
-def kernel_us_per_call(fn, calls: int) -> float:
-    """Microseconds of device time per call of the kernels `fn` launches (memsets left out), under
-    `torch.profiler`, mean of `calls` calls after one outside it; host time is not counted."""
+def kernel_us_by_name(fn, calls: int) -> list[tuple[str, float]]:
+    """Each kernel `fn` launches (memsets included) with its microseconds of device time per call,
+    under `torch.profiler`, mean of `calls` calls after one outside it; host time is not counted."""
     prof = profiled(fn, calls)
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memset" not in e.key]
-    return sum(e.device_time_total for e in kernels) / calls
+    return [(e.key, e.device_time_total / calls) for e in prof.key_averages() if e.device_time_total > 0]
+
+
+def kernel_us_per_call(fn, calls: int) -> float:
+    """Microseconds of device time per call of the kernels `fn` launches, memsets left out (as
+    `kernel_us_by_name`)."""
+    return sum(us for name, us in kernel_us_by_name(fn, calls) if "Memset" not in name)

@@ -24,19 +24,13 @@ from __future__ import annotations
 import json
 
 import torch
-from cuda_timing import kernel_us_per_call, profiled
+from cuda_timing import kernel_us_by_name, kernel_us_per_call
 
 from grpo.models import fp8_deep_gemm, fp8_triton
 from grpo.models.fp8 import trimmed
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]  # tokens, fan in (K), fan out (N)
 CALLS = 20
-
-
-def kernels(fn) -> list[tuple[str, float]]:
-    prof = profiled(fn, CALLS)
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return [(e.key[:90], round(e.device_time_total / CALLS, 1)) for e in events]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -82,7 +76,7 @@ def measure(found, tokens: int, fan_in: int, fan_out: int) -> dict:
     except (RuntimeError, TypeError) as error:
         print(f"torch.addmm(out_dtype=float32) did not run: {error}", flush=True)
     for name, fn in timed + timed:
-        listed = kernels(fn)
+        listed = [(name[:90], round(us, 1)) for name, us in kernel_us_by_name(fn, CALLS)]
         row.setdefault(f"{name}_us", []).append(round(sum(us for _, us in listed), 1))
         row[f"{name}_kernels"] = listed
     for name, quantize in (
