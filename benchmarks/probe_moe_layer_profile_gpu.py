@@ -1,7 +1,9 @@
 """Where the routed experts' GPU time goes: one forward + backward of `GroupedExperts` under the
 PyTorch profiler, at the two shapes of `moe_layer_gpu.py`, in BF16 and in FP8 (inside
 `reuse_quantized_weights`, as every micro-batch after an optimizer step's first), the FP8 layer also
-inside `accumulate_into_grad` ("fused": its weight-gradient kernel adds into `.grad`). Prints the kernels
+inside `accumulate_into_grad` ("fused": its weight-gradient kernel adds into `.grad`); each FP8 row
+with the weight-gradient kernel of `fp8_grouped_tma` and that of `fp8_grouped` (where DeepGEMM
+loads: the padded rows' kernel; elsewhere both rows run `fp8_grouped`'s). Prints the kernels
 with the most GPU time, milliseconds per step (mean of 3 profiled steps after 3 warm-up steps; the
 weight gradients accumulate from step to step, as over micro-batches). Names longer than 70
 characters are cut and tagged with a per-run number, so that different kernels sharing a prefix stay
@@ -15,15 +17,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from unittest import mock
 
 import torch
 from moe_layer_gpu import SHAPES, routed_batch
 
+from grpo.models import fp8_grouped, fp8_grouped_deep_gemm
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.fused_grad_accumulation import accumulate_into_grad
 from grpo.models.moe import GroupedExperts
 
 STEPS = 3
+# the FP8 experts' weight-gradient kernel on DeepGEMM's padded rows, each variant run twice in
+# alternating order: `fp8_grouped_tma`'s (the layer's) and `fp8_grouped`'s (before session 23)
+WEIGHT_GRADIENT_KERNELS = {
+    "bulk_copy": contextlib.nullcontext,
+    "fp8_grouped": lambda: mock.patch.object(
+        fp8_grouped_deep_gemm, "padded_expert_weight_gradient", fp8_grouped.expert_weight_gradient
+    ),
+}
 
 
 def layer_step(layer, x, indices, weights, grad) -> None:
@@ -55,14 +67,22 @@ def main() -> None:
         torch.nn.init.normal_(layer.gate_up_proj, std=0.02)
         torch.nn.init.normal_(layer.down_proj, std=0.02)
         x, indices, weights, grad = routed_batch(tokens, hidden, experts, top_k)
-        for fp8, fused in ((False, False), (True, False), (True, True)):
+        variants = [(False, False, "")] + [
+            (True, fused, kernel) for fused in (False, True) for kernel in (*WEIGHT_GRADIENT_KERNELS,) * 2
+        ]
+        for fp8, fused, kernel in variants:
             layer.fp8 = fp8
-            with reuse_quantized_weights(), accumulate_into_grad() if fused else contextlib.nullcontext():
+            with (
+                reuse_quantized_weights(),
+                accumulate_into_grad() if fused else contextlib.nullcontext(),
+                WEIGHT_GRADIENT_KERNELS.get(kernel, contextlib.nullcontext)(),
+            ):
                 table = kernel_ms(functools.partial(layer_step, layer, x, indices, weights, grad))
             row = {
                 "shape": f"{tokens} tokens, {hidden}->{inter}, {experts} experts top-{top_k}",
                 "fp8": fp8,
                 "fused_grad_accumulation": fused,
+                "weight_gradient_kernel": kernel,
                 "total_ms": round(sum(table.values()), 3),
                 "kernels_ms": {name: round(ms, 3) for name, ms in list(table.items())[:14]},
             }

@@ -124,6 +124,29 @@ def check_grouped_gemms() -> None:
         assert added is into and torch.equal(into, expected)
 
 
+def check_the_bulk_copy_weight_gradient() -> None:
+    """`fp8_grouped_tma`'s kernel (whole 128-row tiles: the padded layout), dW stored: the same sums
+    in the same order as `fp8_grouped`'s kernel, so the same values bit for bit. Experts of two and
+    one tiles around an empty one; four blocks of dW each, walked by three programs (the persistent
+    loop wraps). Its other mode, adding into `.grad` by a bulk reduction, has no interpreter
+    counterpart: `test_the_bulk_copy_weight_gradient_on_the_gpu`."""
+    from grpo.models.fp8_grouped import expert_weight_gradient
+    from grpo.models.fp8_grouped_tma import launch
+
+    generator = torch.Generator().manual_seed(4)
+    offsets, padded_rows, n, k = [256, 256, 384], 512, 256, 256
+    g_t_q = _fp8(n, padded_rows, generator)
+    g_t_scale = _scales(padded_rows // T, 512, generator=generator).t()  # column-major, as quantized
+    x_t_q, x_t_scale = _fp8(k, padded_rows, generator), _scales(k // T, padded_rows // T, generator=generator)
+    operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, _ends(offsets))
+    out = torch.full((len(offsets), n, k), float("nan"))
+    launch(*operands, out, add=False, programs=3)
+    assert torch.equal(out, expert_weight_gradient(*operands, n, k, torch.float32))
+    g_t, x_t = _tiles(g_t_q, g_t_scale[:n]), _blocks(x_t_q, x_t_scale)
+    torch.testing.assert_close(out[2], g_t[:, 256:384] @ x_t[:, 256:384].t(), rtol=1e-4, atol=1e-3)
+    assert not out[1].any()  # the empty expert
+
+
 def check_against_the_per_expert_layer() -> None:
     """The autograd function (fused quantizers + grouped GEMMs) against one `Fp8LinearFunction` per
     expert. Values in {-224, 0, 224}: every tile's scale is then 0.5 whichever rows it spans, so both
@@ -226,6 +249,7 @@ def test_grouped_fp8_gemms_in_the_triton_interpreter():
 
 if __name__ == "__main__":
     check_grouped_gemms()
+    check_the_bulk_copy_weight_gradient()
     check_against_the_per_expert_layer()
     check_the_weight_gradient_added_into_grad()
     check_the_padded_layout_kernel()
@@ -343,3 +367,31 @@ def test_deep_gemm_experts_match_the_per_expert_fp8_layers_on_the_gpu(monkeypatc
 @gpu
 def test_the_padded_layout_kernel_on_the_gpu():
     check_the_padded_layout_kernel("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_bulk_copy_weight_gradient_on_the_gpu():
+    """`fp8_grouped_tma` against `fp8_grouped`'s kernel on quantized random operands, 3 experts of
+    256 and 384 rows and an empty one (the padded layout), 384 x 640 weights: dW stored bit for bit
+    the same; added into a BF16 `.grad`, within one rounding of autograd's sum (the bulk reduction
+    rounds dW to BF16 first, as autograd does; `fp8_grouped`'s kernel rounds the sum once)."""
+    from grpo.models import fp8_triton
+    from grpo.models.fp8_grouped import expert_weight_gradient
+    from grpo.models.fp8_grouped_tma import _runs_here, padded_expert_weight_gradient
+
+    torch.manual_seed(0)
+    ends = torch.tensor([256, 256, 640], device="cuda", dtype=torch.int32)
+    n, k = 384, 640
+    _, _, g_t_q, g_t_scale = fp8_triton.quantize_output_grad(torch.randn(640, n, device="cuda"))
+    _, _, x_t_q, x_t_scale = fp8_triton.quantize_activation(torch.randn(640, k, device="cuda"))
+    operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, ends, n, k, torch.bfloat16)
+    grad = torch.randn(3, n, k, device="cuda", dtype=torch.bfloat16)
+    if not _runs_here(grad):
+        pytest.skip("no bulk copies here: they need compute capability 9.0 (Hopper) or later")
+    stored, want = padded_expert_weight_gradient(*operands), expert_weight_gradient(*operands)
+    assert torch.equal(stored, want)
+    added = padded_expert_weight_gradient(*operands, into=grad.clone())
+    by_autograd = grad + want
+    unit = (grad.float().abs() + want.float().abs()).clamp(min=1e-30) * 2.0**-8  # BF16: 8 significant bits
+    assert ((added.float() - by_autograd.float()).abs() / unit).max().item() <= 1.0

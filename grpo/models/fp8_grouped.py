@@ -320,15 +320,15 @@ def expert_weight_gradient(
     return out
 
 
-def weight_gradient_for_autograd(ctx, *operands) -> torch.Tensor | None:
+def weight_gradient_for_autograd(ctx, *operands, kernel=None) -> torch.Tensor | None:
     """What an expert autograd function's backward returns for the weight (`ctx.weight`, input 1):
-    None where no gradient is wanted, or where `expert_weight_gradient` added it into the weight's
-    `.grad` (`fused_grad_accumulation`); otherwise the gradient. `operands`: those of
-    `expert_weight_gradient`, `g.T` to `dtype`."""
+    None where no gradient is wanted, or where `kernel` (`expert_weight_gradient` unless given: one
+    with its signature) added it into the weight's `.grad` (`fused_grad_accumulation`); otherwise
+    the gradient. `operands`: those of `expert_weight_gradient`, `g.T` to `dtype`."""
     if not ctx.needs_input_grad[1]:
         return None
     into = fused_grad_accumulation.grad_to_add_into(ctx.weight)
-    grad_w = expert_weight_gradient(*operands, into=into)
+    grad_w = (kernel or expert_weight_gradient)(*operands, into=into)
     return None if into is not None else grad_w
 
 

@@ -1,6 +1,6 @@
 """The routed experts' forward and input-gradient GEMMs through DeepGEMM's m-grouped FP8 GEMM, on
-Hopper where DeepGEMM loads (`fp8_deep_gemm`); the weight gradient stays the Triton kernel of
-`fp8_grouped`.
+Hopper where DeepGEMM loads (`fp8_deep_gemm`); the weight gradient is a Triton kernel
+(`fp8_grouped_tma`, which the padded layout's whole row tiles let move its tiles in bulk).
 
 DeepGEMM's grouped GEMM wants each expert's rows to start at a multiple of 128 (`ALIGNMENT`), with
 `layout[row]` naming the row's expert (-1 for padding): a `PaddedLayout`. Its size is the bound
@@ -34,6 +34,7 @@ import triton.language as tl
 from grpo.models import fp8_deep_gemm, fp8_triton
 from grpo.models.fp8 import backward_can_follow, transposed_weight_blocks, trimmed, weight_blocks
 from grpo.models.fp8_grouped import weight_gradient_for_autograd
+from grpo.models.fp8_grouped_tma import padded_expert_weight_gradient
 
 ALIGNMENT = 128
 SMALLEST_SIDE = 512
@@ -195,7 +196,7 @@ def grouped_fp8_packed(library, x_MK, w_ENK, ends_E: torch.Tensor, power_of_two:
 
 class PaddedFp8Function(torch.autograd.Function):
     """`fp8_grouped.GroupedFp8Function` on padded rows, its forward and input gradient through
-    DeepGEMM; the weight gradient is the Triton kernel over each expert's padded rows."""
+    DeepGEMM; the weight gradient is `fp8_grouped_tma`'s kernel over each expert's padded rows."""
 
     @staticmethod
     def forward(ctx, x_PK, w_ENK, layout_P, padded_ends_E, power_of_two: bool, library):
@@ -215,5 +216,7 @@ class PaddedFp8Function(torch.autograd.Function):
         library, n, k, dtype, power_of_two = ctx.meta
         gq, gs, gq_t, gs_t = fp8_triton.quantize_output_grad(grad_PN.to(dtype), power_of_two, layout_P)
         grad_x = trimmed(grouped_gemm(library, gq, gs, (wq_t, ws_t), layout_P, dtype), layout_P.shape[0], k)
-        grad_w = weight_gradient_for_autograd(ctx, gq_t, gs_t, xq_t, xs_t, padded_ends_E, n, k, dtype)
+        grad_w = weight_gradient_for_autograd(
+            ctx, gq_t, gs_t, xq_t, xs_t, padded_ends_E, n, k, dtype, kernel=padded_expert_weight_gradient
+        )
         return grad_x, grad_w, None, None, None, None
