@@ -332,23 +332,29 @@ def test_the_fp8_moe_layer_computes_the_same_through_deep_gemm(monkeypatch):
 @pytest.mark.parametrize("deep_gemm", ["off", "on"])
 def test_the_fp8_experts_add_their_weight_gradients_into_grad_as_autograd_would(deep_gemm, monkeypatch):
     """Two backward passes of the FP8 layer inside `accumulate_into_grad` against the same two outside
-    it: in the second, the experts' weight-gradient kernel adds into `.grad` (one BF16 rounding of
-    the FP32 sum, where autograd rounds the new gradient and then the sum), so every gradient agrees
-    to BF16 rounding. Triton kernels throughout, and DeepGEMM's padded path."""
-    from grpo.models import fp8_grouped
+    it: in the second, the experts' weight-gradient kernel adds into `.grad`, so every gradient
+    agrees to BF16 rounding (`fp8_grouped`'s kernel rounds the FP32 sum once; `fp8_grouped_tma`'s,
+    on DeepGEMM's padded rows, rounds the new gradient and then the sum, as autograd does). Triton
+    kernels throughout, and DeepGEMM's padded path."""
+    from grpo.models import fp8_grouped, fp8_grouped_deep_gemm
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
 
     layer = _small_moe_layer_on_the_gpu(True, deep_gemm, monkeypatch)
     x = torch.randn(2, 100, 256, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     added_in_kernel = []
-    kernel = fp8_grouped.expert_weight_gradient
+    module, name = (
+        (fp8_grouped_deep_gemm, "padded_expert_weight_gradient")
+        if deep_gemm == "on"
+        else (fp8_grouped, "expert_weight_gradient")
+    )
+    kernel = getattr(module, name)
 
     def spy(*operands, into=None):
         added_in_kernel.append(into is not None)
         return kernel(*operands, into=into)
 
-    monkeypatch.setattr(fp8_grouped, "expert_weight_gradient", spy)
+    monkeypatch.setattr(module, name, spy)
 
     def two_backward_passes():
         layer.zero_grad(set_to_none=True)

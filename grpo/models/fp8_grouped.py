@@ -3,7 +3,8 @@
 `grpo.models.moe.grouped_linear` runs the FP8 experts through `grouped_fp8` on CUDA (the
 per-expert loop of `fp8_linear` stays for other devices and for shapes these kernels do not
 take). On Hopper, where DeepGEMM loads, the forward and input gradient of large experts run through
-it instead (`fp8_grouped_deep_gemm`); the weight gradient is this module's kernel either way.
+it instead (`fp8_grouped_deep_gemm`), and the weight gradient over its padded rows runs through
+`fp8_grouped_tma` (bulk tensor copies, which need every row tile within one expert).
 Checked in Triton's CPU interpreter (`tests/test_fp8_grouped.py`) and on the GPU
 (`benchmarks/fp8_grouped_gpu.py`, `benchmarks/moe_layer_gpu.py`; figures and the versions tried in
 `benchmarks/results/fp8_grouped_h100.txt`).
