@@ -162,10 +162,37 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_NH):
         (inverse_N,) = ctx.saved_tensors
-        grad_NH = grad_NH.index_select(0, inverse_N)
-        if grad_NH.shape[0] != ctx.rows:  # K > 1: sum each row's copies
-            grad_NH = grad_NH.view(ctx.rows, -1, grad_NH.shape[1]).sum(1)
-        return grad_NH, None, None
+        if inverse_N.numel() == ctx.rows:
+            return grad_NH.index_select(0, inverse_N), None, None
+        return gather_sum(grad_NH, inverse_N.view(ctx.rows, -1)), None, None  # K > 1: each row's copies
+
+
+class _SumOfGatheredRows(torch.autograd.Function):
+    """`gather_sum(y, index_TK)` where `index` names every row of `y` at most once and `order` gives,
+    for each row of `y`, its place in the flattened `index` (any place, for a row `index` leaves
+    out): the gradient of row r is then the gradient of output row `order[r] // K`, one gather."""
+
+    @staticmethod
+    def forward(ctx, y_NH, index_TK, order_N):
+        ctx.save_for_backward(order_N)
+        ctx.top_k = index_TK.shape[1]
+        return gather_sum(y_NH, index_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        (order_N,) = ctx.saved_tensors
+        return grad_TH.index_select(0, order_N // ctx.top_k), None, None
+
+
+def gather_sum(src_RH: torch.Tensor, index_TK: torch.Tensor) -> torch.Tensor:
+    """`src[index].sum(1)`: row t the sum of the K rows of `src` that `index[t]` names. On CUDA one
+    Triton kernel (`gather_sum_triton`: FP32 sums rounded once, no `[T * K, H]` copy in between;
+    at DeepSeek-V3's expert shape that copy is 0.5 GB a use); elsewhere `index_select` and `sum`."""
+    if src_RH.is_cuda and src_RH.stride(1) == 1 and index_TK.is_contiguous():
+        from grpo.models.gather_sum_triton import gather_sum_rows
+
+        return gather_sum_rows(src_RH, index_TK)
+    return src_RH.index_select(0, index_TK.flatten()).view(*index_TK.shape, src_RH.shape[1]).sum(1)
 
 
 def permute_rows(x_NH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
@@ -183,7 +210,7 @@ def dispatch(x_TH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor,
 def combine(y_NH: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """Sum each token's K expert outputs (rows in the pairs' sorted order, already weighted; or in
     a padded layout, as `dispatch` takes it, whose padding rows get the gradient of some pair)."""
-    return permute_rows(y_NH, inverse_N, order_N).unflatten(0, (-1, top_k)).sum(1)
+    return _SumOfGatheredRows.apply(y_NH, inverse_N.view(-1, top_k), order_N)
 
 
 def count_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
