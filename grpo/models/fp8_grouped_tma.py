@@ -3,9 +3,9 @@ of `fp8_grouped_deep_gemm`), on Hopper: `fp8_grouped`'s sum, in a persistent ker
 through the tensor memory accelerator (TMA).
 
 At DeepSeek-V3's expert shape (512 rows an expert) the weight gradient is nearly half of the FP8
-experts' step, and `fp8_grouped._weight_gradient_kernel` runs it at about a third of the card's FP8
-rate: each 128 x 128 block of dW[e] reduces over only four row tiles, so a program spends most of
-its life loading its first tiles and storing its block. Here one program per SM walks the blocks;
+experts' step, and `fp8_grouped._weight_gradient_kernel` runs it at about a third of the rate
+DeepGEMM reaches in the experts' other two GEMMs: each 128 x 128 block of dW[e] reduces over only
+four row tiles, so a program spends most of its life loading its first tiles and storing its block. Here one program per SM walks the blocks;
 Triton pipelines the walk as one loop, so the next block's tiles load (one bulk copy each) while
 this block's products run and its result leaves by a bulk store, or, into an existing `.grad`, by a
 bulk reduction: the copy engine adds the block, rounded to the gradient's dtype, into `.grad` (two

@@ -3,10 +3,11 @@
 `moe.GroupedExperts` scales each row of the down projection's input by its routing weight. As
 PyTorch ops that is a chain of elementwise kernels (silu, two products, their backwards, a
 concatenation of the gate and up gradients and a row sum for the weight's gradient), each a pass
-over rows x intermediate values: at DeepSeek-V3's expert shape on the H100 about 2.5 ms of a 19-23 ms
-layer step (`benchmarks/probe_moe_layer_profile_gpu.py`). Here the forward reads the gate and up
-halves and the weights once and writes the product; the backward reads the incoming gradient with
-them once and writes the gate-and-up gradient as one tensor, and each row's weight gradient.
+over rows x intermediate values. Here the forward reads the gate and up halves and the weights once
+and writes the product; the backward reads the incoming gradient with them once and writes the
+gate-and-up gradient as one tensor, and each row's weight gradient. On the H100 that took 0.9 ms
+(BF16) and 1.4 ms (FP8) off the layer step at DeepSeek-V3's expert shape, and a fifth off it at the
+H100 recipe's (`benchmarks/results/moe_layer_h100.txt`, session 23).
 
 The kernels (`swiglu_triton`) compute in FP32 and round once, where the PyTorch chain rounds each
 product to the activations' dtype; elsewhere (CPU) the PyTorch ops run as before.
