@@ -5,12 +5,9 @@ Run in Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1) on FP8 op
 that are not multiples of the tiles.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import run_in_triton_interpreter
 
 from grpo.models.fp8 import E4M3, T
 
@@ -241,10 +238,7 @@ def check_the_padded_layout_kernel(device: str = "cpu") -> None:
 
 
 def test_grouped_fp8_gemms_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_triton_interpreter(__file__)
 
 
 if __name__ == "__main__":

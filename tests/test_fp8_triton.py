@@ -6,12 +6,9 @@ own FP8 rounding differs from the GPU's on inexact values. On a GPU the same che
 inputs, and the layer's three GEMMs are compared with products of the dequantized operands.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import run_in_triton_interpreter
 
 from grpo.models import fp8_deep_gemm
 from grpo.models.fp8 import (
@@ -94,10 +91,7 @@ def check_against_portable_quantizers(x: torch.Tensor, p2: bool = False) -> None
 
 
 def test_fused_quantizers_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_triton_interpreter(__file__)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,12 +6,9 @@ rows each out of 17, 1100 columns (a second, partial column block), the rows rea
 tensor's view.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import run_in_triton_interpreter
 
 
 def _inputs(device: str, dtype: torch.dtype):
@@ -36,10 +33,7 @@ def check_the_kernel() -> None:
 
 
 def test_the_gather_sum_kernel_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_triton_interpreter(__file__)
 
 
 @pytest.mark.gpu

@@ -5,13 +5,10 @@ The kernels run in Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=
 the gate and up halves read from a wider tensor's view, as a padded GEMM output can be.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_in_triton_interpreter
 
 ROWS, INTER = 37, 300
 
@@ -52,10 +49,7 @@ def check_the_kernels() -> None:
 
 
 def test_the_swiglu_kernels_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_triton_interpreter(__file__)
 
 
 @pytest.mark.gpu

@@ -276,6 +276,15 @@ def expert_gemm(
     return out
 
 
+def weight_gradient_output(shape_ENK: tuple[int, int, int], dtype, device, into: torch.Tensor | None):
+    """Where a weight-gradient kernel writes dW: `into` (which it adds into; a contiguous tensor of
+    that shape), or a new tensor."""
+    if into is None:
+        return torch.empty(shape_ENK, dtype=dtype, device=device)
+    assert into.shape == shape_ENK and into.is_contiguous(), "into: a contiguous [E, N, K]"
+    return into
+
+
 def expert_weight_gradient(
     g_t_q,
     g_t_scale,
@@ -293,11 +302,7 @@ def expert_weight_gradient(
     rows `ends_E[e-1]:ends_E[e]` as in `expert_gemm`. With `into` (contiguous `[E, N, K]`, any float
     dtype) dW is added into it in FP32, and `into` returned."""
     experts = ends_E.numel()
-    if into is None:
-        out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
-    else:
-        assert into.shape == (experts, n_out, k_out) and into.is_contiguous(), "into: a contiguous [E, N, K]"
-        out = into
+    out = weight_gradient_output((experts, n_out, k_out), dtype, g_t_q.device, into)
     grid = (experts * triton.cdiv(n_out, config.block_n) * triton.cdiv(k_out, config.block_k),)
     _weight_gradient_kernel[grid](
         g_t_q,

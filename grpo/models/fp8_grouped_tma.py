@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models.fp8_grouped import expert_weight_gradient
+from grpo.models.fp8_grouped import expert_weight_gradient, weight_gradient_output
 
 BLOCK = 128
 """dW's blocks are BLOCK x BLOCK: the fastest of 64 x 128, 128 x 128 and 128 x 256 (the probe)."""
@@ -118,12 +118,7 @@ def padded_expert_weight_gradient(
     """`fp8_grouped.expert_weight_gradient` for rows in the padded layout (expert e owns rows
     `padded_ends_E[e-1]:padded_ends_E[e]`, both multiples of 128), through this module's kernel
     where it runs, else that one's. With `into`, dW is added into it and `into` returned."""
-    experts = padded_ends_E.numel()
-    if into is None:
-        out = torch.empty(experts, n_out, k_out, dtype=dtype, device=g_t_q.device)
-    else:
-        assert into.shape == (experts, n_out, k_out) and into.is_contiguous(), "into: a contiguous [E, N, K]"
-        out = into
+    out = weight_gradient_output((padded_ends_E.numel(), n_out, k_out), dtype, g_t_q.device, into)
     if not _runs_here(out):
         operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, padded_ends_E, n_out, k_out, dtype)
         return expert_weight_gradient(*operands, into=into)
