@@ -18,7 +18,9 @@ parameters, and checkpoints keep loading in transformers and vLLM.
   tokens dispatched into its padded layout, `fp8_grouped_deep_gemm`), elsewhere through one FP8
   linear function per expert.
 - Tokens go to their experts and come back through gathers (`dispatch`, `combine`) whose
-  backward is a gather too: no atomic scatter, the same result every run.
+  backward is a gather too: no atomic scatter, the same result every run. Where K rows sum into one
+  (`combine`'s forward, `dispatch`'s backward), `gather_sum` reads them straight from where they
+  lie: on CUDA one Triton kernel.
 
 Shape legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size.
 """
