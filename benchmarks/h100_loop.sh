@@ -82,7 +82,8 @@ for what in "$@"; do
       --engine-kwarg quantization=none ;;
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
     stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py \
-      tests/test_weight_sync.py tests/test_moe.py tests/test_fp8_activation_cache.py tests/test_swiglu.py tests/test_gather_sum.py ;;
+      tests/test_weight_sync.py tests/test_moe.py tests/test_fp8_activation_cache.py tests/test_swiglu.py tests/test_gather_sum.py \
+      tests/test_deep_gemm_mirror.py ;;
   fp8_profile)
     stage fp8_profile_1 python3 benchmarks/probe_fp8_linear_profile_gpu.py
     stage fp8_profile_2 python3 benchmarks/probe_fp8_linear_profile_gpu.py

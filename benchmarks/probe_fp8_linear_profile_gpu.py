@@ -13,7 +13,10 @@ launch order (the FP8 forward quantizes w, w.T and x, the backward the output gr
   optimizer step's first (the weight is unchanged, so its copies are made once);
 - `bf16_first` and `fp8_first`: `.grad` set to None before each step, fresh weight copies: the
   trainer's first micro-batch after `zero_grad(set_to_none=True)`, whose weight gradient is stored,
-  not added.
+  not added;
+- `fp8_into` and `fp8_reused_into`: `fp8` and `fp8_reused` inside the trainer's
+  `fused_grad_accumulation.accumulate_into_grad()`, where the weight-gradient GEMM adds into `.grad`
+  itself (`fp8_deep_gemm.gemm_add_into`) instead of autograd's add after it.
 Last line: one JSON object.
 
     python3 benchmarks/probe_fp8_linear_profile_gpu.py
@@ -28,19 +31,21 @@ import torch
 from cuda_timing import profiled
 from torch import nn
 
-from grpo.models import fp8_activation_cache, fp8_weight_cache
+from grpo.models import fp8_activation_cache, fp8_weight_cache, fused_grad_accumulation
 from grpo.models.fp8 import Fp8Linear
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]
 STEPS = 10
 
 
-LAYERS = {  # name: (layer, weight copies reused, weight gradient added into the existing .grad)
-    "bf16": (nn.Linear, False, True),
-    "fp8": (Fp8Linear, False, True),
-    "fp8_reused": (Fp8Linear, True, True),
-    "bf16_first": (nn.Linear, False, False),
-    "fp8_first": (Fp8Linear, False, False),
+LAYERS = {  # name: (layer, weight copies reused, weight gradient added into the existing .grad, in the GEMM)
+    "bf16": (nn.Linear, False, True, False),
+    "fp8": (Fp8Linear, False, True, False),
+    "fp8_into": (Fp8Linear, False, True, True),
+    "fp8_reused": (Fp8Linear, True, True, False),
+    "fp8_reused_into": (Fp8Linear, True, True, True),
+    "bf16_first": (nn.Linear, False, False, False),
+    "fp8_first": (Fp8Linear, False, False, False),
 }
 
 
@@ -80,9 +85,13 @@ def main() -> None:
         x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
         shape = f"{tokens}x{fan_in}->{fan_out}"
-        for name, (layer_type, reused, accumulate) in LAYERS.items():
+        for name, (layer_type, reused, accumulate, in_gemm) in LAYERS.items():
             layer = layer_type(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
-            with fp8_weight_cache.reuse_quantized_weights() if reused else contextlib.nullcontext():
+            with contextlib.ExitStack() as scopes:
+                if reused:
+                    scopes.enter_context(fp8_weight_cache.reuse_quantized_weights())
+                if in_gemm:
+                    scopes.enter_context(fused_grad_accumulation.accumulate_into_grad())
                 kernels, quantizers = kernels_per_step(layer, x, grad, accumulate)
             total = round(sum(row["us"] for row in kernels), 1)
             results.append(

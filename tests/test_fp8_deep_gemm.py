@@ -17,10 +17,11 @@ def test_vllms_copy_loads_as_deep_gemm_without_importing_vllm(tmp_path, monkeypa
     (package / "__init__.py").write_text("from .kernels import fp8_gemm_nt\n")
     (package / "kernels.py").write_text("def fp8_gemm_nt(a, b, d):\n    return 'called'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("vllm", "deep_gemm", "deep_gemm.kernels"):  # vllm: another test may have imported it
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)  # another test may have imported it
+    monkeypatch.delitem(sys.modules, "deep_gemm.kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)  # gone again after the test
 
-    module = fp8_deep_gemm._vllm_copy()
+    module = fp8_deep_gemm._package(fp8_deep_gemm._vllm_copy_folder())
 
     assert module is sys.modules["deep_gemm"]
     assert module.fp8_gemm_nt(None, None, None) == "called"
@@ -33,11 +34,11 @@ def test_a_copy_that_fails_to_load_leaves_no_module_behind(tmp_path, monkeypatch
     (tmp_path / "vllm" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("raise ImportError('no CUDA toolkit')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("vllm", "deep_gemm"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.delitem(sys.modules, "deep_gemm", raising=False)
 
     with pytest.raises(ImportError, match="no CUDA toolkit"):
-        fp8_deep_gemm._vllm_copy()
+        fp8_deep_gemm._package(fp8_deep_gemm._vllm_copy_folder())
     assert "deep_gemm" not in sys.modules
 
 

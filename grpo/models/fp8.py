@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 from torch import nn
 
-from grpo.models import fp8_activation_cache, fp8_deep_gemm, fp8_weight_cache
+from grpo.models import fp8_activation_cache, fp8_deep_gemm, fp8_weight_cache, fused_grad_accumulation
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -257,7 +257,7 @@ class Fp8LinearFunction(torch.autograd.Function):
     def forward(ctx, x_MK, w_NK, power_of_two: bool):
         m, k = x_MK.shape
         n = w_NK.shape[0]
-        ctx.shape, ctx.power_of_two = (m, k, n), power_of_two
+        ctx.shape, ctx.power_of_two, ctx.weight = (m, k, n), power_of_two, w_NK
         wq_NK, ws_IJ = blocks = weight_blocks(w_NK, power_of_two)
         wq_KN, ws_JI = transposed_weight_blocks(w_NK, power_of_two, blocks)
         if x_MK.is_cuda:
@@ -289,8 +289,24 @@ class Fp8LinearFunction(torch.autograd.Function):
             gq_NM, gs_NL = quantize_tiles(grad_MN.t().to(dtype), p2)
             xq_KM, xs_PL = quantize_blocks(x_MK.t(), p2)
         grad_x_MK = trimmed(fp8_gemm(gq_MN, gs_MI, wq_KN, ws_JI, dtype), m, k)
-        grad_w_NK = trimmed(fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype), n, k)
-        return grad_x_MK, grad_w_NK, None
+        return grad_x_MK, _weight_gradient(ctx, gq_NM, gs_NL, xq_KM, xs_PL, dtype), None
+
+
+def _weight_gradient(ctx, gq_NM, gs_NL, xq_KM, xs_PL, dtype) -> torch.Tensor | None:
+    """What `Fp8LinearFunction.backward` returns for the weight: dW, or None where none is wanted or
+    where the GEMM itself added dW into the weight's `.grad` (`fused_grad_accumulation`,
+    `fp8_deep_gemm.gemm_add_into`)."""
+    if not ctx.needs_input_grad[1]:
+        return None
+    into = fused_grad_accumulation.grad_to_add_into(ctx.weight) if gq_NM.is_cuda else None
+    if (
+        into is not None
+        and _laid_out_for_cublas(gq_NM, gs_NL, xq_KM, xs_PL)
+        and fp8_deep_gemm.gemm_add_into(gq_NM, gs_NL, xq_KM, xs_PL, into)
+    ):
+        return None
+    _, k, n = ctx.shape
+    return trimmed(fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype), n, k)
 
 
 class Fp8Linear(nn.Linear):

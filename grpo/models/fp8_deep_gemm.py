@@ -8,6 +8,8 @@ weight gradient 1.05-1.28x (`benchmarks/results/deep_gemm_probe_h100.txt`).
 Where it comes from: vLLM ships a copy (`vllm/third_party/deep_gemm`), loaded here by its path,
 without importing vLLM (whose import rewrites environment variables and patches torch's compiler), and
 registered as `deep_gemm`, the name vLLM itself tries first; a standalone `deep_gemm` install wins.
+Either is loaded from `deep_gemm_mirror`'s mirror of its folder, whose FP8 GEMM can also add its
+product into an existing tensor (`gemm_add_into`), where that mirror can be made.
 Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few seconds each; cached on
 disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. Used only on compute
 capability 9.0: on Blackwell it would round the FP32 scales to powers of two, which changes the
@@ -30,19 +32,25 @@ from types import ModuleType
 
 import torch
 
+from grpo.models import deep_gemm_mirror
+
 MODES = ("auto", "on", "off")
 mode = os.environ.get("GRPO_DEEP_GEMM", "auto")
 """Read per call, so a benchmark can compare both in one process."""
 
 
-def _vllm_copy() -> ModuleType | None:
-    vllm = importlib.util.find_spec("vllm")  # finds the package without running its __init__
+def _vllm_copy_folder() -> str | None:
+    """The folder of vLLM's copy, found without running vLLM's `__init__`."""
+    vllm = importlib.util.find_spec("vllm")
     if vllm is None or not vllm.submodule_search_locations:
         return None
     folder = os.path.join(vllm.submodule_search_locations[0], "third_party", "deep_gemm")
+    return folder if os.path.exists(os.path.join(folder, "__init__.py")) else None
+
+
+def _package(folder: str) -> ModuleType:
+    """The package in `folder`, run and registered as `deep_gemm`."""
     init = os.path.join(folder, "__init__.py")
-    if not os.path.exists(init):
-        return None
     spec = importlib.util.spec_from_file_location("deep_gemm", init, submodule_search_locations=[folder])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -67,13 +75,41 @@ def _can_compile(module: ModuleType) -> bool:
     return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
 
 
+adds_into_d = False
+"""Whether the loaded DeepGEMM is a `deep_gemm_mirror` one, whose FP8 GEMM can add into D."""
+
+
+def _folder() -> str | None:
+    """The folder of the DeepGEMM to load: a standalone install's, else vLLM's copy's."""
+    standalone = importlib.util.find_spec("deep_gemm")
+    if standalone is not None and standalone.submodule_search_locations:
+        return standalone.submodule_search_locations[0]
+    return _vllm_copy_folder()
+
+
+def _mirrored(folder: str) -> ModuleType:
+    """DeepGEMM from `deep_gemm_mirror`'s mirror of `folder` where one can be made, else from `folder`."""
+    global adds_into_d
+    try:
+        mirror = deep_gemm_mirror.build(folder)
+    except OSError as error:  # a read-only cache folder, say
+        warnings.warn(
+            f"DeepGEMM's mirror was not built ({error}); autograd adds the weight gradients", stacklevel=3
+        )
+        mirror = None
+    module = _package(mirror or folder)
+    adds_into_d = mirror is not None and hasattr(module, "fp8_gemm_nt_skip_head_mid")
+    return module
+
+
 @functools.cache
 def _load() -> ModuleType | None:
     try:
-        if importlib.util.find_spec("deep_gemm") is not None:
-            module = importlib.import_module("deep_gemm")
+        if "deep_gemm" in sys.modules:  # loaded already (by vLLM in this process): used as it is
+            module = sys.modules["deep_gemm"]
         else:
-            module = _vllm_copy()
+            folder = _folder()
+            module = None if folder is None else _mirrored(folder)
         if module is not None and not _can_compile(module):
             raise RuntimeError("no nvcc under its CUDA home to compile its kernels")
         return module
@@ -174,3 +210,27 @@ def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Te
         mode = "off"
         return None
     return out_MN
+
+
+def gemm_add_into(a_MK, a_scale_MJ, b_NK, b_scale_IJ, into_MN: torch.Tensor) -> bool:
+    """`into += a @ b.T` (operands as `gemm` takes them, laid out), added by the GEMM's epilogue as
+    it stores each BF16 tile (`deep_gemm_mirror`): True where done. False where DeepGEMM cannot here
+    (not to be used, no mirror, `into` not a contiguous BF16 tensor of the product's exact shape), and
+    then the caller adds. A failure (a kernel that does not compile, say) warns once and leaves the
+    adding to the callers from then on."""
+    global adds_into_d
+    m, n = a_MK.shape[0], b_NK.shape[0]
+    if into_MN.dtype != torch.bfloat16 or not into_MN.is_contiguous() or into_MN.shape != (m, n):
+        return False
+    found = library(a_MK.device)
+    if found is None or not adds_into_d:
+        return False
+    try:
+        use_settings(found, (m, n))
+        # head splits (n, 0, 0): every column kept, and the mirror's adding epilogue chosen
+        found.fp8_gemm_nt_skip_head_mid((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), into_MN, (n, 0, 0))
+    except RuntimeError as error:
+        warnings.warn(f"DeepGEMM's adding GEMM failed ({error}); autograd adds from now on", stacklevel=2)
+        adds_into_d = False
+        return False
+    return True

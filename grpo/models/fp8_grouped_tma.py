@@ -30,7 +30,6 @@ from grpo.models.fp8_grouped import expert_weight_gradient, weight_gradient_outp
 BLOCK = 128
 """dW's blocks are BLOCK x BLOCK: the fastest of 64 x 128, 128 x 128 and 128 x 256 (the probe)."""
 WARPS, STAGES, PROGRAMS_PER_SM = 8, 3, 1
-STORE, REDUCE_ADD = 0, 1
 
 
 @triton.jit
@@ -47,11 +46,11 @@ def _weight_gradient_kernel(
     k_out,
     experts,
     PROGRAMS: tl.constexpr,
-    MODE: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     """Blocks `PROGRAMS` apart, expert by expert (one expert's rows of g.T and x.T are read while
     they sit in L2): dW[e]'s 128 x 128 block = sum over the expert's row tiles of g.T's tile (1 x
-    128 scales) times x.T's (one 128 x 128 block scale), stored or reduced into `out`."""
+    128 scales) times x.T's (one 128 x 128 block scale), stored into `out` or, with `ADD`, reduced into it."""
     n_blocks, k_blocks = tl.cdiv(n_out, 128), tl.cdiv(k_out, 128)
     for block in tl.range(tl.program_id(0), experts * n_blocks * k_blocks, PROGRAMS, flatten=True):
         expert = block // (n_blocks * k_blocks)
@@ -68,7 +67,7 @@ def _weight_gradient_kernel(
             g_scale = tl.load(g_scale_at + tile * g_t_scale_stride)
             acc += tl.dot(g, tl.trans(x)) * g_scale[:, None] * tl.load(x_scale_at + tile)
         value = acc.to(out_desc.dtype).reshape(1, 128, 128)
-        if MODE == 1:
+        if ADD:
             out_desc.atomic_add([expert, n0, k0], value)
         else:
             out_desc.store([expert, n0, k0], value)
@@ -95,7 +94,7 @@ def launch(g_t_q, g_t_scale, x_t_q, x_t_scale, padded_ends_E, out: torch.Tensor,
         k_out,
         experts,
         PROGRAMS=programs,
-        MODE=REDUCE_ADD if add else STORE,
+        ADD=add,
         num_warps=WARPS,
         num_stages=STAGES,
     )
