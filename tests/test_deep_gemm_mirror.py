@@ -106,9 +106,12 @@ def test_only_the_identity_head_split_compiles_to_a_reduce_add(tmp_path, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_gemm_adds_the_weight_gradient_as_autograd_would(monkeypatch):
+@pytest.mark.parametrize("fan_out, in_the_gemm", [(512, True), (384, False)])
+def test_the_gemm_adds_the_weight_gradient_as_autograd_would(monkeypatch, fan_out, in_the_gemm):
     """Inside the trainer's scope a second backward adds dW into `.grad` in DeepGEMM's epilogue:
-    the same bits as autograd's add of the same GEMM's BF16 dW (both round dW, then the sum)."""
+    the same bits as autograd's add of the same GEMM's BF16 dW (both round dW, then the sum). With
+    384 outputs the quantized `g.T` has 512 rows (padded for the input gradient's GEMM), more than
+    `.grad`: autograd adds."""
     from grpo.models.fp8 import Fp8Linear
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
 
@@ -124,10 +127,10 @@ def test_the_gemm_adds_the_weight_gradient_as_autograd_would(monkeypatch):
 
     monkeypatch.setattr(fp8_deep_gemm, "gemm_add_into", spy)
     torch.manual_seed(3)
-    layers = [Fp8Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    layers = [Fp8Linear(512, fan_out, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     layers[1].weight.data.copy_(layers[0].weight.data)
     batches = [
-        (torch.randn(256, 512, device="cuda").bfloat16(), torch.randn(256, 384, device="cuda").bfloat16())
+        (torch.randn(256, 512, device="cuda").bfloat16(), torch.randn(256, fan_out, device="cuda").bfloat16())
         for _ in range(2)
     ]
 
@@ -137,5 +140,5 @@ def test_the_gemm_adds_the_weight_gradient_as_autograd_would(monkeypatch):
         for x, grad in batches:
             layers[1](x).backward(grad)
 
-    assert added == [True]  # the first backward found no .grad to add into
+    assert added == [in_the_gemm]  # the first backward found no .grad to add into
     assert torch.equal(layers[1].weight.grad, layers[0].weight.grad)

@@ -11,6 +11,8 @@ turns FP8 values back into real ones (`x ~= q * scale_inv`).
   cuBLASLt's) fed by the fused Triton quantizers of `fp8_triton`; elsewhere a sum over 128-wide
   reduction blocks of row/column-scaled `torch._scaled_mm` calls, which run on CPU too, so every
   property is testable here. The output is in the input's dtype.
+- Inside `fused_grad_accumulation.accumulate_into_grad()` (the trainer's train step) the weight
+  gradient's GEMM adds into an existing `.grad` itself where DeepGEMM can (`_weight_gradient`).
 - Dimensions that are not multiples of 128 are zero-padded inside the quantizers (zeros change
   neither the amax of a tile nor any product).
 """
