@@ -19,7 +19,7 @@ def _fake_deep_gemm(root, header_text: str = EPILOGUE) -> str:
     folder = root / "deep_gemm"
     (folder / "include" / "deep_gemm" / "impls").mkdir(parents=True)
     (folder / "include" / "cute").mkdir()
-    (folder / "__init__.py").write_text("import os\nROOT = os.path.dirname(os.path.abspath(__file__))\n")
+    (folder / "__init__.py").write_text("import os\nroot = os.path.dirname(os.path.abspath(__file__))\n")
     (folder / "include" / "deep_gemm" / "common.cuh").write_text("// common\n")
     (folder / HEADER).write_text(header_text)
     return str(folder)
@@ -50,7 +50,31 @@ def test_the_package_runs_from_the_mirror_so_its_kernels_compile_from_there(tmp_
 
     package = fp8_deep_gemm._package(mirror)
 
-    assert mirror == package.ROOT  # the folder DeepGEMM's `_C.init` compiles its kernels from
+    assert package.root == mirror  # the folder DeepGEMM's `_C.init` compiles its kernels from
+
+
+def test_deep_gemm_loads_from_the_mirror_and_adds_only_from_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fp8_deep_gemm, "adds_into_d", False)
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)
+    known = _fake_deep_gemm(tmp_path / "known")
+    with open(os.path.join(known, "__init__.py"), "a") as init:
+        init.write("def fp8_gemm_nt_skip_head_mid(a, b, d, head_splits):\n    pass\n")
+
+    assert fp8_deep_gemm._mirrored(known).root == deep_gemm_mirror.build(known)
+    assert fp8_deep_gemm.adds_into_d
+
+    unknown = _fake_deep_gemm(tmp_path / "unknown", "// a header of another version\n")
+    assert fp8_deep_gemm._mirrored(unknown).root == unknown
+    assert not fp8_deep_gemm.adds_into_d
+
+
+def test_the_adding_gemm_declines_what_it_cannot_add_into(monkeypatch):
+    """`.grad` in FP32 (autograd adds it in FP32) or padded operands: the caller adds."""
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: pytest.fail("looked for DeepGEMM"))
+    a, b = torch.zeros(512, 256), torch.zeros(384, 256)
+    assert not fp8_deep_gemm.gemm_add_into(a, None, b, None, torch.zeros(512, 384))
+    assert not fp8_deep_gemm.gemm_add_into(a, None, b, None, torch.zeros(500, 384, dtype=torch.bfloat16))
 
 
 def test_no_mirror_of_a_header_it_does_not_know(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ GEMM's header, `HEADER`, which becomes `ADDING_HEADER`. That header includes the
 another name (`ORIGINAL`). Inside it, it turns the epilogue's TMA store into a TMA reduce-add for one
 epilogue type only: `EpilogueHeadSplits<n, 0, 0>`. That type maps every column to itself, so it
 skips nothing. `fp8_gemm_nt_skip_head_mid(..., head_splits=(n, 0, 0))` asks for it; DeepGEMM's own
-calls ask for it with a middle part of 0 columns never. Every other instantiation compiles to the
+callers skip a middle part of some columns, never of none. Every other instantiation compiles to the
 original kernel.
 
 The mirror is built once per DeepGEMM folder and header text, under DeepGEMM's kernel cache
