@@ -69,6 +69,20 @@ def test_deep_gemm_loads_from_the_mirror_and_adds_only_from_there(tmp_path, monk
     assert not fp8_deep_gemm.adds_into_d
 
 
+def test_a_mirror_that_cannot_be_written_leaves_deep_gemm_in_its_own_folder(tmp_path, monkeypatch):
+    def read_only(folder):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(deep_gemm_mirror, "build", read_only)
+    monkeypatch.setattr(fp8_deep_gemm, "adds_into_d", True)
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)
+    folder = _fake_deep_gemm(tmp_path)
+
+    with pytest.warns(UserWarning, match="mirror was not built.*Permission denied"):
+        assert fp8_deep_gemm._mirrored(folder).root == folder
+    assert not fp8_deep_gemm.adds_into_d
+
+
 def test_the_adding_gemm_declines_what_it_cannot_add_into(monkeypatch):
     """`.grad` in FP32 (autograd adds it in FP32) or padded operands: the caller adds."""
     monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: pytest.fail("looked for DeepGEMM"))
