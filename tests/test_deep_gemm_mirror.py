@@ -10,18 +10,21 @@ import pytest
 import torch
 
 from grpo.models import deep_gemm_mirror, fp8_deep_gemm
-from grpo.models.deep_gemm_mirror import ADDING_HEADER, HEADER, ORIGINAL
+from grpo.models.deep_gemm_mirror import ADDING_HEADER, HEADER, NEEDED, ORIGINAL
 
+GEMM = "template <typename epilogue_type_t> void gemm() {\n"
 EPILOGUE = "    cute::SM90_TMA_STORE_2D::copy(&tensor_map_d, smem_ptr, n_idx, m_idx);\n"
 
 
-def _fake_deep_gemm(root, header_text: str = EPILOGUE) -> str:
+def _fake_deep_gemm(root, header_text: str = GEMM + EPILOGUE, head_splits: bool = True) -> str:
     folder = root / "deep_gemm"
-    (folder / "include" / "deep_gemm" / "impls").mkdir(parents=True)
-    (folder / "include" / "cute").mkdir()
+    for path in (HEADER, *NEEDED):
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
     (folder / "__init__.py").write_text("import os\nroot = os.path.dirname(os.path.abspath(__file__))\n")
     (folder / "include" / "deep_gemm" / "common.cuh").write_text("// common\n")
     (folder / HEADER).write_text(header_text)
+    for path, needed in NEEDED.items():
+        (folder / path).write_text(needed if head_splits or "Epilogue" not in needed else "// none\n")
     return str(folder)
 
 
@@ -38,7 +41,12 @@ def test_the_mirror_links_everything_but_the_gemm_header(tmp_path, monkeypatch):
     with open(header) as written:
         assert written.read() == ADDING_HEADER
     assert os.readlink(os.path.join(os.path.dirname(header), ORIGINAL)) == os.path.join(folder, HEADER)
-    for linked in ("__init__.py", "include/cute", "include/deep_gemm/common.cuh"):
+    for linked in (
+        "__init__.py",
+        "include/cute",
+        "include/deep_gemm/common.cuh",
+        "include/deep_gemm/epilogue",
+    ):
         assert os.readlink(os.path.join(mirror, linked)) == os.path.join(folder, linked)
     assert sorted(os.listdir(os.path.dirname(header))) == sorted([os.path.basename(HEADER), ORIGINAL])
 
@@ -94,9 +102,13 @@ def test_the_adding_gemm_declines_what_it_cannot_add_into(monkeypatch):
 def test_no_mirror_of_a_header_it_does_not_know(tmp_path, monkeypatch):
     monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path / "cache"))
     assert deep_gemm_mirror.build(str(tmp_path / "nothing here")) is None
-    stored_twice = EPILOGUE + "  // cute::SM90_TMA_STORE_2D elsewhere\n"
-    assert deep_gemm_mirror.build(_fake_deep_gemm(tmp_path, stored_twice)) is None
+    stored_twice = GEMM + EPILOGUE + "  // cute::SM90_TMA_STORE_2D elsewhere\n"
+    assert deep_gemm_mirror.build(_fake_deep_gemm(tmp_path / "a", stored_twice)) is None
+    other_name = "template <typename epilogue_t> void gemm() {\n" + EPILOGUE
+    assert deep_gemm_mirror.build(_fake_deep_gemm(tmp_path / "b", other_name)) is None
+    assert deep_gemm_mirror.build(_fake_deep_gemm(tmp_path / "c", head_splits=False)) is None
     assert not os.path.exists(tmp_path / "cache")
+    assert deep_gemm_mirror.build(_fake_deep_gemm(tmp_path / "d")) is not None  # all as expected
 
 
 def _nvcc_and_deep_gemm() -> tuple[str, str] | tuple[None, str]:

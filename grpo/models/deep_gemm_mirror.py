@@ -17,9 +17,9 @@ callers skip a middle part of some columns, never of none. Every other instantia
 original kernel.
 
 The mirror is built once per DeepGEMM folder and header text, under DeepGEMM's kernel cache
-(`DG_JIT_CACHE_DIR`, else `~/.deep_gemm`). Where the original header is not as this module expects
-(its epilogue's store is not the one use of `SM90_TMA_STORE_2D`), no mirror is built and DeepGEMM
-loads from its own folder: the layers then add the gradient as before.
+(`DG_JIT_CACHE_DIR`, else `~/.deep_gemm`). Where DeepGEMM's headers are not as this module expects
+(`can_mirror`), no mirror is built and DeepGEMM loads from its own folder: the layers then add the
+gradient as before.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ import tempfile
 HEADER = os.path.join("include", "deep_gemm", "impls", "sm90_fp8_gemm_1d2d.cuh")
 ORIGINAL = "sm90_fp8_gemm_1d2d_original.cuh"
 STORE = "cute::SM90_TMA_STORE_2D::copy(&tensor_map_d,"
+EPILOGUE_TYPE = "typename epilogue_type_t"
+NEEDED = {  # what ADDING_HEADER names from the other headers: file -> what it must define
+    os.path.join("include", "deep_gemm", "epilogue", "transform.cuh"): "struct EpilogueHeadSplits",
+    os.path.join("include", "cute", "arch", "copy_sm90_tma.hpp"): "struct SM90_TMA_REDUCE_ADD_2D",
+}
 
 ADDING_HEADER = f"""#pragma once
 // Written by grpo.models.deep_gemm_mirror: DeepGEMM's {os.path.basename(HEADER)}, whose epilogue adds
@@ -48,7 +53,7 @@ struct GrpoStoreOrAddIntoD<deep_gemm::epilogue::transform::EpilogueHeadSplits<kL
     : SM90_TMA_REDUCE_ADD_2D {{}};
 }}  // namespace cute
 
-// Only the epilogue's store names SM90_TMA_STORE_2D past this point (checked before writing this).
+// Only the epilogue's store names SM90_TMA_STORE_2D past this point (can_mirror checked it).
 #define SM90_TMA_STORE_2D GrpoStoreOrAddIntoD<epilogue_type_t>
 #include <deep_gemm/impls/{ORIGINAL}>
 #undef SM90_TMA_STORE_2D
@@ -60,9 +65,26 @@ def cache_root() -> str:
     return os.environ.get("DG_JIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".deep_gemm")
 
 
-def can_mirror(header_text: str) -> bool:
-    """Whether the macro of `ADDING_HEADER` would rename the epilogue's store and nothing else."""
-    return header_text.count("SM90_TMA_STORE_2D") == 1 and STORE in header_text
+def _text(path: str) -> str:
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def can_mirror(folder: str) -> bool:
+    """Whether `ADDING_HEADER` compiles against this DeepGEMM as meant: the GEMM header's epilogue
+    type has the name the macro uses, its epilogue's store is the one use of `SM90_TMA_STORE_2D`
+    (the name the macro replaces), and the types the wrapper names exist. A wrapper that did not
+    compile would take every FP8 GEMM of the layers off DeepGEMM, not only the adding one."""
+    header = _text(os.path.join(folder, HEADER))
+    return (
+        header.count("SM90_TMA_STORE_2D") == 1
+        and STORE in header
+        and EPILOGUE_TYPE in header
+        and all(needed in _text(os.path.join(folder, path)) for path, needed in NEEDED.items())
+    )
 
 
 def _link_all_but(source: str, target: str, keep: str) -> None:
@@ -88,14 +110,9 @@ def build(folder: str) -> str | None:
     """The mirror of DeepGEMM's package `folder` (made if missing), or None where its header is not
     as expected."""
     folder = os.path.realpath(folder)  # the links must not depend on the working directory
-    try:
-        with open(os.path.join(folder, HEADER)) as original:
-            text = original.read()
-    except OSError:
+    if not can_mirror(folder):
         return None
-    if not can_mirror(text):
-        return None
-    key = "\0".join((folder, text, ADDING_HEADER)).encode()
+    key = "\0".join((folder, _text(os.path.join(folder, HEADER)), ADDING_HEADER)).encode()
     home = os.path.join(cache_root(), f"grpo-mirror-{hashlib.sha256(key).hexdigest()[:16]}")
     mirror = os.path.join(home, "deep_gemm")
     if os.path.isdir(mirror):
