@@ -1,5 +1,5 @@
 """The policy trainer's update alone on one GPU: `PolicyTrainer.train_step`'s trainer tokens/s with FP8
-and BF16 GEMMs, in four settings that alternate on one trainer:
+and BF16 GEMMs, in five settings that alternate on one trainer:
 - `before`: as at 109b7e1, the backward on autograd's device thread
   (`PolicyTrainer.backward_on_this_thread` off) and the FP8 quantizers launched through Triton's JIT
   dispatch (`probe_fp8_step_cpu_gpu.quantizer_launch`);
@@ -7,7 +7,9 @@ and BF16 GEMMs, in four settings that alternate on one trainer:
 - `now`: as the trainer runs now, the backward on the calling thread, the quantizers' compiled
   kernel launched directly, and one quantized copy of an input that two FP8 projections read
   (`grpo.models.fp8_activation_cache`; the three settings above quantize it for each);
-- `now_unshared`: `now` without the shared copies.
+- `now_unshared`: `now` without the shared copies;
+- `now_no_gemm_add`: `now` with the dense layers' weight gradient stored by DeepGEMM and added into
+  `.grad` by autograd, as before `fp8_deep_gemm.gemm_add_into` (only later micro-batches add).
 
 Model: the H100 recipes' ~0.4 B-parameter DeepSeek-V3 MoE (`recipes/arithmetic_sft_h100.yaml`'s
 `tiny_overrides`) at random initialization, trained as `recipes/arithmetic_grpo_h100.yaml` says, on
@@ -40,6 +42,7 @@ from fp8_mlp_gpu import unshared
 from probe_fp8_step_cpu_gpu import own_time_lines, quantizer_launch
 
 from grpo.config import load_recipe
+from grpo.models import fp8_deep_gemm
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -60,17 +63,34 @@ def rollout_batch(vocab_size: int) -> RolloutBatch:
 
 
 SETTINGS = {
-    "before": (False, False, False),
-    "this_thread": (False, True, False),
-    "now": (True, True, True),
-    "now_unshared": (True, True, False),
+    "before": (False, False, False, False),
+    "this_thread": (False, True, False, False),
+    "now": (True, True, True, True),
+    "now_unshared": (True, True, False, True),
+    "now_no_gemm_add": (True, True, True, False),
 }
-"""name -> (quantizer kernels launched directly, backward on the calling thread, activation copies shared)"""
+"""name -> (quantizer kernels launched directly, backward on the calling thread, activation copies
+shared, the dense layers' weight gradient added into `.grad` by DeepGEMM's GEMM)"""
+
+
+@contextlib.contextmanager
+def gemm_adds(on: bool):
+    """`fp8_deep_gemm`'s adding GEMM left as loaded, or refused (autograd then adds, as before)."""
+    kept = fp8_deep_gemm.adds_into_d
+    fp8_deep_gemm.adds_into_d = kept and on
+    try:
+        yield
+    finally:
+        fp8_deep_gemm.adds_into_d = kept
 
 
 def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> list[float]:
-    launch_directly, trainer.backward_on_this_thread, shared = SETTINGS[setting]
-    with quantizer_launch(launch_directly), contextlib.nullcontext() if shared else unshared():
+    launch_directly, trainer.backward_on_this_thread, shared, adds = SETTINGS[setting]
+    with (
+        quantizer_launch(launch_directly),
+        contextlib.nullcontext() if shared else unshared(),
+        gemm_adds(adds),
+    ):
         return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
 
 
@@ -110,6 +130,10 @@ def main() -> None:
                 row["now_over_now_unshared"] = round(
                     row["tokens_per_s_now"] / row["tokens_per_s_now_unshared"], 3
                 )
+                row["now_over_now_no_gemm_add"] = round(
+                    row["tokens_per_s_now"] / row["tokens_per_s_now_no_gemm_add"], 3
+                )
+                row["gemm_adds_into_grad"] = fp8_deep_gemm.adds_into_d
                 rows.append(row)
                 print(row, flush=True)
                 if args.profile:
