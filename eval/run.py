@@ -99,6 +99,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     import ray
     from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
+    from grpo.config import output_folder
     from grpo.models.build import load_tokenizer, materialize
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
@@ -108,7 +109,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     benchmark = BENCHMARKS[args.benchmark]
     check_args(args, benchmark)
     out = Path(args.out or f"runs/eval-{benchmark.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
     results_path = out / "problems.jsonl"
     done = (
@@ -118,7 +119,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     )
     todo = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
     todo = [(pid, r) for pid, r in todo if pid not in done]
-    model_path = materialize(args.model, out / "model")
+    model_path = materialize(args.model, out / "model", key="--model")
     tokenizer = load_tokenizer(model_path)
     spec = SamplingSpec(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed

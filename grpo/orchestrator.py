@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from grpo.algorithms.advantages import ADVANTAGES, tied_groups
-from grpo.config import Recipe, dump_recipe
+from grpo.config import Recipe, dump_recipe, output_folder
 from grpo.data import eval_prompts, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
-from grpo.models.build import check_converters, load_tokenizer, materialize
-from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored
+from grpo.models.build import check_model, load_tokenizer, materialize
+from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec
 from grpo.trainer.policy_trainer import RolloutBatch
@@ -255,19 +255,22 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     from tqdm import tqdm
 
     started = time.perf_counter()
-    run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, run_dir / "config.yaml")
-    model_path = materialize(
-        recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
-    )
-    check_converters(model_path, recipe.model)
-    tokenizer = load_tokenizer(model_path)
+    # Everything a recipe can get wrong is checked before the run folder is touched, so that a
+    # typo does not overwrite an earlier run's config.yaml and metrics.
+    check_model(recipe.model, recipe.train.expert_parallel_size)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
     prompts = train_prompts(recipe.data, recipe.run.seed)
     reward_entries = [
         RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
+    check_rewards(reward_entries)
+    run_dir = recipe.run_dir
+    output_folder(run_dir, "run.output_dir")
+    dump_recipe(recipe, run_dir / "config.yaml")
+    model_path = materialize(
+        recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
+    )
+    tokenizer = load_tokenizer(model_path)
     log = MetricsLog(run_dir)
     start_ray(
         ray_address,

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe
+from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe, output_folder
 from grpo.data import TASK_PREFIX, train_prompts
-from grpo.models.build import converters_for, load_policy, load_tokenizer, materialize
+from grpo.models.build import check_model, converters_for, load_policy, load_tokenizer, materialize
 from grpo.models.moe import update_routing_bias
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.optim import build_optimizer
@@ -24,15 +24,19 @@ from grpo.trainer.policy_trainer import pack, token_logprobs
 
 
 def sft_rows(recipe: Recipe, config: SftConfig):
-    """Endless (prompt, completion) pairs."""
-    rng = random.Random(recipe.run.seed + 7)
-    for row in train_prompts(recipe.data, recipe.run.seed):
-        if recipe.data.source.startswith(TASK_PREFIX):
-            yield row["prompt"], solution_text(row["expression"], boxed=rng.random() < config.boxed_fraction)
-        elif "completion" in row:
-            yield row["prompt"], row["completion"]
-        else:
-            raise RecipeError("sft: data rows need a 'completion' field")
+    """Endless (prompt, completion) pairs. The data is read and checked here, not at the first
+    pair, so that a missing file or field stops `sft` before it writes anything."""
+    rows = train_prompts(recipe.data, recipe.run.seed)
+    if recipe.data.source.startswith(TASK_PREFIX):
+        rng = random.Random(recipe.run.seed + 7)
+        return (
+            (row["prompt"], solution_text(row["expression"], boxed=rng.random() < config.boxed_fraction))
+            for row in rows
+        )
+    first = next(rows)  # a file's or dataset's rows all have the same fields
+    if "completion" not in first:
+        raise RecipeError("sft: data rows need a 'completion' field")
+    return ((row["prompt"], row["completion"]) for row in itertools.chain([first], rows))
 
 
 def sft(recipe: Recipe, log=print) -> dict:
@@ -40,8 +44,10 @@ def sft(recipe: Recipe, log=print) -> dict:
     from accelerate.utils import set_seed
 
     config = recipe.sft or SftConfig()
+    check_model(recipe.model)  # before the run folder is touched: a typo keeps an earlier run's files
+    rows = sft_rows(recipe, config)
     run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(run_dir, "run.output_dir")
     dump_recipe(recipe, run_dir / "config.yaml")
     set_seed(recipe.run.seed)
     if recipe.train.threads:
@@ -58,7 +64,6 @@ def sft(recipe: Recipe, log=print) -> dict:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    rows = sft_rows(recipe, config)
     started, losses, loads = time.perf_counter(), [], []
     for step in range(1, config.steps + 1):
         pairs = list(itertools.islice(rows, config.batch_size))

@@ -111,6 +111,17 @@ class _Worker:
         self.conn.close()
 
 
+def check_rewards(rewards: Sequence[RewardEntry]) -> None:
+    """A ValueError naming the first reward that does not resolve or cannot run here (its
+    `setup_problem`, say a missing Lean toolchain)."""
+    from grpo.rewards.registry import resolve
+
+    for entry in rewards:
+        problem = getattr(resolve(entry.spec), "setup_problem", lambda: None)()
+        if problem:
+            raise ValueError(f"reward {entry.spec}: {problem}")
+
+
 class RewardRuntime:
     """`score(completions, samples)` -> one `Scored` per completion. Use as a context manager."""
 
@@ -121,13 +132,7 @@ class RewardRuntime:
         timeout_s: float = 10.0,
     ):
         """`rewards`: what to run, each named as it appears in the metrics."""
-        from grpo.rewards.registry import resolve
-
-        for entry in rewards:
-            # fail fast in the caller's process, with the spec in the message
-            problem = getattr(resolve(entry.spec), "setup_problem", lambda: None)()
-            if problem:
-                raise ValueError(f"reward {entry.spec}: {problem}")
+        check_rewards(rewards)  # in the caller's process, with the spec in the message
         self.names = [entry.name for entry in rewards]
         self.specs = [(entry.spec, entry.kwargs) for entry in rewards]
         self.weights = [entry.weight for entry in rewards]

@@ -123,20 +123,135 @@ def test_tiny_overrides_of_the_right_kinds_load():
     assert recipe.model.tiny_overrides == overrides
 
 
+def test_the_parity_tolerance_follows_the_dtype_unless_given():
+    def tolerance(model, train=None):
+        return recipe_from_dict(
+            {"model": {"path": "m", **model}, "train": train or {}}
+        ).train.parity_tolerance
+
+    assert tolerance({}) == 1e-3
+    assert tolerance({"dtype": "bfloat16"}) == 2.0
+    assert tolerance({"dtype": "bfloat16"}, {"parity_tolerance": 0.5}) == 0.5
+    assert tolerance({}, {"parity_tolerance": 0.5}) == 0.5
+
+
 def test_fp8_exclusions_need_fp8():
     with pytest.raises(RecipeError, match=r"^recipe: model: fp8_exclude: only applies with fp8: true$"):
         recipe_from_dict({"model": {"path": "m", "fp8_exclude": ["self_attn"]}})
 
 
-def test_the_cli_exits_2_on_an_fp8_exclusion_that_names_no_layer(tmp_path):
+def _cli_run(tmp_path, command: str, recipe: str):
+    """`grpo COMMAND` on a recipe of the lines `recipe` whose runs go under `tmp_path`."""
     path = tmp_path / "r.yaml"
-    path.write_text(
-        "model: {path: 'tiny:deepseek_v3', fp8: true, fp8_exclude: [self_attn, slf_attn]}\n"
-        f"run: {{output_dir: {tmp_path}}}\n"
-    )
-    result = _cli("train", str(path))
-    # what precedes the error is transformers' progress bar writing the tiny model
-    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+    path.write_text(f"{recipe}run: {{output_dir: {tmp_path}}}\n")
+    return _cli(command, str(path))
+
+
+def test_the_cli_exits_2_on_an_fp8_exclusion_that_names_no_layer(tmp_path):
+    recipe = "model: {path: 'tiny:deepseek_v3', fp8: true, fp8_exclude: [self_attn, slf_attn]}\n"
+    result = _cli_run(tmp_path, "train", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
         2,
         "grpo train: error: model.fp8_exclude: 'slf_attn' names no layer that FP8 would convert",
     )
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_exits_2_when_the_experts_do_not_split_over_the_expert_parallel_ranks(tmp_path):
+    recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 3}\n"
+    result = _cli_run(tmp_path, "train", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: train.expert_parallel_size: 8 experts do not split evenly over 3 expert-parallel ranks",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_parallel_size_that_divides_the_experts_passes_the_model_check():
+    from grpo.models.build import check_model
+
+    model = recipe_from_dict({"model": {"path": "tiny:deepseek_v3"}}).model
+    for ranks in (1, 2, 4, 8):
+        check_model(model, ranks)
+    with pytest.raises(
+        RecipeError, match=r"^train\.expert_parallel_size: 8 experts do not split evenly over 16"
+    ):
+        check_model(model, 16)
+
+
+EARLIER_RUN = {name: f"earlier {name}\n" for name in ("config.yaml", "metrics.jsonl", "summary.json")}
+
+
+def _earlier_run(tmp_path) -> Path:
+    """A run folder as an earlier run left it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in EARLIER_RUN.items():
+        (run / name).write_text(text)
+    return run
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {path.name: path.read_text() for path in folder.iterdir()}
+
+
+def test_a_train_run_with_an_unknown_reward_leaves_an_earlier_run_of_its_name_as_it_was(tmp_path):
+    run = _earlier_run(tmp_path)
+    result = _cli_run(tmp_path, "train", "model: {path: 'tiny:deepseek_v3'}\nrewards: [{name: math_boxd}]\n")
+    assert result.returncode == 2
+    assert result.stderr.startswith("grpo train: error: unknown reward 'math_boxd'")
+    assert _files(run) == EARLIER_RUN
+
+
+def test_an_sft_run_with_a_missing_data_file_leaves_an_earlier_run_of_its_name_as_it_was(tmp_path):
+    run = _earlier_run(tmp_path)
+    recipe = f"model: {{path: 'tiny:deepseek_v3'}}\ndata: {{source: {tmp_path}/missing.jsonl}}\n"
+    result = _cli_run(tmp_path, "sft", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo sft: error: data file not found: {tmp_path}/missing.jsonl",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
+def test_an_sft_run_on_rows_without_completions_stops_before_writing(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    recipe = (
+        f"model: {{path: 'tiny:deepseek_v3'}}\ndata: {{source: {data}, prompt_template: '{{question}}'}}\n"
+    )
+    result = _cli_run(tmp_path, "sft", recipe)
+    # what precedes the error is the datasets library's progress bar reading the file
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo sft: error: sft: data rows need a 'completion' field",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
+    from grpo.config import output_folder
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RecipeError) as error:
+        output_folder(tmp_path / "a-file" / "runs", "run.output_dir")
+    assert str(error.value) == f"run.output_dir: cannot create {tmp_path}/a-file/runs (Not a directory)"
+
+
+def test_the_cli_exits_2_on_a_run_folder_it_cannot_make(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: 'tiny:deepseek_v3'}}\nrun: {{output_dir: {tmp_path}/a-file}}\n")
+    result = _cli("sft", str(path))
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo sft: error: run.output_dir: cannot create {tmp_path}/a-file/run (Not a directory)",
+    )
+
+
+def test_a_missing_model_is_named_by_the_option_that_gave_it(tmp_path):
+    from grpo.models.build import materialize
+
+    with pytest.raises(RecipeError, match=rf"^--model: {tmp_path}/none has no config\.json"):
+        (tmp_path / "none").mkdir()
+        materialize(str(tmp_path / "none"), tmp_path / "scratch", key="--model")

@@ -128,3 +128,54 @@ def test_transformers_loads_the_export(tmp_path, keep):
 def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["export-fp8", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "is not a Hugging Face checkpoint folder" in capsys.readouterr().err
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_export_refuses_to_write_into_its_own_source(tmp_path, capsys):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    before = _files(src)
+    capsys.readouterr()  # transformers' progress bar writing the checkpoint
+    assert main(["export-fp8", str(src), str(src)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"grpo export-fp8: error: export-fp8: {src} exists and is not an empty folder; give a new one"
+    )
+    assert _files(src) == before
+
+
+def test_export_refuses_a_folder_holding_files_and_fills_an_empty_one(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="full exists and is not an empty folder"):
+        export_fp8(src, tmp_path / "full")
+    assert _files(tmp_path / "full") == {"config.json": b"{}"}
+    (tmp_path / "empty").mkdir()
+    export_fp8(src, tmp_path / "empty")
+    assert "quantization_config" in json.loads((tmp_path / "empty" / "config.json").read_text())
+
+
+def test_a_failed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
+    from grpo.models import fp8_export
+
+    src = save_tiny_checkpoint(tmp_path / "src")
+
+    def fail(state, kept):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fp8_export, "fp8_state", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_fp8(src, tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
+
+
+def test_export_into_a_place_it_cannot_write_exits_2(tmp_path, capsys):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()  # transformers' progress bar writing the checkpoint
+    assert main(["export-fp8", str(src), str(tmp_path / "a-file" / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"grpo export-fp8: error: export-fp8: DST: cannot create {tmp_path}/a-file (File exists)"
+    )

@@ -122,3 +122,21 @@ def test_two_expert_parallel_trainer_ranks_run_the_loop(tmp_path):
         assert record["sync/parity_max_abs_diff"] < 1e-3
     final = AutoModelForCausalLM.from_pretrained(recipe.run_dir / "checkpoints" / "final")
     assert final.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
+
+
+def test_the_loop_starts_from_an_fp8_checkpoint(tmp_path):
+    """`model.path` at a DeepSeek-V3-format FP8 checkpoint: the run trains from its BF16 copy, which
+    vLLM loads too (the parity check before training passes), and the final checkpoint is BF16."""
+    from grpo.models.fp8_export import export_fp8
+    from grpo.models.tiny import save_tiny_checkpoint
+
+    counts = export_fp8(save_tiny_checkpoint(tmp_path / "bf16"), tmp_path / "fp8")
+    recipe = _recipe(tmp_path)
+    recipe.run.name, recipe.model.path = "from-fp8", str(tmp_path / "fp8")
+    recipe.train.steps, recipe.eval.prompts, recipe.eval.interval = 1, 0, 0
+    train(recipe, show_progress=False)
+    [record] = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert counts["fp8"] == 9 and record["sync/parity_max_abs_diff"] < 1e-3
+    for folder in ("init", "checkpoints/final"):
+        config = json.loads((recipe.run_dir / folder / "config.json").read_text())
+        assert "quantization_config" not in config

@@ -18,25 +18,57 @@ TINY = "tiny:deepseek_v3"
 Converter = Callable[[torch.nn.Module], None]
 
 
-def materialize(path: str, scratch: Path, seed: int = 0, tiny_overrides: dict | None = None) -> str:
-    """Return a Hugging Face folder for `path`, writing the tiny default into `scratch` if asked."""
+def materialize(
+    path: str, scratch: Path, seed: int = 0, tiny_overrides: dict | None = None, key: str = "model.path"
+) -> str:
+    """Return a Hugging Face folder for `path`, writing into `scratch` the tiny default if asked, or
+    the BF16 copy of an FP8 checkpoint (`fp8_dequantize`). Errors name `path` by `key`, the recipe
+    key or option that gave it."""
     if path == TINY:
         from grpo.models.tiny import save_tiny_checkpoint
 
         return str(save_tiny_checkpoint(scratch, seed=seed, **(tiny_overrides or {})))
-    if Path(path).exists():
-        if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"model.path: {path} has no config.json (not a Hugging Face folder)")
-        return path
+    if _fp8_folder(path, model_config(path, key=key), key):
+        from grpo.models.fp8_dequantize import write_bf16_copy
+
+        return str(write_bf16_copy(Path(path), scratch))
+    return path
+
+
+def _fp8_folder(path: str, config, key: str = "model.path") -> bool:
+    """Whether `path` is a folder holding an FP8 checkpoint in DeepSeek-V3's format; a RecipeError
+    for a quantized checkpoint a run cannot start from."""
+    from grpo.models.fp8_dequantize import fp8_block_quantized
+
+    if not fp8_block_quantized(getattr(config, "quantization_config", None), f"{key}: {path}"):
+        return False
+    if not Path(path).is_dir():
+        raise RecipeError(
+            f"{key}: {path} is an FP8 checkpoint on the Hub; download it "
+            f"(hf download {path} --local-dir DIR) and give DIR, which a run copies in BF16"
+        )
+    return True
+
+
+def model_config(path: str, tiny_overrides: dict | None = None, key: str = "model.path"):
+    """`path`'s transformers config, read without writing anything (the tiny model's is built in
+    memory); a RecipeError where `path` is neither a Hugging Face folder nor a loadable model id."""
     from transformers import AutoConfig
 
+    if path == TINY:
+        from grpo.models.tiny import build_tokenizer, tiny_deepseek_v3_config
+
+        return tiny_deepseek_v3_config(len(build_tokenizer()), **(tiny_overrides or {}))
+    if Path(path).exists():
+        if not (Path(path) / "config.json").is_file():
+            raise RecipeError(f"{key}: {path} has no config.json (not a Hugging Face folder)")
+        return AutoConfig.from_pretrained(path)
     try:
-        AutoConfig.from_pretrained(path)  # a hub id: resolves from the local cache or the hub
+        return AutoConfig.from_pretrained(path)  # a hub id: resolves from the local cache or the hub
     except (OSError, ValueError) as error:
         raise RecipeError(
-            f"model.path: {path} is neither a folder nor a loadable model id ({str(error).splitlines()[0][:120]})"
+            f"{key}: {path} is neither a folder nor a loadable model id ({str(error).splitlines()[0][:120]})"
         ) from None
-    return path
 
 
 def load_policy(path: str, dtype: str, converters: Sequence[Converter] = ()) -> torch.nn.Module:
@@ -69,17 +101,28 @@ def _convert_to_fp8(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:
         raise RecipeError(f"model.fp8_exclude: {error}") from None
 
 
-def check_converters(path: str, model_config) -> None:
-    """Apply the recipe's converters to `path`'s model built on the meta device (no weights read),
-    so that a converter's RecipeError stops a run before any worker starts."""
-    if not model_config.fp8_exclude:  # the one converter input a recipe can get wrong
+def check_model(model_section, expert_parallel_size: int = 1) -> None:
+    """Check what a recipe can get wrong about its model, so that a run stops before it writes
+    anything or starts a worker: the path, the converters (applied to the model built on the meta
+    device, no weights read) and the routed experts' split over `expert_parallel_size` ranks."""
+    config = model_config(model_section.path, model_section.tiny_overrides)
+    _fp8_folder(model_section.path, config)
+    if not model_section.fp8_exclude and expert_parallel_size == 1:  # nothing else can fail
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from grpo.models.moe import moe_layers
+    from grpo.parallel.expert_parallel import experts_per_rank
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    for convert in converters_for(model_config):
+        model = AutoModelForCausalLM.from_config(config)
+    for convert in converters_for(model_section):
         convert(model)
+    for layer in moe_layers(model):
+        try:
+            experts_per_rank(layer.experts.num_experts, expert_parallel_size)
+        except ValueError as error:
+            raise RecipeError(f"train.expert_parallel_size: {error}") from None
 
 
 def load_tokenizer(path: str):

@@ -13,12 +13,13 @@ with `model.fp8_exclude: [self_attn]`; `--recipe` reads those parts from the run
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from grpo.config import output_folder
+from grpo.models.checkpoint_rewrite import rewrite_checkpoint, shards
 from grpo.models.fp8 import E4M3, has_part, quantize_blocks, unmatched_parts
 
 QUANTIZATION_CONFIG = {
@@ -103,11 +104,10 @@ def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> di
     """Write the FP8 copy of the checkpoint folder `src` into `dst`, the modules named by `keep` in
     BF16 (`high_precision_linears`); returns tensor counts."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
-    shards = sorted(src.glob("*.safetensors"))
-    if not (src / "config.json").is_file() or not shards:
+    files = shards(src)
+    if not (src / "config.json").is_file() or not files:
         raise ValueError(
             f"export-fp8: {src} is not a Hugging Face checkpoint folder (config.json + *.safetensors)"
         )
@@ -117,25 +117,14 @@ def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> di
             f"export-fp8: {src} is already quantized ({config['quantization_config'].get('quant_method')})"
         )
     shapes = {}
-    for shard in shards:  # the whole checkpoint's shapes first: fused partners may sit in two shards
+    for shard in files:  # the whole checkpoint's shapes first: fused partners may sit in two shards
         with safe_open(str(shard), "pt") as f:
             names = f.keys()  # the handle itself is not iterable
             shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
     not_converted = high_precision_linears(shapes, keep)
-    keep_high_precision = set(not_converted)
-    dst.mkdir(parents=True, exist_ok=True)
-    counts = {"fp8": 0, "bf16": 0}
-    index = {}
-    for shard in shards:
-        state = fp8_state(load_file(str(shard)), keep_high_precision)
-        counts["fp8"] += sum(t.dtype == E4M3 for t in state.values())
-        counts["bf16"] += sum(t.dtype == torch.bfloat16 for t in state.values())
-        save_file(state, str(dst / shard.name), metadata={"format": "pt"})
-        index.update({name: shard.name for name in state})
-    if len(shards) > 1:
-        (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": index}, indent=2)
-        )
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        # into `src` it would replace the weights it reads; into another checkpoint, mix the two
+        raise ValueError(f"export-fp8: {dst} exists and is not an empty folder; give a new one")
     # both spellings: transformers reads `modules_to_not_convert`, vLLM `ignored_layers`
     config["quantization_config"] = {
         **QUANTIZATION_CONFIG,
@@ -143,12 +132,7 @@ def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> di
         "ignored_layers": not_converted,
     }
     config["torch_dtype"] = config["dtype"] = "bfloat16"
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for extra in src.iterdir():  # tokenizer and generation config travel unchanged
-        if (
-            extra.is_file()
-            and extra.suffix != ".safetensors"
-            and extra.name not in ("config.json", "model.safetensors.index.json")
-        ):
-            shutil.copy2(extra, dst / extra.name)
-    return counts
+    keep_high_precision = set(not_converted)
+    output_folder(dst.parent, "export-fp8: DST")
+    counts = rewrite_checkpoint(src, dst, lambda state: fp8_state(state, keep_high_precision), config)
+    return {"fp8": counts[E4M3], "bf16": counts[torch.bfloat16]}
