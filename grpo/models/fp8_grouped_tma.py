@@ -101,13 +101,13 @@ def launch(g_t_q, g_t_scale, x_t_q, x_t_scale, padded_ends_E, out: torch.Tensor,
     return out
 
 
-def _runs_here(out: torch.Tensor) -> bool:
-    """A CUDA card with a TMA (compute capability 9.0 on), and `out`'s rows 16-byte aligned, as
-    bulk copies need."""
+def _runs_here(device: torch.device, k_out: int, dtype: torch.dtype) -> bool:
+    """A CUDA card with a TMA (compute capability 9.0 on), and dW's rows (`k_out` elements of
+    `dtype`, contiguous) 16-byte aligned, as bulk copies need."""
     return (
-        out.is_cuda
-        and torch.cuda.get_device_capability(out.device)[0] >= 9
-        and out.stride(1) * out.element_size() % 16 == 0
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+        and k_out * dtype.itemsize % 16 == 0
     )
 
 
@@ -117,10 +117,10 @@ def padded_expert_weight_gradient(
     """`fp8_grouped.expert_weight_gradient` for rows in the padded layout (expert e owns rows
     `padded_ends_E[e-1]:padded_ends_E[e]`, both multiples of 128), through this module's kernel
     where it runs, else that one's. With `into`, dW is added into it and `into` returned."""
-    out = weight_gradient_output((padded_ends_E.numel(), n_out, k_out), dtype, g_t_q.device, into)
-    if not _runs_here(out):
+    if not _runs_here(g_t_q.device, k_out, dtype):
         operands = (g_t_q, g_t_scale, x_t_q, x_t_scale, padded_ends_E, n_out, k_out, dtype)
         return expert_weight_gradient(*operands, into=into)
+    out = weight_gradient_output((padded_ends_E.numel(), n_out, k_out), dtype, g_t_q.device, into)
     sms = torch.cuda.get_device_properties(out.device).multi_processor_count
     return launch(
         g_t_q, g_t_scale, x_t_q, x_t_scale, padded_ends_E, out, into is not None, PROGRAMS_PER_SM * sms
