@@ -18,7 +18,7 @@ import torch
 
 from grpo.config import RecipeError
 from grpo.models.checkpoint_rewrite import rewrite_checkpoint, shards
-from grpo.models.fp8 import E4M3, T, dequantize_blocks, pad_fp8, trimmed
+from grpo.models.fp8 import E4M3, T
 
 SCALE_SUFFIX = "weight_scale_inv"
 FP8_DTYPES = (E4M3, torch.float8_e5m2)  # DeepSeek-V3 stores E4M3; an E5M2 export dequantizes the same way
@@ -52,13 +52,24 @@ def dequantized_state(
         scale_inv = scales.get(name.removesuffix("weight") + SCALE_SUFFIX)
         if scale_inv is None:
             raise RecipeError(f"FP8 checkpoint: the tensor {name} has no {SCALE_SUFFIX}")
-        rows, cols = tensor.shape
-        padded = pad_fp8(tensor, (-rows) % T, (-cols) % T)
-        out[name] = trimmed(dequantize_blocks(padded, scale_inv.float()), rows, cols).to(torch.bfloat16)
+        out[name] = dequantized_weight(tensor, scale_inv.float())
     return out
 
 
-def _scales(src: Path) -> dict[str, torch.Tensor]:
+def dequantized_weight(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """`q * scale_inv` over 128 x 128 blocks (edge blocks may be ragged), rounded once to BF16. One
+    row of blocks at a time: its FP32 product stays in the CPU's cache and no padded copy is made
+    (1.16-1.50x faster than a padded copy and `fp8.dequantize_blocks` on the whole weight, on 2
+    cores: `benchmarks/results/fp8_dequantize_cpu.txt`)."""
+    rows, cols = q.shape
+    out = torch.empty(rows, cols, dtype=torch.bfloat16)
+    for i in range(0, rows, T):
+        column_scales = scale_inv[i // T].repeat_interleave(T)[:cols]
+        out[i : i + T] = q[i : i + T].to(torch.float32).mul_(column_scales)
+    return out
+
+
+def block_scales(src: Path) -> dict[str, torch.Tensor]:
     """Every `weight_scale_inv` of the checkpoint folder `src` (1/16384 of the weights' elements)."""
     from safetensors import safe_open
 
@@ -97,7 +108,7 @@ def write_bf16_copy(src: Path, dst: Path) -> Path:
     config = json.loads((src / "config.json").read_text())
     del config["quantization_config"]
     config["torch_dtype"] = config["dtype"] = "bfloat16"
-    scales = _scales(src)
+    scales = block_scales(src)
     shutil.rmtree(dst, ignore_errors=True)
     rewrite_checkpoint(src, dst, lambda state: dequantized_state(state, scales), config)
     kept.write_text(json.dumps(record))  # last: a copy cut short is made again
