@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from grpo.models.checkpoint_rewrite import rewrite_checkpoint
 from grpo.models.fp8 import E4M3, T, dequantize_blocks
@@ -39,8 +39,6 @@ WEIGHTS_PER_SHARD = 16
 
 def write_fp8_checkpoint(folder: Path, shards: int) -> int:
     """A synthetic FP8 checkpoint in `folder`; returns its FP8 elements."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     elements, index = 0, {}
