@@ -74,7 +74,9 @@ def dequantized_weight(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor
 
 E4M3_TO_FP32_EXPONENT = 2.0**120
 """E4M3's exponent and mantissa bits moved into FP32's place read as a value 2^-120 of theirs (the
-biases are 7 and 127), subnormals included; multiplying by a power of two is exact."""
+biases are 7 and 127), subnormals included; multiplying by a power of two is exact. E4M3's subnormals
+pass through FP32 subnormals, which `torch.set_flush_denormal(True)` would zero (nothing here sets it;
+the test of every E4M3 value would catch it)."""
 
 
 def exact_float32(q: torch.Tensor) -> torch.Tensor:
