@@ -76,7 +76,7 @@ def dequantize_blocks(q_NK: torch.Tensor, scale_inv_IJ: torch.Tensor) -> torch.T
     return (q_NK.float().view(n // T, T, k // T, T) * scale_inv_IJ[:, None, :, None]).view(n, k)
 
 
-def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Zero-pad an FP8 tensor (`F.pad` has no FP8 kernels; the zero byte is 0.0 in e4m3)."""
     return torch.nn.functional.pad(q.contiguous().view(torch.uint8), (0, cols, 0, rows)).view(q.dtype)
 
@@ -91,10 +91,10 @@ def _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):
     """Zero-pad operands to CUBLAS_ROWS / CUBLAS_BLOCKS (zero padding changes no product)."""
     blocks, rows = (-a_scale_MJ.shape[1]) % CUBLAS_BLOCKS, (-a_MK.shape[0]) % CUBLAS_ROWS
     if blocks or rows:
-        a_MK = _pad_fp8(a_MK, rows, blocks * T)
+        a_MK = pad_fp8(a_MK, rows, blocks * T)
         a_scale_MJ = torch.nn.functional.pad(a_scale_MJ, (0, blocks, 0, rows), value=1.0)
     if blocks:
-        b_NK = _pad_fp8(b_NK, 0, blocks * T)
+        b_NK = pad_fp8(b_NK, 0, blocks * T)
         b_scale_IJ = torch.nn.functional.pad(b_scale_IJ, (0, blocks), value=1.0)
     return a_MK, a_scale_MJ, b_NK, b_scale_IJ
 
