@@ -22,6 +22,9 @@ from grpo.models.fp8 import E4M3, T, dequantize_blocks, pad_fp8, trimmed
 
 SCALE_SUFFIX = "weight_scale_inv"
 
+NON_FINITE_BITS = {E4M3: 0x7F, torch.float8_e5m2: 0x7C}
+"""The bits set in every NaN byte (E4M3) or NaN and infinity byte (E5M2), the sign left out."""
+
 
 def fp8_block_quantized(quantization: dict | None, where: str) -> bool:
     """Whether a checkpoint's `quantization_config` says DeepSeek-V3's FP8 format; a RecipeError
@@ -56,10 +59,6 @@ def dequantized_state(
         padded = pad_fp8(tensor, (-rows) % T, (-cols) % T)
         out[name] = trimmed(dequantize_blocks(padded, scale_inv.float()), rows, cols).to(torch.bfloat16)
     return out
-
-
-NON_FINITE_BITS = {E4M3: 0x7F, torch.float8_e5m2: 0x7C}
-"""The bits set in every NaN byte (E4M3) or NaN and infinity byte (E5M2), the sign left out."""
 
 
 def _check_finite(name: str, q: torch.Tensor) -> None:
