@@ -5,7 +5,8 @@ DeepSeek-V3's own release and `grpo export-fp8` store linear weights as E4M3 wit
 the trainer's weights as BF16, so `grpo sft` and `grpo train` start from a BF16 copy written into the
 run folder (`build.materialize`), as DeepSeek's `fp8_cast_bf16.py` does for other frameworks. Each
 weight is `q * scale_inv` over its blocks (ragged edge blocks included) rounded once to BF16; every
-other tensor is copied as it is. The copy takes twice the FP8 checkpoint's disk space.
+other tensor is copied as it is; an FP8 weight holding NaN or infinity is an error. The copy takes
+twice the FP8 checkpoint's disk space.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def dequantized_state(
 
 def _check_finite(name: str, q: torch.Tensor) -> None:
     """A RecipeError where an FP8 weight holds NaN or infinity, which would make training NaN at its
-    first step. Read off the bytes: a third of the time `torch.isfinite` took on the BF16 copy."""
+    first step. Read off the bytes: under half the time `torch.isfinite` took on the BF16 copy."""
     bits = NON_FINITE_BITS[q.dtype]
     if bool(((q.view(torch.uint8) & bits) == bits).any()):
         raise RecipeError(f"FP8 checkpoint: the tensor {name} holds NaN or infinite values")
