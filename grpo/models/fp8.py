@@ -77,7 +77,10 @@ def dequantize_blocks(q_NK: torch.Tensor, scale_inv_IJ: torch.Tensor) -> torch.T
 
 
 def pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad an FP8 tensor (`F.pad` has no FP8 kernels; the zero byte is 0.0 in e4m3)."""
+    """Zero-pad an FP8 tensor (`F.pad` has no FP8 kernels; the zero byte is 0.0 in e4m3); with
+    nothing to pad, `q` itself (contiguous), not a copy of it."""
+    if not rows and not cols:
+        return q.contiguous()
     return torch.nn.functional.pad(q.contiguous().view(torch.uint8), (0, cols, 0, rows)).view(q.dtype)
 
 
