@@ -179,3 +179,39 @@ def test_only_the_shards_an_index_names_are_read(tmp_path):
         "model-2.safetensors",
     ]
     assert load_file(str(tmp_path / "bf16" / "model-1.safetensors"))["a.weight"].tolist() == [[1.0, -2.0]]
+
+
+def test_the_copy_s_size_is_read_off_the_headers_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from grpo.models.fp8_dequantize import bf16_copy_bytes
+
+    src = save_tiny_checkpoint(tmp_path / "src", hidden_size=256, intermediate_size=384)
+    export_fp8(src, tmp_path / "fp8")
+    copy = load_file(materialize(str(tmp_path / "fp8"), tmp_path / "a") + "/model.safetensors")
+    needed = bf16_copy_bytes(tmp_path / "fp8")
+    assert needed == sum(t.numel() * t.element_size() for t in copy.values())
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
+    with pytest.raises(RecipeError) as error:
+        write_bf16_copy(tmp_path / "fp8", tmp_path / "run" / "init")
+    assert str(error.value).startswith(f"{tmp_path}/run/init: the BF16 copy of the FP8 checkpoint ")
+    assert str(error.value).endswith(" GB free; free space there or write the run on a larger disk")
+    assert not (tmp_path / "run").exists()
+    # what the folder holds is room: it is replaced
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "stale.bin").write_bytes(b"x")
+    write_bf16_copy(tmp_path / "fp8", tmp_path / "b")
+    assert not (tmp_path / "b" / "stale.bin").exists() and (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_a_shard_that_is_not_safetensors_is_named(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src", hidden_size=256, intermediate_size=384)
+    export_fp8(src, tmp_path / "fp8")
+    (tmp_path / "fp8" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(RecipeError, match=r"model\.safetensors is not a safetensors file \(Expecting value"):
+        write_bf16_copy(tmp_path / "fp8", tmp_path / "run" / "init")
+    assert not (tmp_path / "run").exists()

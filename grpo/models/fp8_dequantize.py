@@ -6,7 +6,7 @@ the trainer's weights as BF16, so `grpo sft` and `grpo train` start from a BF16 
 run folder (`build.materialize`), as DeepSeek's `fp8_cast_bf16.py` does for other frameworks. Each
 weight is `q * scale_inv` over its blocks (ragged edge blocks included) rounded once to BF16; every
 other tensor is copied as it is; an FP8 weight holding NaN or infinity is an error. The copy takes
-twice the FP8 checkpoint's disk space.
+twice the FP8 checkpoint's disk space, which is checked before it starts.
 """
 
 from __future__ import annotations
@@ -70,6 +70,52 @@ def _check_finite(name: str, q: torch.Tensor) -> None:
         raise RecipeError(f"FP8 checkpoint: the tensor {name} holds NaN or infinite values")
 
 
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+"""How safetensors' headers name the FP8 dtypes."""
+
+
+def bf16_copy_bytes(src: Path) -> int:
+    """The tensor bytes of the BF16 copy of the FP8 checkpoint folder `src`: two bytes an FP8 element,
+    no scales, every other tensor as it is. Read off the shards' headers, nothing loaded."""
+    total = 0
+    for shard in shards(src):
+        for name, entry in _header(shard).items():
+            if name == "__metadata__" or name.endswith(SCALE_SUFFIX):
+                continue
+            start, end = entry["data_offsets"]
+            total += (end - start) * (2 if entry["dtype"] in FP8_DTYPES else 1)
+    return total
+
+
+def _header(shard: Path) -> dict:
+    """A safetensors file's header: its length in 8 bytes, then JSON naming each tensor's dtype,
+    shape and byte range; a RecipeError for a file that is not one."""
+    try:
+        with shard.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > shard.stat().st_size:
+                raise ValueError(f"a header of {length} bytes")
+            return json.loads(f.read(length))
+    except OSError as error:
+        raise RecipeError(f"cannot read {shard} ({error.strerror or error})") from None
+    except ValueError as error:  # JSON's and UTF-8's errors are ValueErrors too
+        raise RecipeError(f"{shard} is not a safetensors file ({error})") from None
+
+
+def _check_room(src: Path, dst: Path) -> None:
+    """A RecipeError where the disk that `dst` goes on lacks room for the copy (what `dst` holds now
+    counts as room: it is replaced), so that a large model's copy does not fail part way through."""
+    needed = bf16_copy_bytes(src)
+    held = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) if dst.is_dir() else 0
+    existing = next(folder for folder in (dst, *dst.parents) if folder.exists())
+    room = shutil.disk_usage(existing).free + held
+    if needed > room:
+        raise RecipeError(
+            f"{dst}: the BF16 copy of the FP8 checkpoint {src} needs {needed / 1e9:.1f} GB, and its disk "
+            f"has {room / 1e9:.1f} GB free; free space there or write the run on a larger disk"
+        )
+
+
 def block_scales(src: Path) -> dict[str, torch.Tensor]:
     """Every `weight_scale_inv` of the checkpoint folder `src` (1/16384 of the weights' elements)."""
     from safetensors import safe_open
@@ -106,6 +152,7 @@ def write_bf16_copy(src: Path, dst: Path) -> Path:
     kept = dst / SOURCE_RECORD
     if kept.is_file() and json.loads(kept.read_text()) == record:
         return dst
+    _check_room(src, dst)
     config = json.loads((src / "config.json").read_text())
     del config["quantization_config"]
     config["torch_dtype"] = config["dtype"] = "bfloat16"
