@@ -48,6 +48,22 @@ def test_an_fp8_weight_holding_nan_is_an_error_not_a_silent_copy():
     assert dequantized_state({"w.weight": finite}, scale)["w.weight"].tolist() == [[-448.0, 57344.0]]
 
 
+def test_a_scale_of_another_shape_than_the_weight_s_blocks_is_an_error():
+    q = torch.ones(256, 129).to(E4M3)  # 2 x 2 blocks
+    for scale in (torch.ones(1, 1), torch.ones(2, 1), torch.ones(3, 2), torch.ones(4)):
+        with pytest.raises(RecipeError) as error:
+            dequantized_state({"w.weight": q}, {"w.weight_scale_inv": scale})
+        shape = " x ".join(map(str, scale.shape))
+        assert str(error.value) == (
+            f"FP8 checkpoint: the weight_scale_inv of w.weight is {shape}; "
+            "its 256 x 129 weight has 2 x 2 blocks of 128 x 128"
+        )
+    with pytest.raises(
+        RecipeError, match="^FP8 checkpoint: the tensor w.weight has 3 dimensions; FP8 weights have 2$"
+    ):
+        dequantized_state({"w.weight": q.view(2, 128, 129)}, {"w.weight_scale_inv": torch.ones(2, 2)})
+
+
 def test_only_deepseek_v3_fp8_blocks_are_taken():
     assert not fp8_block_quantized(None, "m")
     assert fp8_block_quantized({"quant_method": "fp8", "weight_block_size": [128, 128]}, "m")
