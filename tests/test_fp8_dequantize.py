@@ -44,6 +44,10 @@ def test_an_fp8_weight_holding_nan_is_an_error_not_a_silent_copy():
     ):
         with pytest.raises(RecipeError, match="the tensor w.weight holds NaN or infinite values"):
             dequantized_state({"w.weight": bad}, scale)
+    with pytest.raises(RecipeError, match="the weight_scale_inv of w.weight holds NaN or infinite values"):
+        dequantized_state(
+            {"w.weight": torch.ones(1, 2).to(E4M3)}, {"w.weight_scale_inv": torch.tensor([[float("inf")]])}
+        )
     finite = torch.tensor([[-448.0, 57344.0]]).to(torch.float8_e5m2)  # E5M2's largest finite value
     assert dequantized_state({"w.weight": finite}, scale)["w.weight"].tolist() == [[-448.0, 57344.0]]
 

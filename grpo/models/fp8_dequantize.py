@@ -5,9 +5,9 @@ DeepSeek-V3's own release and `grpo export-fp8` store linear weights as E4M3 wit
 the trainer's weights as BF16, so `grpo sft` and `grpo train` start from a BF16 copy written into the
 run folder (`build.materialize`), as DeepSeek's `fp8_cast_bf16.py` does for other frameworks. Each
 weight is `q * scale_inv` over its blocks (ragged edge blocks included) rounded once to BF16; every
-other tensor is copied as it is; an FP8 weight holding NaN or infinity, or with a scale of another
-shape than its blocks, is an error. The copy takes twice the FP8 checkpoint's disk space, which is
-checked before it starts.
+other tensor is copied as it is; an FP8 weight or scale holding NaN or infinity, or a scale of another
+shape than its weight's blocks, is an error. The copy takes twice the FP8 checkpoint's disk space,
+which is checked before it starts.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def dequantized_state(
 
 def _check_weight(name: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
     """A RecipeError where the FP8 weight `name` cannot be dequantized as it should: NaN or infinity
-    in it (training would be NaN at its first step; read off the bytes, under half the time
-    `torch.isfinite` took on the BF16 copy), not 2-D, or a scale of another shape than its blocks
-    (a broadcastable one would scale the blocks wrongly, silently)."""
+    in it or its scales (training would be NaN at its first step; the weight's read off the bytes,
+    under half the time `torch.isfinite` took on the BF16 copy), not 2-D, or a scale of another shape
+    than its blocks (a broadcastable one would scale the blocks wrongly, silently)."""
     bits = NON_FINITE_BITS[q.dtype]
     if bool(((q.view(torch.uint8) & bits) == bits).any()):
         raise RecipeError(f"FP8 checkpoint: the tensor {name} holds NaN or infinite values")
@@ -79,6 +79,8 @@ def _check_weight(name: str, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
             f"FP8 checkpoint: the {SCALE_SUFFIX} of {name} is {' x '.join(map(str, scale_inv.shape))}; "
             f"its {q.shape[0]} x {q.shape[1]} weight has {blocks[0]} x {blocks[1]} blocks of {T} x {T}"
         )
+    if not bool(torch.isfinite(scale_inv).all()):
+        raise RecipeError(f"FP8 checkpoint: the {SCALE_SUFFIX} of {name} holds NaN or infinite values")
 
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
