@@ -17,10 +17,10 @@ import torch
 from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe, output_folder
 from grpo.data import TASK_PREFIX, train_prompts
 from grpo.models.build import check_model, converters_for, load_policy, load_tokenizer, materialize
-from grpo.models.moe import update_routing_bias
+from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.optim import build_optimizer
-from grpo.trainer.policy_trainer import pack, token_logprobs
+from grpo.trainer.policy_trainer import Packed, pack, token_logprobs
 
 
 def sft_rows(recipe: Recipe, config: SftConfig):
@@ -39,12 +39,27 @@ def sft_rows(recipe: Recipe, config: SftConfig):
     return ((row["prompt"], row["completion"]) for row in itertools.chain([first], rows))
 
 
+def sft_loss(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completion tokens' mean negative log-likelihood, and the loss to minimise: that plus the
+    MoE layers' sequence-wise balance loss where `train.balance_loss_alpha` turned it on (the batch
+    is one micro-batch, so the balance loss's mean over rows needs no reweighting)."""
+    logp_BL1, _ = token_logprobs(model, packed)
+    mask = packed.completion_mask_BL1
+    nll = -(logp_BL1 * mask).sum() / mask.sum()
+    balance = balance_loss(model)
+    return nll, nll if balance is None else nll + balance
+
+
 def sft(recipe: Recipe, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     config = recipe.sft or SftConfig()
     check_model(recipe.model)  # before the run folder is touched: a typo keeps an earlier run's files
+    if recipe.train.expert_parallel_size > 1:
+        raise RecipeError(
+            "train.expert_parallel_size: grpo sft trains in one process; it applies to grpo train"
+        )
     rows = sft_rows(recipe, config)
     run_dir = recipe.run_dir
     output_folder(run_dir, "run.output_dir")
@@ -58,6 +73,8 @@ def sft(recipe: Recipe, log=print) -> dict:
     tokenizer = load_tokenizer(model_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
+    for layer in moe_layers(model):
+        layer.balance_loss_alpha = recipe.train.balance_loss_alpha
     optimizer = build_optimizer(model.parameters(), config.learning_rate, 0.01, recipe.train.bf16_moments)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps)
@@ -70,16 +87,14 @@ def sft(recipe: Recipe, log=print) -> dict:
         prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
         completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in pairs]
         packed = pack(prompts, completions, tokenizer.pad_token_id or 0).to(accelerator.device)
-        logp_BL1, _ = token_logprobs(model, packed)
-        mask = packed.completion_mask_BL1
-        loss = -(logp_BL1 * mask).sum() / mask.sum()
+        nll, loss = sft_loss(model, packed)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         load = update_routing_bias(model, recipe.train.routing_bias_gamma)
-        losses.append(loss.item())
+        losses.append(nll.item())
         loads.append(load.get("moe/max_over_mean_load", 0.0))
         if step % 50 == 0 or step == config.steps:
             balance = f" | expert load max/mean {statistics.fmean(loads[-50:]):.2f}" if load else ""

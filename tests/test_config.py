@@ -214,6 +214,17 @@ def test_an_sft_run_with_a_missing_data_file_leaves_an_earlier_run_of_its_name_a
     assert _files(run) == EARLIER_RUN
 
 
+def test_an_sft_run_refuses_expert_parallelism_instead_of_ignoring_it(tmp_path):
+    run = _earlier_run(tmp_path)
+    recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 2}\n"
+    result = _cli_run(tmp_path, "sft", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo sft: error: train.expert_parallel_size: grpo sft trains in one process; it applies to grpo train",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_an_sft_run_on_rows_without_completions_stops_before_writing(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"question": "1+1", "answer": "2"}\n')
