@@ -230,9 +230,16 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _expert_parallel_needs_the_moe_layer(self) -> Recipe:
-        if self.train.expert_parallel_size > 1 and self.model.moe != "grouped":
-            raise ValueError("train.expert_parallel_size: needs model.moe: grouped")
+    def _moe_options_need_the_moe_layer(self) -> Recipe:
+        # transformers' MoE blocks have none of these; left on there, they would be ignored silently
+        if self.model.moe != "grouped":
+            for key, off in (
+                ("expert_parallel_size", 1),
+                ("routing_bias_gamma", 0.0),
+                ("balance_loss_alpha", 0.0),
+            ):
+                if getattr(self.train, key) != off:
+                    raise ValueError(f"train.{key}: needs model.moe: grouped")
         return self
 
 
@@ -259,11 +266,11 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "recipe"
+    where = ".".join(str(part) for part in first["loc"])  # empty for a check across sections
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    message = message.removeprefix("Value error, ")
+    message = message.removeprefix("Value error, ")  # a check across sections names its keys itself
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {message}{more}"
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -167,6 +167,20 @@ def test_the_cli_exits_2_when_the_experts_do_not_split_over_the_expert_parallel_
     assert not (tmp_path / "run").exists()
 
 
+def test_moe_options_that_transformers_blocks_would_ignore_are_refused():
+    for key, value in (
+        ("expert_parallel_size", 2),
+        ("routing_bias_gamma", 0.001),
+        ("balance_loss_alpha", 0.01),
+    ):
+        tree = {"model": {"path": "tiny:deepseek_v3", "moe": "transformers"}, "train": {key: value}}
+        with pytest.raises(RecipeError) as error:
+            recipe_from_dict(tree, "r.yaml")
+        assert str(error.value) == f"r.yaml: train.{key}: needs model.moe: grouped"
+    tree["train"] = {"routing_bias_gamma": 0.0}  # off is fine
+    assert recipe_from_dict(tree).model.moe == "transformers"
+
+
 def test_an_expert_parallel_size_that_divides_the_experts_passes_the_model_check():
     from grpo.models.build import check_model
 
