@@ -162,10 +162,11 @@ class TrainConfig(Section):
     """Weight of DeepSeek-V3's sequence-wise balance loss in `grpo train` and `grpo sft` (0: off).
     Needs `model.moe: grouped`."""
     expert_parallel_size: int = Field(1, ge=1)
-    """Trainer ranks in `grpo train` (`grpo sft` refuses more than 1), one process each (gloo on CPU, NCCL on GPUs, on one host): the
-    routed experts are sharded over them and the rollout batch is split between them, while every
-    other weight is replicated and its gradients summed (`grpo.parallel.expert_parallel`). Needs
-    `model.moe: grouped` and a number of routed experts it divides."""
+    """Trainer ranks in `grpo train` (`grpo sft` refuses more than 1), one process each (gloo on CPU,
+    NCCL on GPUs, on one host): the routed experts are sharded over them and the rollout batch is
+    split between them, while every other weight is replicated and its gradients summed
+    (`grpo.parallel.expert_parallel`). Needs `model.moe: grouped` and a number of routed experts it
+    divides."""
 
 
 class RewardSpec(Section):

@@ -218,8 +218,11 @@ def test_the_copy_s_size_is_read_off_the_headers_before_anything_is_written(tmp_
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
     with pytest.raises(RecipeError) as error:
         write_bf16_copy(tmp_path / "fp8", tmp_path / "run" / "init")
-    assert str(error.value).startswith(f"{tmp_path}/run/init: the BF16 copy of the FP8 checkpoint ")
-    assert str(error.value).endswith(" GB free; free space there or write the run on a larger disk")
+    assert str(error.value) == (
+        f"{tmp_path}/run/init: the BF16 copy of the FP8 checkpoint {tmp_path}/fp8 needs "
+        f"{needed / 1e9:.1f} GB, and its disk has {(needed - 1) / 1e9:.1f} GB free; "
+        "free space there or write the run on a larger disk"
+    )
     assert not (tmp_path / "run").exists()
     # what the folder holds is room: it is replaced
     (tmp_path / "b").mkdir()
