@@ -221,7 +221,7 @@ def test_the_copy_s_size_is_read_off_the_headers_before_anything_is_written(tmp_
     assert str(error.value) == (
         f"{tmp_path}/run/init: the BF16 copy of the FP8 checkpoint {tmp_path}/fp8 needs "
         f"{needed / 1e9:.1f} GB, and its disk has {(needed - 1) / 1e9:.1f} GB free; "
-        "free space there or write the run on a larger disk"
+        "free space there or choose a folder on a larger disk"
     )
     assert not (tmp_path / "run").exists()
     # what the folder holds is room: it is replaced

@@ -179,3 +179,31 @@ def test_export_into_a_place_it_cannot_write_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"grpo export-fp8: error: export-fp8: DST: cannot create {tmp_path}/a-file (File exists)"
     )
+
+
+def test_the_export_s_size_is_read_off_the_headers_and_checked_before_writing(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from grpo.models.checkpoint_rewrite import header
+    from grpo.models.fp8_export import export_bytes
+
+    src = save_tiny_checkpoint(tmp_path / "src", hidden_size=256, intermediate_size=384)
+    export_fp8(src, tmp_path / "fp8")
+    kept = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    headers = header(src / "model.safetensors")
+    del headers["__metadata__"]
+    needed = export_bytes(headers, set(kept))
+    written = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    assert needed == sum(t.numel() * t.element_size() for t in written.values())
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed - 1))
+    capsys.readouterr()  # transformers' progress bar writing the checkpoint
+    assert main(["export-fp8", str(src), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"grpo export-fp8: error: {tmp_path}/out: the FP8 export of {src} needs {needed / 1e9:.1f} GB, "
+        f"and its disk has {(needed - 1) / 1e9:.1f} GB free; free space there or choose a folder on a larger disk"
+    )
+    assert not (tmp_path / "out").exists()

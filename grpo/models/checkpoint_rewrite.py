@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from grpo.config import RecipeError
+
 State = dict[str, torch.Tensor]
 INDEX = "model.safetensors.index.json"
 
@@ -23,6 +25,36 @@ def shards(folder: Path) -> list[Path]:
     if index.is_file():
         return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return sorted(folder.glob("*.safetensors"))
+
+
+def header(shard: Path) -> dict:
+    """A safetensors file's header, read without its tensors: its length in 8 bytes, then JSON
+    naming each tensor's dtype, shape and byte range (and `__metadata__`); a RecipeError for a file
+    that is not one."""
+    try:
+        with shard.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > shard.stat().st_size:
+                raise ValueError(f"a header of {length} bytes")
+            return json.loads(f.read(length))
+    except OSError as error:
+        raise RecipeError(f"cannot read {shard} ({error.strerror or error})") from None
+    except ValueError as error:  # JSON's and UTF-8's errors are ValueErrors too
+        raise RecipeError(f"{shard} is not a safetensors file ({error})") from None
+
+
+def check_room(dst: Path, needed: int, what: str) -> None:
+    """A RecipeError where the disk that `dst` goes on has less room than the `needed` bytes of
+    `what` (what `dst` holds now counts as room: it is replaced), so that a large checkpoint's
+    rewrite does not fail part way through."""
+    held = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) if dst.is_dir() else 0
+    existing = next(folder for folder in (dst, *dst.parents) if folder.exists())
+    room = shutil.disk_usage(existing).free + held
+    if needed > room:
+        raise RecipeError(
+            f"{dst}: {what} needs {needed / 1e9:.1f} GB, and its disk has {room / 1e9:.1f} GB free; "
+            "free space there or choose a folder on a larger disk"
+        )
 
 
 def rewrite_checkpoint(src: Path, dst: Path, convert: Callable[[State], State], config: dict) -> Counter:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import RecipeError
-from grpo.models.checkpoint_rewrite import rewrite_checkpoint, shards
+from grpo.models.checkpoint_rewrite import check_room, header, rewrite_checkpoint, shards
 from grpo.models.fp8 import E4M3, T, dequantize_blocks, pad_fp8, trimmed
 
 SCALE_SUFFIX = "weight_scale_inv"
@@ -92,41 +92,12 @@ def bf16_copy_bytes(src: Path) -> int:
     no scales, every other tensor as it is. Read off the shards' headers, nothing loaded."""
     total = 0
     for shard in shards(src):
-        for name, entry in _header(shard).items():
+        for name, entry in header(shard).items():
             if name == "__metadata__" or name.endswith(SCALE_SUFFIX):
                 continue
             start, end = entry["data_offsets"]
             total += (end - start) * (2 if entry["dtype"] in FP8_DTYPES else 1)
     return total
-
-
-def _header(shard: Path) -> dict:
-    """A safetensors file's header: its length in 8 bytes, then JSON naming each tensor's dtype,
-    shape and byte range; a RecipeError for a file that is not one."""
-    try:
-        with shard.open("rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if length > shard.stat().st_size:
-                raise ValueError(f"a header of {length} bytes")
-            return json.loads(f.read(length))
-    except OSError as error:
-        raise RecipeError(f"cannot read {shard} ({error.strerror or error})") from None
-    except ValueError as error:  # JSON's and UTF-8's errors are ValueErrors too
-        raise RecipeError(f"{shard} is not a safetensors file ({error})") from None
-
-
-def _check_room(src: Path, dst: Path) -> None:
-    """A RecipeError where the disk that `dst` goes on lacks room for the copy (what `dst` holds now
-    counts as room: it is replaced), so that a large model's copy does not fail part way through."""
-    needed = bf16_copy_bytes(src)
-    held = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) if dst.is_dir() else 0
-    existing = next(folder for folder in (dst, *dst.parents) if folder.exists())
-    room = shutil.disk_usage(existing).free + held
-    if needed > room:
-        raise RecipeError(
-            f"{dst}: the BF16 copy of the FP8 checkpoint {src} needs {needed / 1e9:.1f} GB, and its disk "
-            f"has {room / 1e9:.1f} GB free; free space there or write the run on a larger disk"
-        )
 
 
 def block_scales(src: Path) -> dict[str, torch.Tensor]:
@@ -165,7 +136,7 @@ def write_bf16_copy(src: Path, dst: Path) -> Path:
     kept = dst / SOURCE_RECORD
     if kept.is_file() and json.loads(kept.read_text()) == record:
         return dst
-    _check_room(src, dst)
+    check_room(dst, bf16_copy_bytes(src), f"the BF16 copy of the FP8 checkpoint {src}")
     config = json.loads((src / "config.json").read_text())
     del config["quantization_config"]
     config["torch_dtype"] = config["dtype"] = "bfloat16"

@@ -7,7 +7,9 @@ in BF16, except the routing bias, which stays FP32 as there (it only breaks near
 experts). `--keep PART` keeps more linear weights in BF16 (e.g. `self_attn`, for a model trained
 with `model.fp8_exclude: [self_attn]`; `--recipe` reads those parts from the run's recipe).
 `config.json` gains the `quantization_config` that transformers (FineGrainedFP8) and vLLM
-(block-wise FP8) read. Norms are 1-D and never quantized.
+(block-wise FP8) read. Norms are 1-D and never quantized. The export's size is read off the
+source's safetensors headers first, and a disk without room for it is refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import output_folder
-from grpo.models.checkpoint_rewrite import rewrite_checkpoint, shards
+from grpo.models.checkpoint_rewrite import check_room, header, rewrite_checkpoint, shards
 from grpo.models.fp8 import E4M3, has_part, quantize_blocks, unmatched_parts
 
 QUANTIZATION_CONFIG = {
@@ -83,28 +85,54 @@ def high_precision_linears(shapes: dict[str, tuple[int, ...]], keep: Sequence[st
     return sorted(kept)
 
 
+def _becomes(name: str, dims: int, floating: bool, high_precision: set[str]) -> str:
+    """What the export makes of a tensor: "fp8" (E4M3 with block scales: the linear weights but the
+    modules in `high_precision`), "bf16" (other floating-point tensors but the routing bias, which
+    stays FP32) or "same"."""
+    if _fp8_candidate(name, dims) and name.removesuffix(".weight") not in high_precision:
+        return "fp8"
+    if floating and not name.endswith("e_score_correction_bias"):
+        return "bf16"
+    return "same"
+
+
 def fp8_state(state: dict[str, torch.Tensor], high_precision: set[str]) -> dict[str, torch.Tensor]:
-    """The export's tensors: linear weights E4M3 with block scales, but the modules in
-    `high_precision`; other floating-point tensors BF16, the routing bias FP32."""
+    """The export's tensors (`_becomes`)."""
     out = {}
     for name, tensor in state.items():
-        if _fp8_candidate(name, tensor.dim()) and name.removesuffix(".weight") not in high_precision:
+        becomes = _becomes(name, tensor.dim(), tensor.is_floating_point(), high_precision)
+        if becomes == "fp8":
             rows, cols = tensor.shape
             q, scale_inv = quantize_blocks(tensor)
             out[name] = q[:rows, :cols].contiguous()
             out[name.removesuffix("weight") + "weight_scale_inv"] = scale_inv
-        elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
-            out[name] = tensor.to(torch.bfloat16)
         else:
-            out[name] = tensor
+            out[name] = tensor.to(torch.bfloat16) if becomes == "bf16" else tensor
     return out
+
+
+FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+"""The bytes of an element of each floating-point dtype, as safetensors' headers name them."""
+
+
+def export_bytes(headers: dict[str, dict], high_precision: set[str]) -> int:
+    """The tensor bytes of the export, from the source's safetensors headers (`name -> entry`)."""
+    total = 0
+    for name, entry in headers.items():
+        shape, (start, end) = entry["shape"], entry["data_offsets"]
+        becomes = _becomes(name, len(shape), entry["dtype"] in FLOAT_BYTES, high_precision)
+        if becomes == "fp8":  # a byte an element, an FP32 scale a 128 x 128 block
+            total += shape[0] * shape[1] + 4 * -(-shape[0] // 128) * -(-shape[1] // 128)
+        elif becomes == "bf16":
+            total += (end - start) // FLOAT_BYTES[entry["dtype"]] * 2
+        else:
+            total += end - start
+    return total
 
 
 def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> dict[str, int]:
     """Write the FP8 copy of the checkpoint folder `src` into `dst`, the modules named by `keep` in
     BF16 (`high_precision_linears`); returns tensor counts."""
-    from safetensors import safe_open
-
     src, dst = Path(src), Path(dst)
     files = shards(src)
     if not (src / "config.json").is_file() or not files:
@@ -116,15 +144,15 @@ def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> di
         raise ValueError(
             f"export-fp8: {src} is already quantized ({config['quantization_config'].get('quant_method')})"
         )
-    shapes = {}
-    for shard in files:  # the whole checkpoint's shapes first: fused partners may sit in two shards
-        with safe_open(str(shard), "pt") as f:
-            names = f.keys()  # the handle itself is not iterable
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
-    not_converted = high_precision_linears(shapes, keep)
+    headers = {}  # the whole checkpoint's first: fused partners may sit in two shards
+    for shard in files:
+        headers.update({name: entry for name, entry in header(shard).items() if name != "__metadata__"})
+    not_converted = high_precision_linears({name: tuple(e["shape"]) for name, e in headers.items()}, keep)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         # into `src` it would replace the weights it reads; into another checkpoint, mix the two
         raise ValueError(f"export-fp8: {dst} exists and is not an empty folder; give a new one")
+    keep_high_precision = set(not_converted)
+    check_room(dst, export_bytes(headers, keep_high_precision), f"the FP8 export of {src}")
     # both spellings: transformers reads `modules_to_not_convert`, vLLM `ignored_layers`
     config["quantization_config"] = {
         **QUANTIZATION_CONFIG,
@@ -132,7 +160,6 @@ def export_fp8(src: str | Path, dst: str | Path, keep: Sequence[str] = ()) -> di
         "ignored_layers": not_converted,
     }
     config["torch_dtype"] = config["dtype"] = "bfloat16"
-    keep_high_precision = set(not_converted)
     output_folder(dst.parent, "export-fp8: DST")
     counts = rewrite_checkpoint(src, dst, lambda state: fp8_state(state, keep_high_precision), config)
     return {"fp8": counts[E4M3], "bf16": counts[torch.bfloat16]}
