@@ -237,4 +237,12 @@ def test_a_shard_that_is_not_safetensors_is_named(tmp_path):
     (tmp_path / "fp8" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(RecipeError, match=r"model\.safetensors is not a safetensors file \(Expecting value"):
         write_bf16_copy(tmp_path / "fp8", tmp_path / "run" / "init")
+    for length, header, why in (
+        (6, b"[1, 2]", "its header is not a JSON object"),
+        (4096, b"{}", "a header of 4096 bytes"),  # longer than the file
+    ):
+        (tmp_path / "fp8" / "model.safetensors").write_bytes(length.to_bytes(8, "little") + header)
+        with pytest.raises(RecipeError) as error:
+            write_bf16_copy(tmp_path / "fp8", tmp_path / "run" / "init")
+        assert str(error.value) == f"{tmp_path}/fp8/model.safetensors is not a safetensors file ({why})"
     assert not (tmp_path / "run").exists()

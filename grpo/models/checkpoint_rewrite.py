@@ -36,7 +36,10 @@ def header(shard: Path) -> dict:
             length = int.from_bytes(f.read(8), "little")
             if length > shard.stat().st_size:
                 raise ValueError(f"a header of {length} bytes")
-            return json.loads(f.read(length))
+            entries = json.loads(f.read(length))
+            if not isinstance(entries, dict):
+                raise ValueError("its header is not a JSON object")
+            return entries
     except OSError as error:
         raise RecipeError(f"cannot read {shard} ({error.strerror or error})") from None
     except ValueError as error:  # JSON's and UTF-8's errors are ValueErrors too
