@@ -14,7 +14,15 @@ import time
 
 import torch
 
-from grpo.config import Recipe, RecipeError, SftConfig, dump_recipe, output_folder
+from grpo.config import (
+    PARITY_TOLERANCE,
+    Recipe,
+    RecipeError,
+    SftConfig,
+    TrainConfig,
+    dump_recipe,
+    output_folder,
+)
 from grpo.data import TASK_PREFIX, train_prompts
 from grpo.models.build import check_model, converters_for, load_policy, load_tokenizer, materialize
 from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
@@ -39,6 +47,22 @@ def sft_rows(recipe: Recipe, config: SftConfig):
     return ((row["prompt"], row["completion"]) for row in itertools.chain([first], rows))
 
 
+SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss_alpha")
+"""The `train` keys `grpo sft` reads; its steps, batch size and learning rate are `sft.*`."""
+
+
+def check_train_keys(recipe: Recipe) -> None:
+    """A RecipeError for a `train` key away from its default that `grpo sft` would ignore, because it
+    is `grpo train`'s (a recipe `grpo sft` wrote itself, defaults and all, passes)."""
+    for key, field in TrainConfig.model_fields.items():
+        default = PARITY_TOLERANCE[recipe.model.dtype] if key == "parity_tolerance" else field.default
+        if key not in SFT_TRAIN_KEYS and getattr(recipe.train, key) != default:
+            raise RecipeError(
+                f"train.{key}: grpo train's, not grpo sft's (grpo sft reads sft.* and "
+                f"train.{', train.'.join(SFT_TRAIN_KEYS)})"
+            )
+
+
 def sft_loss(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     """The completion tokens' mean negative log-likelihood, and the loss to minimise: that plus the
     MoE layers' sequence-wise balance loss where `train.balance_loss_alpha` turned it on (the batch
@@ -56,10 +80,7 @@ def sft(recipe: Recipe, log=print) -> dict:
 
     config = recipe.sft or SftConfig()
     check_model(recipe.model)  # before the run folder is touched: a typo keeps an earlier run's files
-    if recipe.train.expert_parallel_size > 1:
-        raise RecipeError(
-            "train.expert_parallel_size: grpo sft trains in one process; it applies to grpo train"
-        )
+    check_train_keys(recipe)
     rows = sft_rows(recipe, config)
     run_dir = recipe.run_dir
     output_folder(run_dir, "run.output_dir")

@@ -228,15 +228,30 @@ def test_an_sft_run_with_a_missing_data_file_leaves_an_earlier_run_of_its_name_a
     assert _files(run) == EARLIER_RUN
 
 
-def test_an_sft_run_refuses_expert_parallelism_instead_of_ignoring_it(tmp_path):
+def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path):
     run = _earlier_run(tmp_path)
     recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 2}\n"
     result = _cli_run(tmp_path, "sft", recipe)
     assert (result.returncode, result.stderr.strip()) == (
         2,
-        "grpo sft: error: train.expert_parallel_size: grpo sft trains in one process; it applies to grpo train",
+        "grpo sft: error: train.expert_parallel_size: grpo train's, not grpo sft's (grpo sft reads sft.* "
+        "and train.threads, train.bf16_moments, train.routing_bias_gamma, train.balance_loss_alpha)",
     )
     assert _files(run) == EARLIER_RUN
+
+
+def test_grpo_sft_takes_its_own_train_keys_and_a_recipe_it_wrote_itself(tmp_path):
+    from grpo.config import dump_recipe
+    from grpo.sft import check_train_keys
+
+    tree = {"model": {"path": "tiny:deepseek_v3", "dtype": "bfloat16"}, "train": {"learning_rate": 1e-4}}
+    with pytest.raises(RecipeError, match=r"^train\.learning_rate: grpo train's, not grpo sft's"):
+        check_train_keys(recipe_from_dict(tree))
+    tree["train"] = {"threads": 2, "bf16_moments": True, "routing_bias_gamma": 0.001, "steps": 20}
+    recipe = recipe_from_dict(tree)
+    check_train_keys(recipe)  # steps: 20 is the default
+    dump_recipe(recipe, tmp_path / "config.yaml")  # every key written, parity_tolerance filled in by dtype
+    check_train_keys(load_recipe(tmp_path / "config.yaml"))
 
 
 def test_an_sft_run_on_rows_without_completions_stops_before_writing(tmp_path):
