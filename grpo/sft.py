@@ -14,15 +14,7 @@ import time
 
 import torch
 
-from grpo.config import (
-    PARITY_TOLERANCE,
-    Recipe,
-    RecipeError,
-    SftConfig,
-    TrainConfig,
-    dump_recipe,
-    output_folder,
-)
+from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, dump_recipe, output_folder
 from grpo.data import TASK_PREFIX, train_prompts
 from grpo.models.build import check_model, converters_for, load_policy, load_tokenizer, materialize
 from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
@@ -54,9 +46,9 @@ SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss
 def check_train_keys(recipe: Recipe) -> None:
     """A RecipeError for a `train` key away from its default that `grpo sft` would ignore, because it
     is `grpo train`'s (a recipe `grpo sft` wrote itself, defaults and all, passes)."""
-    for key, field in TrainConfig.model_fields.items():
-        default = PARITY_TOLERANCE[recipe.model.dtype] if key == "parity_tolerance" else field.default
-        if key not in SFT_TRAIN_KEYS and getattr(recipe.train, key) != default:
+    defaults = Recipe(model=recipe.model).train  # the recipe's validators fill defaults by dtype
+    for key in TrainConfig.model_fields:
+        if key not in SFT_TRAIN_KEYS and getattr(recipe.train, key) != getattr(defaults, key):
             raise RecipeError(
                 f"train.{key}: grpo train's, not grpo sft's (grpo sft reads sft.* and "
                 f"train.{', train.'.join(SFT_TRAIN_KEYS)})"
