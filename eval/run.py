@@ -51,7 +51,7 @@ def load_rows(benchmark: Benchmark, data: str | None, split: str) -> list[dict]:
     source = data or str(default_data_dir() / benchmark.default_file)
     if data is None and not Path(source).is_file():
         raise ValueError(f"no data for {benchmark.name}: pass --data PATH_OR_ID (looked for {source})")
-    rows = load(source, split)
+    rows = load(source, split, "--split")
     if not rows:
         raise ValueError(f"no {split!r} rows in {source}")
     return rows
@@ -72,6 +72,10 @@ def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
     if args.prompt not in ("noncot", "cot"):
         raise ValueError(f"--prompt {args.prompt!r}: use noncot or cot")
+    if args.dry_run and benchmark.kind != "lean":
+        raise ValueError(
+            f"--dry-run: {benchmark.name} has no Lean files to write (minif2f and proofnet have)"
+        )
     if benchmark.kind == "lean" and not args.dry_run:
         from grpo.rewards.lean import setup_problem
 
@@ -100,7 +104,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
     from grpo.config import output_folder
-    from grpo.models.build import load_tokenizer, materialize
+    from grpo.models.build import load_tokenizer, materialize, model_config
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
 
@@ -108,9 +112,9 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
         raise ValueError(f"unknown benchmark {args.benchmark!r}: use one of {sorted(BENCHMARKS)}")
     benchmark = BENCHMARKS[args.benchmark]
     check_args(args, benchmark)
-    out = Path(args.out or f"runs/eval-{benchmark.name}")
-    output_folder(out, "--out")
+    model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder behind
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
+    out = output_folder(Path(args.out or f"runs/eval-{benchmark.name}"), "--out")
     results_path = out / "problems.jsonl"
     done = (
         {json.loads(line)["id"] for line in results_path.read_text().splitlines()}

@@ -6,11 +6,37 @@ User errors (bad recipe key, missing file, unknown reward) print one line and ex
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+KIND_NAMES = {int: "an integer", float: "a number"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line, as the commands' own: the usage block is one `-h` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None):
+    """An argparse type: `kind` of the text, refused (exit 2, naming the option) outside the bounds."""
+    bounds = (f"more than {low}" if above else f"at least {low}") + (f" and at most {high}" if high else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {KIND_NAMES[kind]}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grpo", description="GRPO post-training for LLMs")
+    parser = _Parser(prog="grpo", description="GRPO post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run GRPO from a recipe")
@@ -26,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     reward.add_argument("name", help="registry name, pkg.module:fn or path/file.py:fn")
     reward.add_argument("--input", required=True, help="JSONL with 'completion' and the sample's fields")
     reward.add_argument("--output", default="-", help="JSONL out (default stdout)")
-    reward.add_argument("--timeout", type=float, default=10.0)
-    reward.add_argument("--workers", type=int, default=2)
+    reward.add_argument("--timeout", type=_number(float, 0, above=True), default=10.0)
+    reward.add_argument("--workers", type=_number(int, 1), default=2)
 
     evaluate = commands.add_parser("eval", help="pass@k on miniF2F, ProofNet, MATH-500 or GSM8K")
     evaluate.add_argument("benchmark", help="minif2f | proofnet | math500 | gsm8k")
@@ -36,18 +62,18 @@ def _parser() -> argparse.ArgumentParser:
         "--data", help="a .jsonl/.json/.parquet file or dataset id (default: the shared data folder)"
     )
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--n", type=int, default=32, help="samples per problem")
+    evaluate.add_argument("--n", type=_number(int, 1), default=32, help="samples per problem")
     evaluate.add_argument("--k", default="1,8,32", help="comma-separated k for pass@k")
-    evaluate.add_argument("--limit", type=int, help="first N problems only")
-    evaluate.add_argument("--temperature", type=float, default=1.0)
-    evaluate.add_argument("--top-p", type=float, default=0.95)
-    evaluate.add_argument("--max-tokens", type=int, default=2048)
+    evaluate.add_argument("--limit", type=_number(int, 1), help="first N problems only")
+    evaluate.add_argument("--temperature", type=_number(float, 0), default=1.0)
+    evaluate.add_argument("--top-p", type=_number(float, 0, above=True, high=1), default=0.95)
+    evaluate.add_argument("--max-tokens", type=_number(int, 1), default=2048)
     evaluate.add_argument("--prompt", default="noncot", help="noncot | cot (Lean benchmarks)")
     evaluate.add_argument("--out", help="output folder (default runs/eval-BENCHMARK); re-running resumes")
     evaluate.add_argument(
         "--dry-run", action="store_true", help="Lean: write the files to check, verify nothing"
     )
-    evaluate.add_argument("--engines", type=int, default=1)
+    evaluate.add_argument("--engines", type=_number(int, 1), default=1)
     evaluate.add_argument("--ray-address", default=None)
 
     export = commands.add_parser("export-fp8", help="write a checkpoint in DeepSeek-V3's FP8 format")

@@ -17,7 +17,11 @@ TASK_PREFIX = "task:"
 FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_rows(source: str, split: str) -> list[dict]:
+def load_rows(source: str, split: str, key: str) -> list[dict]:
+    """`source`'s rows of `split`. A local file is one split unless it has a `split` column; then its
+    rows of `split`, and a RecipeError naming `key` (the recipe key or option that gave `split`) where
+    it has none, rather than every row: a misspelt split would otherwise evaluate on all of them, and
+    a held-out split missing from a training file would evaluate on the training rows."""
     import datasets
 
     path = Path(source)
@@ -25,7 +29,10 @@ def load_rows(source: str, split: str) -> list[dict]:
         if not path.is_file():
             raise RecipeError(f"data file not found: {source}")
         table = datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
-        if "split" in table.column_names and split in set(table["split"]):
+        if "split" in table.column_names:
+            if split not in (splits := set(table["split"])):
+                named = ", ".join(sorted(map(str, splits)))
+                raise RecipeError(f"{key}: {source} has no {split!r} rows (its splits: {named})")
             table = table.filter(lambda row: row["split"] == split)
     else:
         try:
@@ -52,7 +59,7 @@ def train_prompts(config: DataConfig, seed: int):
     """Endless iterator of training rows, shuffled once per pass."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
-    rows = _format(load_rows(config.source, config.split), config)
+    rows = _format(load_rows(config.source, config.split, "data.split"), config)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
     rng = random.Random(seed)
@@ -74,7 +81,7 @@ def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
             for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
         }
         return list(unique.values())[:count]
-    return _format(load_rows(source, config.eval_split), config)[:count]
+    return _format(load_rows(source, config.eval_split, "data.eval_split"), config)[:count]
 
 
 def _task(source: str):

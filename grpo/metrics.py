@@ -47,7 +47,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}:{number}: not a step's record (a JSON object with a 'step')")
+        records.append(record)
+    return records
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -59,6 +70,8 @@ def plot_run(run_dir: Path) -> Path:
 
     records = read_metrics(run_dir)
     keys = [k for k in PLOT_KEYS if any(k in r for r in records)]
+    if not keys:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no curves to plot (none of {', '.join(PLOT_KEYS)})")
     figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for axis, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r]

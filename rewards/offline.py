@@ -35,6 +35,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def score_file(name: str, input_path: Path, output: str, workers: int, timeout_s: float) -> None:
     rows = read_jsonl(input_path)
+    # checked before scoring, which may take long; the file itself is opened after, since it may be the input
+    if output != "-" and (Path(output).is_dir() or not Path(output).parent.is_dir()):
+        raise ValueError(f"--output {output}: not a file in an existing folder")
     started = time.perf_counter()
     with RewardRuntime([RewardEntry(name, name)], workers=workers, timeout_s=timeout_s) as runtime:
         scored = runtime.score(

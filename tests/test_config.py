@@ -90,10 +90,16 @@ def test_the_cli_exits_2_on_a_missing_model(tmp_path):
     path.write_text(f"model: {{path: {tmp_path}/no-such-model}}\nrun: {{output_dir: {tmp_path}}}\n")
     result = _cli("train", str(path))
     assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith(
-        f"grpo train: error: model.path: {tmp_path}/no-such-model is neither a folder nor a loadable model id"
-    )
+    assert result.stderr.strip() == f"grpo train: error: model.path: no folder {tmp_path}/no-such-model"
+
+
+def test_a_missing_relative_model_folder_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    from grpo.models.build import model_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as error:
+        model_config("runs/arithmetic-sft/final")
+    assert str(error.value) == f"model.path: no folder runs/arithmetic-sft/final (relative to {tmp_path})"
 
 
 def test_tiny_overrides_only_apply_to_the_tiny_model():

@@ -79,6 +79,37 @@ def test_a_lean_benchmark_without_lean_exits_2_before_sampling(tmp_path, monkeyp
     )
 
 
+def test_a_top_p_outside_0_1_exits_2_before_anything_starts(tmp_path):
+    result = _grpo(
+        "eval", "gsm8k", "--model", "tiny:deepseek_v3", "--top-p", "2", "--out", str(tmp_path / "e")
+    )
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo eval: error: argument --top-p: 2: must be more than 0 and at most 1 (see grpo eval -h)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dry-run"], "--dry-run: gsm8k has no Lean files to write (minif2f and proofnet have)"),
+        (["--split", "tset"], "--split: {data} has no 'tset' rows (its splits: test)"),
+    ],
+)
+def test_a_math_eval_with_bad_options_exits_2_and_leaves_no_output_folder(tmp_path, options, message):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2", "split": "test"}\n')
+    out = tmp_path / "eval"
+    result = _grpo(
+        "eval", "gsm8k", "--model", "tiny:deepseek_v3", "--data", str(data), "--out", str(out), *options
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo eval: error: " + message.format(data=data),
+    )
+    assert not out.exists()
+
+
 @pytest.fixture
 def model(tmp_path):
     """A random tiny DeepSeek-V3 whose context fits benchmark prompts (long in characters)."""

@@ -160,3 +160,37 @@ def test_grpo_reward_lean_without_lean_exits_2_with_a_setup_hint(tmp_path, monke
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("grpo reward: error: reward lean: Lean is not set up: set GRPO_LEAN_PROJECT")
+
+
+def _grpo_reward(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "reward", "math", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--workers", "0", "0: must be at least 1"), ("--timeout", "0", "0: must be more than 0")],
+)
+def test_grpo_reward_exits_2_on_a_worker_count_or_timeout_that_cannot_score(tmp_path, option, value, message):
+    (tmp_path / "in.jsonl").write_text('{"completion": "4", "answer": "4"}\n')
+    result = _grpo_reward("--input", str(tmp_path / "in.jsonl"), option, value)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo reward: error: argument {option}: {message} (see grpo reward -h)",
+    )
+
+
+def test_grpo_reward_names_an_output_it_could_not_write_before_scoring(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"completion": "4", "answer": "4"}\n')
+    result = _grpo_reward(
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "no" / "out.jsonl")
+    )
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo reward: error: --output {tmp_path}/no/out.jsonl: not a file in an existing folder",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -63,6 +63,9 @@ def model_config(path: str, tiny_overrides: dict | None = None, key: str = "mode
         if not (Path(path) / "config.json").is_file():
             raise RecipeError(f"{key}: {path} has no config.json (not a Hugging Face folder)")
         return AutoConfig.from_pretrained(path)
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:  # a hub id is NAME or ORG/NAME
+        where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+        raise RecipeError(f"{key}: no folder {path}{where}")
     try:
         return AutoConfig.from_pretrained(path)  # a hub id: resolves from the local cache or the hub
     except (OSError, ValueError) as error:

@@ -1,0 +1,35 @@
+import pytest
+
+from grpo.config import DataConfig, RecipeError
+from grpo.data import eval_prompts, load_rows
+
+ROWS = '{"q": "1+1", "answer": "2", "split": "train"}\n{"q": "2+2", "answer": "4", "split": "test"}\n'
+
+
+def test_a_file_with_a_split_column_gives_the_rows_of_the_split_asked_for(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(ROWS)
+    assert [row["q"] for row in load_rows(str(tmp_path / "rows.jsonl"), "test", "data.split")] == ["2+2"]
+
+
+def test_a_file_without_a_split_column_is_one_split(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1"}\n{"q": "2+2"}\n')
+    assert [row["q"] for row in load_rows(str(tmp_path / "rows.jsonl"), "test", "data.split")] == [
+        "1+1",
+        "2+2",
+    ]
+
+
+def test_a_split_the_file_does_not_have_is_named_with_the_splits_it_has(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(ROWS)
+    with pytest.raises(RecipeError) as error:
+        load_rows(str(tmp_path / "rows.jsonl"), "tset", "--split")
+    assert str(error.value) == f"--split: {tmp_path}/rows.jsonl has no 'tset' rows (its splits: test, train)"
+
+
+def test_held_out_prompts_are_never_the_training_rows_of_a_file_without_a_held_out_split(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"q": "1+1", "answer": "2", "split": "train"}\n')
+    config = DataConfig(source=str(tmp_path / "train.jsonl"), prompt_template="{q}")
+    with pytest.raises(
+        RecipeError, match=r"^data\.eval_split: .*train\.jsonl has no 'test' rows \(its splits: train\)$"
+    ):
+        eval_prompts(config, count=4, seed=0)
