@@ -28,7 +28,12 @@ def _number(kind: type, low: float, *, above: bool = False, high: float | None =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {KIND_NAMES[kind]}") from None
-        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+        if (
+            not math.isfinite(value)
+            or value < low
+            or (above and value == low)
+            or (high is not None and value > high)
+        ):
             raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
         return value
 

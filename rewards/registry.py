@@ -32,20 +32,26 @@ def resolve(spec: str) -> RewardFn:
         known = ", ".join(sorted(REGISTRY))
         raise ValueError(f"unknown reward {spec!r}: use one of {known}, pkg.module:fn or file.py:fn")
     location, _, name = spec.rpartition(":")
-    if location.endswith(".py"):
-        path = Path(location)
-        if not path.is_file():
-            raise ValueError(f"reward file not found: {location}")
-        module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise ValueError(f"cannot import reward module {location!r}: {error}") from None
+    if location.endswith(".py") and not Path(location).is_file():
+        raise ValueError(f"reward file not found: {location}")
+    try:
+        module = _import(location)
+    except Exception as error:  # noqa: BLE001 - the user's module may raise anything while it loads
+        raise ValueError(
+            f"cannot import reward module {location!r}: {type(error).__name__}: {error}"
+        ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"reward {spec!r}: {location} has no function {name!r}")
     return fn
+
+
+def _import(location: str):
+    if not location.endswith(".py"):
+        return importlib.import_module(location)
+    path = Path(location)
+    module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

@@ -61,6 +61,14 @@ def test_a_missing_recipe_file_is_named():
         load_recipe("nope.yaml")
 
 
+def test_a_section_written_twice_is_refused_rather_than_the_first_dropped(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  path: tiny:deepseek_v3\ntrain: {steps: 2}\nmodel:\n  fp8: true\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"{path}: not valid YAML (key 'model' twice in one mapping, lines 1 and 4)"
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, timeout=120

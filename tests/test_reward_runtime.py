@@ -54,6 +54,21 @@ def test_resolve_names_what_is_wrong(spec, message):
         resolve(spec)
 
 
+def test_a_reward_file_that_fails_to_load_is_one_line_naming_the_error(tmp_path):
+    (tmp_path / "broken.py").write_text("import no_such_module_anywhere\n")
+    with pytest.raises(ValueError) as error:
+        resolve(f"{tmp_path}/broken.py:fn")
+    assert str(error.value) == (
+        f"cannot import reward module '{tmp_path}/broken.py': "
+        "ModuleNotFoundError: No module named 'no_such_module_anywhere'"
+    )
+    (tmp_path / "syntax.py").write_text("def fn(completion, sample):\n    return 1 +\n")
+    with pytest.raises(
+        ValueError, match=r"'.*syntax\.py': SyntaxError: invalid syntax \(syntax\.py, line 2\)$"
+    ):
+        resolve(f"{tmp_path}/syntax.py:fn")
+
+
 def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_file):
     specs = [
         RewardEntry(name, f"{user_file}:{name}")
