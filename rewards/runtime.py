@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Mapping, Sequence
@@ -79,12 +80,23 @@ def _serve(specs: list[tuple[str, dict]], conn: Connection) -> None:
             value, note = functions[index](completion, sample), ""
             if isinstance(value, tuple):
                 value, note = value
-            value = None if value is None else float(value)
+            value = None if value is None else _finite(value)
             status = "n/a" if value is None else "ok" if value > 0 else "wrong"
             reply = (value, status, str(note)[:500])
         except Exception as error:  # noqa: BLE001 - user code: every failure becomes a status
             reply = (None, "error", f"{type(error).__name__}: {error}"[:500])
         conn.send(reply)
+
+
+def _finite(value) -> float:
+    """A reward's value as a float; NaN or infinity would turn its whole group's advantages to NaN,
+    and a string that happens to parse is a bug in the reward, so each is an error instead."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"returned {value[:40]!r}, not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"returned {number}, not a finite number")
+    return number
 
 
 class _Worker:

@@ -96,6 +96,24 @@ def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_fil
         assert again.components["length_bonus"].value == 0.5
 
 
+def test_a_value_that_is_not_a_finite_number_is_an_error_not_a_reward(tmp_path):
+    path = tmp_path / "odd.py"
+    path.write_text(
+        "def nan(c, s):\n    return float('nan')\n\ndef inf(c, s):\n    return float('-inf')\n\n"
+        "def text(c, s):\n    return '0.5'\n\ndef fine(c, s):\n    return True\n"
+    )
+    specs = [RewardEntry(name, f"{path}:{name}") for name in ("nan", "inf", "text", "fine")]
+    with RewardRuntime(specs, workers=1) as runtime:
+        [scored] = runtime.score(["x"], [{}])
+    assert {name: (o.value, o.status, o.message) for name, o in scored.components.items()} == {
+        "nan": (None, "error", "ValueError: returned nan, not a finite number"),
+        "inf": (None, "error", "ValueError: returned -inf, not a finite number"),
+        "text": (None, "error", "TypeError: returned '0.5', not a number"),
+        "fine": (1.0, "ok", ""),
+    }
+    assert scored.reward == 1.0
+
+
 def test_a_workers_start_up_is_not_charged_to_its_first_call(tmp_path):
     """The module takes 1.5 s to import (as sympy can on a loaded machine); the call itself is
     instant, so it is `ok` under a 1 s timeout, in the first workers and in a replacement."""
