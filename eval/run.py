@@ -61,12 +61,6 @@ def problem_id(benchmark: Benchmark, row: dict, index: int) -> str:
     return str(row.get(benchmark.id_field) or index) if benchmark.id_field else str(index)
 
 
-def context_length(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 1 << 30))
-
-
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
@@ -104,7 +98,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
     from grpo.config import output_folder
-    from grpo.models.build import load_tokenizer, materialize, model_config
+    from grpo.models.build import engine_context, load_tokenizer, materialize, model_config
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
 
@@ -112,7 +106,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
         raise ValueError(f"unknown benchmark {args.benchmark!r}: use one of {sorted(BENCHMARKS)}")
     benchmark = BENCHMARKS[args.benchmark]
     check_args(args, benchmark)
-    model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder behind
+    config = model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
     out = output_folder(Path(args.out or f"runs/eval-{benchmark.name}"), "--out")
     results_path = out / "problems.jsonl"
@@ -139,7 +133,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
                 if args.dry_run
                 else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
             )
-            context = context_length(model_path)
+            context = engine_context(config, {})
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 prompts = [tokenizer(benchmark.prompt(r, args.prompt))["input_ids"] for _, r in chunk]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from grpo.config import DataConfig, RecipeError
@@ -55,13 +56,15 @@ def _format(rows: list[dict], config: DataConfig) -> list[dict]:
     return out
 
 
-def train_prompts(config: DataConfig, seed: int):
-    """Endless iterator of training rows, shuffled once per pass."""
+def train_prompts(config: DataConfig, seed: int, fits: Callable[[str], bool] = lambda prompt: True):
+    """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows whose
+    prompt `fits` refuses are left out (the task's prompts are a few dozen characters)."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
     rows = _format(load_rows(config.source, config.split, "data.split"), config)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
+    rows = _fitting(rows, fits, "data.source")
     rng = random.Random(seed)
 
     def cycle():
@@ -72,8 +75,10 @@ def train_prompts(config: DataConfig, seed: int):
     return cycle()
 
 
-def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
-    """The first `count` held-out rows (deterministic)."""
+def eval_prompts(
+    config: DataConfig, count: int, seed: int, fits: Callable[[str], bool] = lambda prompt: True
+) -> list[dict]:
+    """The first `count` held-out rows (deterministic) whose prompt `fits` accepts."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
         unique = {
@@ -81,7 +86,18 @@ def eval_prompts(config: DataConfig, count: int, seed: int) -> list[dict]:
             for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
         }
         return list(unique.values())[:count]
-    return _format(load_rows(source, config.eval_split, "data.eval_split"), config)[:count]
+    rows = _format(load_rows(source, config.eval_split, "data.eval_split"), config)
+    return _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
+
+
+def _fitting(rows: list[dict], fits: Callable[[str], bool], key: str) -> list[dict]:
+    kept = [row for row in rows if fits(row["prompt"])]
+    if rows and not kept:
+        raise RecipeError(
+            f"{key}: all {len(rows)} prompts are too long for the engines' context "
+            "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)"
+        )
+    return kept
 
 
 def _task(source: str):

@@ -19,12 +19,28 @@ from grpo.config import Recipe, dump_recipe, output_folder
 from grpo.data import eval_prompts, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
-from grpo.models.build import check_model, load_tokenizer, materialize
+from grpo.models.build import check_model, engine_context, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec
 from grpo.trainer.policy_trainer import RolloutBatch
 from grpo.trainer.ranks import TrainerRanks
+
+
+@dataclass
+class PromptFit:
+    """Whether a prompt leaves the engines room to answer. vLLM refuses a prompt as long as its
+    context, which would stop the run at the step that drew it; such rows are left out and counted."""
+
+    tokenizer: object
+    context: int
+    too_long: int = 0
+
+    def __call__(self, prompt: str) -> bool:
+        if len(self.tokenizer(prompt)["input_ids"]) < self.context:
+            return True
+        self.too_long += 1
+        return False
 
 
 @dataclass
@@ -257,9 +273,12 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     started = time.perf_counter()
     # Everything a recipe can get wrong is checked before the run folder is touched, so that a
     # typo does not overwrite an earlier run's config.yaml and metrics.
-    check_model(recipe.model, recipe.train.expert_parallel_size)
-    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed)
-    prompts = train_prompts(recipe.data, recipe.run.seed)
+    config = check_model(recipe.model, recipe.train.expert_parallel_size)
+    tokenizer = load_tokenizer(recipe.model.path)
+    context = engine_context(config, recipe.rollout.engine_kwargs)
+    train_fit, eval_fit = PromptFit(tokenizer, context), PromptFit(tokenizer, context)
+    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
+    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit)
     reward_entries = [
         RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
@@ -270,7 +289,6 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     model_path = materialize(
         recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
     )
-    tokenizer = load_tokenizer(model_path)
     log = MetricsLog(run_dir)
     start_ray(
         ray_address,
@@ -316,6 +334,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         "run": recipe.run.name,
         "steps": recipe.train.steps,
         "eval_prompts": len(eval_rows),
+        "prompts_left_out_too_long": {"train": train_fit.too_long, "eval": eval_fit.too_long},
         "eval_accuracy_before": before.get("accuracy"),
         "eval_accuracy_after": after.get("accuracy"),
         "eval_reward_before": before.get("reward"),
@@ -350,4 +369,7 @@ def before_after_table(summary: dict) -> str:
     lines.append(
         f"{summary['steps']} GRPO steps in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}"
     )
+    if left_out := {part: n for part, n in summary["prompts_left_out_too_long"].items() if n}:
+        counts = ", ".join(f"{n} {part}" for part, n in left_out.items())
+        lines.append(f"prompts left out as too long for the engines' context: {counts}")
     return "\n".join(lines)

@@ -242,6 +242,25 @@ def test_an_sft_run_with_a_missing_data_file_leaves_an_earlier_run_of_its_name_a
     assert _files(run) == EARLIER_RUN
 
 
+def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_earlier_run_as_it_was(
+    tmp_path,
+):
+    run = _earlier_run(tmp_path)
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "12+34=", "answer": "46"}\n')
+    recipe = (
+        "model: {path: 'tiny:deepseek_v3'}\nrollout: {engine_kwargs: {max_model_len: 6}}\n"
+        f"data: {{source: {tmp_path}/rows.jsonl, eval_source: {tmp_path}/rows.jsonl}}\n"
+    )
+    result = _cli_run(tmp_path, "train", recipe)
+    # one token a character in the tiny model's tokenizer: 6 tokens leave no room to answer
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo train: error: data.eval_source: all 1 prompts are too long for the engines' context "
+        "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path):
     run = _earlier_run(tmp_path)
     recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 2}\n"

@@ -1,7 +1,7 @@
 import pytest
 
 from grpo.config import DataConfig, RecipeError
-from grpo.data import eval_prompts, load_rows
+from grpo.data import eval_prompts, load_rows, train_prompts
 
 ROWS = '{"q": "1+1", "answer": "2", "split": "train"}\n{"q": "2+2", "answer": "4", "split": "test"}\n'
 
@@ -33,3 +33,27 @@ def test_held_out_prompts_are_never_the_training_rows_of_a_file_without_a_held_o
         RecipeError, match=r"^data\.eval_split: .*train\.jsonl has no 'test' rows \(its splits: train\)$"
     ):
         eval_prompts(config, count=4, seed=0)
+
+
+def test_rows_whose_prompt_does_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(
+        '{"q": "1+1", "answer": "2"}\n{"q": "1+1+1+1", "answer": "4"}\n{"q": "2+2", "answer": "4"}\n'
+    )
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}")
+    short = lambda prompt: len(prompt) < 5  # noqa: E731
+    assert [row["q"] for row in eval_prompts(config, count=2, seed=0, fits=short)] == ["1+1", "2+2"]
+    prompts = train_prompts(config, seed=0, fits=short)
+    assert {next(prompts)["q"] for _ in range(10)} == {"1+1", "2+2"}
+    with pytest.raises(
+        RecipeError, match=r"^data\.source: all 3 prompts are too long for the engines' context"
+    ):
+        train_prompts(config, seed=0, fits=lambda prompt: False)
+
+
+def test_a_prompt_fits_while_the_engines_have_a_token_left_to_answer():
+    from grpo.models.tiny import build_tokenizer
+    from grpo.orchestrator import PromptFit
+
+    fit = PromptFit(build_tokenizer(), context=5)  # one token a character
+    assert [fit(prompt) for prompt in ("abcd", "abcde", "a", "abcdefgh")] == [True, False, True, False]
+    assert fit.too_long == 2

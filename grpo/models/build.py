@@ -104,14 +104,15 @@ def _convert_to_fp8(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:
         raise RecipeError(f"model.fp8_exclude: {error}") from None
 
 
-def check_model(model_section, expert_parallel_size: int = 1) -> None:
+def check_model(model_section, expert_parallel_size: int = 1):
     """Check what a recipe can get wrong about its model, so that a run stops before it writes
     anything or starts a worker: the path, the converters (applied to the model built on the meta
-    device, no weights read) and the routed experts' split over `expert_parallel_size` ranks."""
+    device, no weights read) and the routed experts' split over `expert_parallel_size` ranks.
+    Returns the model's transformers config."""
     config = model_config(model_section.path, model_section.tiny_overrides)
     _fp8_folder(model_section.path, config)
     if not model_section.fp8_exclude and expert_parallel_size == 1:  # nothing else can fail
-        return
+        return config
     from transformers import AutoModelForCausalLM
 
     from grpo.models.moe import moe_layers
@@ -126,9 +127,22 @@ def check_model(model_section, expert_parallel_size: int = 1) -> None:
             experts_per_rank(layer.experts.num_experts, expert_parallel_size)
         except ValueError as error:
             raise RecipeError(f"train.expert_parallel_size: {error}") from None
+    return config
 
 
 def load_tokenizer(path: str):
+    """`path`'s tokenizer, read without writing anything: the tiny model's is built in memory, and a
+    run's BF16 copy of an FP8 checkpoint carries its source's tokenizer files."""
+    if path == TINY:
+        from grpo.models.tiny import build_tokenizer
+
+        return build_tokenizer()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def engine_context(config, engine_kwargs: dict) -> int:
+    """The most tokens a vLLM engine holds for one sequence: `max_model_len` where the engine is given
+    one, else the model's positions (no limit where the config names none)."""
+    return int(engine_kwargs.get("max_model_len") or getattr(config, "max_position_embeddings", 1 << 30))
