@@ -283,18 +283,19 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
     check_rewards(reward_entries)
-    run_dir = recipe.run_dir
-    output_folder(run_dir, "run.output_dir")
-    dump_recipe(recipe, run_dir / "config.yaml")
-    model_path = materialize(
-        recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
-    )
-    log = MetricsLog(run_dir)
+    # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(
         ray_address,
         recipe.train.expert_parallel_size + recipe.rollout.engines * recipe.rollout.cpus_per_engine,
     )
     try:
+        run_dir = recipe.run_dir
+        output_folder(run_dir, "run.output_dir")
+        dump_recipe(recipe, run_dir / "config.yaml")
+        model_path = materialize(
+            recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
+        )
+        log = MetricsLog(run_dir)
         with RewardRuntime(
             reward_entries, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
         ) as rewards:

@@ -261,6 +261,18 @@ def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_ea
     assert _files(run) == EARLIER_RUN
 
 
+def test_a_ray_cluster_to_join_that_is_not_there_is_named_and_an_earlier_run_kept(tmp_path):
+    run = _earlier_run(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: 'tiny:deepseek_v3'}}\nrun: {{output_dir: {tmp_path}}}\n")
+    result = _cli("train", str(path), "--ray-address", "127.0.0.1:1")  # Ray would retry it for minutes
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: --ray-address 127.0.0.1:1: nothing answers there (Connection refused)",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path):
     run = _earlier_run(tmp_path)
     recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 2}\n"

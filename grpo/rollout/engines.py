@@ -6,6 +6,7 @@ Shared by training (`grpo.orchestrator`) and evaluation (`grpo.eval`).
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from grpo.rollout.vllm_engine import Completion, SamplingSpec, VllmEngine
@@ -19,7 +20,11 @@ def start_ray(address: str | None, cpus_needed: float) -> None:
     import ray
 
     if address:
-        ray.init(address=address, log_to_driver=False)
+        _check_answers(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as error:
+            raise ValueError(f"--ray-address {address}: {str(error).splitlines()[0]}") from None
     else:
         # Logical CPUs only: on a 2-core machine the trainer and the engine take turns anyway.
         ray.init(
@@ -27,6 +32,19 @@ def start_ray(address: str | None, cpus_needed: float) -> None:
             include_dashboard=False,
             log_to_driver=False,
         )
+
+
+def _check_answers(address: str, timeout_s: float = 10.0) -> None:
+    """Ray retries a HOST:PORT where nothing listens for many minutes; a plain connection says so at once."""
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():  # `auto`, `ray://...`: Ray's own lookup
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ValueError(
+            f"--ray-address {address}: nothing answers there ({error.strerror or error})"
+        ) from None
 
 
 def start_engines(
