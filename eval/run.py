@@ -98,7 +98,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
     from grpo.config import output_folder
-    from grpo.models.build import engine_context, load_tokenizer, materialize, model_config
+    from grpo.models.build import context_length, load_tokenizer, materialize, model_config
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
 
@@ -133,7 +133,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
                 if args.dry_run
                 else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
             )
-            context = engine_context(config, {})
+            context = context_length(config, {})
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 prompts = [tokenizer(benchmark.prompt(r, args.prompt))["input_ids"] for _, r in chunk]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import DataConfig, RecipeError
@@ -56,9 +57,9 @@ def _format(rows: list[dict], config: DataConfig) -> list[dict]:
     return out
 
 
-def train_prompts(config: DataConfig, seed: int, fits: Callable[[str], bool] = lambda prompt: True):
-    """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows whose
-    prompt `fits` refuses are left out (the task's prompts are a few dozen characters)."""
+def train_prompts(config: DataConfig, seed: int, fits: Callable[[dict], bool] = lambda row: True):
+    """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows that
+    `fits` refuses are left out (the task's prompts and solutions are a few dozen characters)."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
     rows = _format(load_rows(config.source, config.split, "data.split"), config)
@@ -76,9 +77,9 @@ def train_prompts(config: DataConfig, seed: int, fits: Callable[[str], bool] = l
 
 
 def eval_prompts(
-    config: DataConfig, count: int, seed: int, fits: Callable[[str], bool] = lambda prompt: True
+    config: DataConfig, count: int, seed: int, fits: Callable[[dict], bool] = lambda row: True
 ) -> list[dict]:
-    """The first `count` held-out rows (deterministic) whose prompt `fits` accepts."""
+    """The first `count` held-out rows (deterministic) that `fits` accepts."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
         unique = {
@@ -90,14 +91,32 @@ def eval_prompts(
     return _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
 
 
-def _fitting(rows: list[dict], fits: Callable[[str], bool], key: str) -> list[dict]:
-    kept = [row for row in rows if fits(row["prompt"])]
+def _fitting(rows: list[dict], fits: Callable[[dict], bool], key: str) -> list[dict]:
+    kept = [row for row in rows if fits(row)]
     if rows and not kept:
         raise RecipeError(
-            f"{key}: all {len(rows)} prompts are too long for the engines' context "
+            f"{key}: all {len(rows)} rows are too long for the context "
             "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)"
         )
     return kept
+
+
+@dataclass
+class ContextFit:
+    """Whether a row's `fields`, tokenized, leave a token of room in `context`: one to answer for a
+    prompt (vLLM refuses a prompt as long as its context, which would stop a run at the step that
+    drew it), the end-of-sequence token for a prompt and completion. Counts the rows refused."""
+
+    tokenizer: object
+    context: int
+    fields: tuple[str, ...] = ("prompt",)
+    too_long: int = 0
+
+    def __call__(self, row: dict) -> bool:
+        if sum(len(self.tokenizer(row[field])["input_ids"]) for field in self.fields) < self.context:
+            return True
+        self.too_long += 1
+        return False
 
 
 def _task(source: str):

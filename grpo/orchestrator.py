@@ -16,31 +16,15 @@ import torch
 
 from grpo.algorithms.advantages import ADVANTAGES, tied_groups
 from grpo.config import Recipe, dump_recipe, output_folder
-from grpo.data import eval_prompts, train_prompts
+from grpo.data import ContextFit, eval_prompts, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
-from grpo.models.build import check_model, engine_context, load_tokenizer, materialize
+from grpo.models.build import check_model, context_length, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec
 from grpo.trainer.policy_trainer import RolloutBatch
 from grpo.trainer.ranks import TrainerRanks
-
-
-@dataclass
-class PromptFit:
-    """Whether a prompt leaves the engines room to answer. vLLM refuses a prompt as long as its
-    context, which would stop the run at the step that drew it; such rows are left out and counted."""
-
-    tokenizer: object
-    context: int
-    too_long: int = 0
-
-    def __call__(self, prompt: str) -> bool:
-        if len(self.tokenizer(prompt)["input_ids"]) < self.context:
-            return True
-        self.too_long += 1
-        return False
 
 
 @dataclass
@@ -275,8 +259,8 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     # typo does not overwrite an earlier run's config.yaml and metrics.
     config = check_model(recipe.model, recipe.train.expert_parallel_size)
     tokenizer = load_tokenizer(recipe.model.path)
-    context = engine_context(config, recipe.rollout.engine_kwargs)
-    train_fit, eval_fit = PromptFit(tokenizer, context), PromptFit(tokenizer, context)
+    context = context_length(config, recipe.rollout.engine_kwargs)
+    train_fit, eval_fit = ContextFit(tokenizer, context), ContextFit(tokenizer, context)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
     prompts = train_prompts(recipe.data, recipe.run.seed, train_fit)
     reward_entries = [

@@ -15,28 +15,41 @@ import time
 import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, dump_recipe, output_folder
-from grpo.data import TASK_PREFIX, train_prompts
-from grpo.models.build import check_model, converters_for, load_policy, load_tokenizer, materialize
+from grpo.data import TASK_PREFIX, ContextFit, train_prompts
+from grpo.models.build import (
+    check_model,
+    context_length,
+    converters_for,
+    load_policy,
+    load_tokenizer,
+    materialize,
+)
 from grpo.models.moe import balance_loss, moe_layers, update_routing_bias
 from grpo.tasks.arithmetic import solution_text
 from grpo.trainer.optim import build_optimizer
 from grpo.trainer.policy_trainer import Packed, pack, token_logprobs
 
 
-def sft_rows(recipe: Recipe, config: SftConfig):
+def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit):
     """Endless (prompt, completion) pairs. The data is read and checked here, not at the first
-    pair, so that a missing file or field stops `sft` before it writes anything."""
-    rows = train_prompts(recipe.data, recipe.run.seed)
+    pair, so that a missing file or field stops `sft` before it writes anything. A file's or
+    dataset's rows longer than the model's context (`fit`) are left out."""
     if recipe.data.source.startswith(TASK_PREFIX):
         rng = random.Random(recipe.run.seed + 7)
         return (
             (row["prompt"], solution_text(row["expression"], boxed=rng.random() < config.boxed_fraction))
-            for row in rows
+            for row in train_prompts(recipe.data, recipe.run.seed)
         )
-    first = next(rows)  # a file's or dataset's rows all have the same fields
-    if "completion" not in first:
-        raise RecipeError("sft: data rows need a 'completion' field")
-    return ((row["prompt"], row["completion"]) for row in itertools.chain([first], rows))
+
+    def fits(row: dict) -> bool:
+        if not isinstance(row.get("completion"), str):
+            found = "none" if row.get("completion") is None else f"{row['completion']!r:.40}, not a string"
+            raise RecipeError(
+                f"sft: data rows need a 'completion' field (the row of prompt {row['prompt']!r:.60} has {found})"
+            )
+        return fit(row)
+
+    return ((row["prompt"], row["completion"]) for row in train_prompts(recipe.data, recipe.run.seed, fits))
 
 
 SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss_alpha")
@@ -71,9 +84,14 @@ def sft(recipe: Recipe, log=print) -> dict:
     from accelerate.utils import set_seed
 
     config = recipe.sft or SftConfig()
-    check_model(recipe.model)  # before the run folder is touched: a typo keeps an earlier run's files
+    # before the run folder is touched: a typo keeps an earlier run's files
+    model_config = check_model(recipe.model)
     check_train_keys(recipe)
-    rows = sft_rows(recipe, config)
+    tokenizer = load_tokenizer(recipe.model.path)
+    fit = ContextFit(tokenizer, context_length(model_config, {}), ("prompt", "completion"))
+    rows = sft_rows(recipe, config, fit)
+    if fit.too_long:
+        log(f"sft: {fit.too_long} data rows left out, longer than the model's {fit.context} positions")
     run_dir = recipe.run_dir
     output_folder(run_dir, "run.output_dir")
     dump_recipe(recipe, run_dir / "config.yaml")
@@ -83,7 +101,6 @@ def sft(recipe: Recipe, log=print) -> dict:
     model_path = materialize(
         recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
     )
-    tokenizer = load_tokenizer(model_path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
     for layer in moe_layers(model):
@@ -123,6 +140,7 @@ def sft(recipe: Recipe, log=print) -> dict:
         "final_loss": statistics.fmean(losses[-20:]),
         "expert_load_max_over_mean": statistics.fmean(loads[-20:]),
         "checkpoint": str(final),
+        "rows_left_out_too_long": fit.too_long,
         "wall_time_s": time.perf_counter() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -255,7 +255,7 @@ def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_ea
     # one token a character in the tiny model's tokenizer: 6 tokens leave no room to answer
     assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
         2,
-        "grpo train: error: data.eval_source: all 1 prompts are too long for the engines' context "
+        "grpo train: error: data.eval_source: all 1 rows are too long for the context "
         "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)",
     )
     assert _files(run) == EARLIER_RUN
@@ -309,7 +309,7 @@ def test_an_sft_run_on_rows_without_completions_stops_before_writing(tmp_path):
     # what precedes the error is the datasets library's progress bar reading the file
     assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
         2,
-        "grpo sft: error: sft: data rows need a 'completion' field",
+        "grpo sft: error: sft: data rows need a 'completion' field (the row of prompt '1+1' has none)",
     )
     assert not (tmp_path / "run").exists()
 

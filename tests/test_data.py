@@ -35,25 +35,26 @@ def test_held_out_prompts_are_never_the_training_rows_of_a_file_without_a_held_o
         eval_prompts(config, count=4, seed=0)
 
 
-def test_rows_whose_prompt_does_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_path):
+def test_rows_that_do_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_path):
     (tmp_path / "rows.jsonl").write_text(
         '{"q": "1+1", "answer": "2"}\n{"q": "1+1+1+1", "answer": "4"}\n{"q": "2+2", "answer": "4"}\n'
     )
     config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}")
-    short = lambda prompt: len(prompt) < 5  # noqa: E731
+    short = lambda row: len(row["prompt"]) < 5  # noqa: E731
     assert [row["q"] for row in eval_prompts(config, count=2, seed=0, fits=short)] == ["1+1", "2+2"]
     prompts = train_prompts(config, seed=0, fits=short)
     assert {next(prompts)["q"] for _ in range(10)} == {"1+1", "2+2"}
-    with pytest.raises(
-        RecipeError, match=r"^data\.source: all 3 prompts are too long for the engines' context"
-    ):
-        train_prompts(config, seed=0, fits=lambda prompt: False)
+    with pytest.raises(RecipeError, match=r"^data\.source: all 3 rows are too long for the context"):
+        train_prompts(config, seed=0, fits=lambda row: False)
 
 
-def test_a_prompt_fits_while_the_engines_have_a_token_left_to_answer():
+def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
+    from grpo.data import ContextFit
     from grpo.models.tiny import build_tokenizer
-    from grpo.orchestrator import PromptFit
 
-    fit = PromptFit(build_tokenizer(), context=5)  # one token a character
-    assert [fit(prompt) for prompt in ("abcd", "abcde", "a", "abcdefgh")] == [True, False, True, False]
+    fit = ContextFit(build_tokenizer(), context=5)  # one token a character
+    rows = [{"prompt": p} for p in ("abcd", "abcde", "a", "abcdefgh")]
+    assert [fit(row) for row in rows] == [True, False, True, False]
     assert fit.too_long == 2
+    pairs = ContextFit(build_tokenizer(), context=5, fields=("prompt", "completion"))
+    assert [pairs({"prompt": "ab", "completion": c}) for c in ("cd", "cde")] == [True, False]

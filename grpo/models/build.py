@@ -142,7 +142,7 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def engine_context(config, engine_kwargs: dict) -> int:
-    """The most tokens a vLLM engine holds for one sequence: `max_model_len` where the engine is given
+def context_length(config, engine_kwargs: dict) -> int:
+    """The most tokens one sequence may hold: the vLLM engines' `max_model_len` where they are given
     one, else the model's positions (no limit where the config names none)."""
     return int(engine_kwargs.get("max_model_len") or getattr(config, "max_position_embeddings", 1 << 30))
