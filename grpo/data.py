@@ -95,8 +95,8 @@ def _fitting(rows: list[dict], fits: Callable[[dict], bool], key: str) -> list[d
     kept = [row for row in rows if fits(row)]
     if rows and not kept:
         raise RecipeError(
-            f"{key}: all {len(rows)} rows are too long for the context "
-            "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)"
+            f"{key}: all {len(rows)} rows are too long for the model's context (its "
+            "max_position_embeddings, or rollout.engine_kwargs.max_model_len for grpo train's engines)"
         )
     return kept
 

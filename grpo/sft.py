@@ -85,10 +85,10 @@ def sft(recipe: Recipe, log=print) -> dict:
 
     config = recipe.sft or SftConfig()
     # before the run folder is touched: a typo keeps an earlier run's files
-    model_config = check_model(recipe.model)
+    hf_config = check_model(recipe.model)
     check_train_keys(recipe)
     tokenizer = load_tokenizer(recipe.model.path)
-    fit = ContextFit(tokenizer, context_length(model_config, {}), ("prompt", "completion"))
+    fit = ContextFit(tokenizer, context_length(hf_config, {}), ("prompt", "completion"))
     rows = sft_rows(recipe, config, fit)
     if fit.too_long:
         log(f"sft: {fit.too_long} data rows left out, longer than the model's {fit.context} positions")

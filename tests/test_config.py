@@ -255,8 +255,8 @@ def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_ea
     # one token a character in the tiny model's tokenizer: 6 tokens leave no room to answer
     assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
         2,
-        "grpo train: error: data.eval_source: all 1 rows are too long for the context "
-        "(rollout.engine_kwargs.max_model_len, else the model's max_position_embeddings)",
+        "grpo train: error: data.eval_source: all 1 rows are too long for the model's context (its "
+        "max_position_embeddings, or rollout.engine_kwargs.max_model_len for grpo train's engines)",
     )
     assert _files(run) == EARLIER_RUN
 

@@ -44,7 +44,7 @@ def test_rows_that_do_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_
     assert [row["q"] for row in eval_prompts(config, count=2, seed=0, fits=short)] == ["1+1", "2+2"]
     prompts = train_prompts(config, seed=0, fits=short)
     assert {next(prompts)["q"] for _ in range(10)} == {"1+1", "2+2"}
-    with pytest.raises(RecipeError, match=r"^data\.source: all 3 rows are too long for the context"):
+    with pytest.raises(RecipeError, match=r"^data\.source: all 3 rows are too long for the model's context"):
         train_prompts(config, seed=0, fits=lambda row: False)
 
 
