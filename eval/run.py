@@ -61,6 +61,26 @@ def problem_id(benchmark: Benchmark, row: dict, index: int) -> str:
     return str(row.get(benchmark.id_field) or index) if benchmark.id_field else str(index)
 
 
+def finished_problems(path: Path) -> list[dict]:
+    """The records of `problems.jsonl`. A last line cut short, by a run stopped while it wrote, is
+    removed from the file, so that its problem is sampled again and appends stay whole lines; a bad
+    line elsewhere is an error, since resuming past it would mix its problem's state into the report."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+        elif number == len(lines) and not line.endswith("\n"):
+            path.write_text("".join(lines[:-1]))
+        else:
+            raise ValueError(f"{path}:{number}: not a problem's record; move the file away to start over")
+    return records
+
+
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
@@ -110,11 +130,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
     out = output_folder(Path(args.out or f"runs/eval-{benchmark.name}"), "--out")
     results_path = out / "problems.jsonl"
-    done = (
-        {json.loads(line)["id"] for line in results_path.read_text().splitlines()}
-        if results_path.exists()
-        else set()
-    )
+    done = {record["id"] for record in finished_problems(results_path)}
     todo = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
     todo = [(pid, r) for pid, r in todo if pid not in done]
     model_path = materialize(args.model, out / "model", key="--model")
@@ -179,9 +195,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
 def build_report(
     benchmark: Benchmark, args: EvalArgs, results_path: Path, sampled: int, seconds: float
 ) -> dict:
-    records = (
-        [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    )
+    records = finished_problems(results_path)
     times = [t for r in records for t in r["verify_seconds"]]
     reasons = Counter(verdict.split(": ")[0] for r in records for verdict in r["verdicts"])
     return {

@@ -178,3 +178,24 @@ def test_a_dry_run_writes_the_lean_files_it_would_check(tmp_path, model):
     for path in written:
         text = path.read_text()
         assert text.startswith("import Mathlib\nimport Aesop\n") and "\n#print axioms " in text
+
+
+def test_a_last_problem_record_cut_short_is_dropped_so_that_resuming_samples_it_again(tmp_path):
+    from grpo.eval.run import finished_problems
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text('{"id": "a", "correct": 1}\n{"id": "b", "corr')
+    assert finished_problems(path) == [{"id": "a", "correct": 1}]
+    assert path.read_text() == '{"id": "a", "correct": 1}\n'
+    assert finished_problems(tmp_path / "none.jsonl") == []
+
+
+def test_a_bad_problem_record_before_the_last_line_is_an_error(tmp_path):
+    from grpo.eval.run import finished_problems
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text('{"id": "a"}\n{"no": "id"}\n{"id": "c"}\n')
+    with pytest.raises(ValueError) as error:
+        finished_problems(path)
+    assert str(error.value) == f"{path}:2: not a problem's record; move the file away to start over"
+    assert path.read_text() == '{"id": "a"}\n{"no": "id"}\n{"id": "c"}\n'
