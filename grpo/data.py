@@ -30,7 +30,7 @@ def load_rows(source: str, split: str, key: str) -> list[dict]:
     if path.suffix in FILE_SUFFIXES:
         if not path.is_file():
             raise RecipeError(f"data file not found: {source}")
-        table = datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        table = _read_file(path)
         if "split" in table.column_names:
             if split not in (splits := set(table["split"])):
                 named = ", ".join(sorted(map(str, splits)))
@@ -42,6 +42,20 @@ def load_rows(source: str, split: str, key: str) -> list[dict]:
         except Exception as error:  # noqa: BLE001 - datasets raises many types for a bad id
             raise RecipeError(f"cannot load dataset {source!r} split {split!r}: {error}") from None
     return [dict(row) for row in table]
+
+
+def _read_file(path: Path):
+    import datasets
+
+    if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+        raise RecipeError(f"data file is empty: {path}")
+    try:
+        return datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # noqa: BLE001 - datasets wraps the parser's error; name the innermost
+        while error.__cause__ is not None:
+            error = error.__cause__
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({reason})") from None
 
 
 def _format(rows: list[dict], config: DataConfig) -> list[dict]:

@@ -58,3 +58,27 @@ def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
     assert fit.too_long == 2
     pairs = ContextFit(build_tokenizer(), context=5, fields=("prompt", "completion"))
     assert [pairs({"prompt": "ab", "completion": c}) for c in ("cd", "cde")] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("rows.jsonl", "", "data file is empty: {path}"),
+        (
+            "rows.jsonl",
+            '{"q": "1"}\n{"q": ',
+            "{path}: not a readable jsonl file (JSON parse error: Invalid value. in row 1)",
+        ),
+        (
+            "rows.parquet",
+            "not parquet",
+            "{path}: not a readable parquet file (Parquet magic bytes not found in footer.",
+        ),
+    ],
+)
+def test_a_data_file_that_cannot_be_read_is_named(tmp_path, name, text, reason):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(RecipeError) as error:
+        load_rows(str(path), "train", "data.split")
+    assert str(error.value).startswith(reason.format(path=path))
