@@ -22,7 +22,7 @@ from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import check_model, context_length, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
-from grpo.rollout.vllm_engine import SamplingSpec
+from grpo.rollout.vllm_engine import SamplingSpec, check_engine_kwargs
 from grpo.trainer.policy_trainer import RolloutBatch
 from grpo.trainer.ranks import TrainerRanks
 
@@ -267,6 +267,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
     ]
     check_rewards(reward_entries)
+    check_engine_kwargs(recipe.rollout.engine_kwargs)
     # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(
         ray_address,

@@ -273,6 +273,18 @@ def test_a_ray_cluster_to_join_that_is_not_there_is_named_and_an_earlier_run_kep
     assert _files(run) == EARLIER_RUN
 
 
+def test_a_misspelt_vllm_engine_argument_is_named_before_the_run_folder_is_touched(tmp_path):
+    run = _earlier_run(tmp_path)
+    recipe = "model: {path: 'tiny:deepseek_v3'}\nrollout: {engine_kwargs: {gpu_memory_utilisation: 0.5}}\n"
+    result = _cli_run(tmp_path, "train", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: rollout.engine_kwargs.gpu_memory_utilisation: not an argument of vllm.LLM "
+        "(did you mean gpu_memory_utilization?)",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path):
     run = _earlier_run(tmp_path)
     recipe = "model: {path: 'tiny:deepseek_v3'}\ntrain: {expert_parallel_size: 2}\n"

