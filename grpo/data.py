@@ -65,6 +65,8 @@ def _format(rows: list[dict], config: DataConfig) -> list[dict]:
             prompt = config.prompt_template.format(**row)
         except KeyError as error:
             raise RecipeError(f"data.prompt_template: rows have no field {error}") from None
+        except (ValueError, IndexError, AttributeError, TypeError) as error:  # a malformed template
+            raise RecipeError(f"data.prompt_template {config.prompt_template!r}: {error}") from None
         if config.answer_field not in row:
             raise RecipeError(f"data.answer_field: rows have no field {config.answer_field!r}")
         out.append({**row, "prompt": prompt, "answer": str(row[config.answer_field])})

@@ -82,3 +82,20 @@ def test_a_data_file_that_cannot_be_read_is_named(tmp_path, name, text, reason):
     with pytest.raises(RecipeError) as error:
         load_rows(str(path), "train", "data.split")
     assert str(error.value).startswith(reason.format(path=path))
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{q", "data.prompt_template '{q': expected '}' before end of string"),
+        ("{0}", "data.prompt_template '{0}': Replacement index 0 out of range for positional args tuple"),
+        ("{q.x}", "data.prompt_template '{q.x}': 'str' object has no attribute 'x'"),
+        ("{nope}", "data.prompt_template: rows have no field 'nope'"),
+    ],
+)
+def test_a_prompt_template_that_cannot_format_the_rows_is_named(tmp_path, template, message):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": "2"}\n')
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template=template)
+    with pytest.raises(RecipeError) as error:
+        train_prompts(config, seed=0)
+    assert str(error.value) == message
