@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpo.algorithms.advantages import ADVANTAGES
 from grpo.algorithms.losses import AGGREGATIONS
@@ -31,14 +31,23 @@ def output_folder(path: Path, what: str) -> Path:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused everywhere: a weight or learning rate of either ruins a run silently
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
     name: str = "run"
-    """Run folder name under `output_dir`."""
+    """Run folder name under `output_dir`: one folder, so no separator, `.` or `..` (which would put
+    the run's files beside or above other runs')."""
     output_dir: Path = Path("runs")
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"{name!r} is not one folder's name (no '/', '.' or '..')")
+        return name
 
 
 class ModelConfig(Section):
@@ -214,7 +223,7 @@ class Recipe(Section):
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
-    rewards: list[RewardSpec] = [RewardSpec(name="math")]
+    rewards: list[RewardSpec] = Field([RewardSpec(name="math")], min_length=1)
     reward_runtime: RewardRuntimeConfig = RewardRuntimeConfig()
     eval: EvalConfig = EvalConfig()
     sft: SftConfig | None = None

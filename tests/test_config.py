@@ -29,6 +29,25 @@ def test_a_wrong_type_is_rejected():
         recipe_from_dict({"model": {"path": "m"}, "train": {"steps": "many"}})
 
 
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            {"rewards": [{"name": "math", "weight": float("nan")}]},
+            "rewards.0.weight: Input should be a finite number",
+        ),
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a finite number"),
+        ({"rewards": []}, "rewards: List should have at least 1 item after validation, not 0"),
+        ({"run": {"name": "../x"}}, "run.name: '../x' is not one folder's name (no '/', '.' or '..')"),
+        ({"run": {"name": ""}}, "run.name: '' is not one folder's name (no '/', '.' or '..')"),
+    ],
+)
+def test_values_that_would_ruin_a_run_silently_are_rejected(section, message):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, **section})
+    assert str(error.value) == f"recipe: {message}"
+
+
 def test_an_unknown_advantage_names_the_choices():
     with pytest.raises(
         RecipeError, match=r"advantage: unknown 'ppo', use one of \['dr_grpo', 'grpo', 'rloo'\]"
