@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from grpo.jsonl import read_objects
+
 CONSOLE_KEYS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("accuracy", "acc", "{:.2f}"),
@@ -47,18 +49,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"no metrics.jsonl in {run_dir}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(f"{path}:{number}: not a step's record (a JSON object with a 'step')")
-        records.append(record)
-    return records
+    return read_objects(
+        path, lambda record: "step" in record, "not a step's record (a JSON object with a 'step')"
+    )
 
 
 def plot_run(run_dir: Path) -> Path:

@@ -15,22 +15,15 @@ from pathlib import Path
 
 from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
+from grpo.jsonl import read_objects
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"input file not found: {path}")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-            raise ValueError(f"{path}:{number}: needs a string field 'completion'")
-        rows.append(row)
-    return rows
+    return read_objects(
+        path, lambda row: isinstance(row.get("completion"), str), "needs a string field 'completion'"
+    )
 
 
 def score_file(name: str, input_path: Path, output: str, workers: int, timeout_s: float) -> None:

@@ -1,0 +1,25 @@
+"""JSON-lines files the commands read (`metrics.jsonl`, `grpo reward --input`): each line a JSON object,
+a bad line named by its number, so that one stray line reads as one line of error, not a traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> list[dict]:
+    """The objects of `path`'s non-blank lines; a ValueError `PATH:N: ...` for a line that is not JSON,
+    or not an object `accept` takes (`expected` says what it wants)."""
+    objects = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(value, dict) or not accept(value):
+            raise ValueError(f"{path}:{number}: {expected}")
+        objects.append(value)
+    return objects
