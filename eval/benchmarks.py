@@ -20,6 +20,13 @@ class Benchmark:
     published: str
     """Published results to sit beside ours in the report."""
 
+    def missing_field(self, row: dict) -> str | None:
+        """The field `prompt` or `sample` would need and `row` lacks, if any."""
+        needed = [("formal_statement",)] if self.kind == "lean" else [("problem", "question"), ("answer",)]
+        return next(
+            (" or ".join(map(repr, names)) for names in needed if not any(n in row for n in names)), None
+        )
+
     def prompt(self, row: dict, style: str) -> str:
         if self.kind == "lean":
             return lean_prompt(row, style)

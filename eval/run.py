@@ -54,6 +54,9 @@ def load_rows(benchmark: Benchmark, data: str | None, split: str) -> list[dict]:
     rows = load(source, split, "--split")
     if not rows:
         raise ValueError(f"no {split!r} rows in {source}")
+    for number, row in enumerate(rows, 1):  # before any engine starts: a file of another benchmark
+        if field := benchmark.missing_field(row):
+            raise ValueError(f"{source}: row {number} has no {field} field, which {benchmark.name} rows need")
     return rows
 
 

@@ -199,3 +199,16 @@ def test_a_bad_problem_record_before_the_last_line_is_an_error(tmp_path):
         finished_problems(path)
     assert str(error.value) == f"{path}:2: not a problem's record; move the file away to start over"
     assert path.read_text() == '{"id": "a"}\n{"no": "id"}\n{"id": "c"}\n'
+
+
+def test_a_data_file_of_another_benchmark_is_named_before_any_engine_starts(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"formal_statement": "theorem t : 1 = 1 := by", "split": "test"}\n')
+    result = _grpo(
+        "eval", "gsm8k", "--model", "tiny:deepseek_v3", "--data", str(data), "--out", str(tmp_path / "e")
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        f"grpo eval: error: {data}: row 1 has no 'problem' or 'question' field, which gsm8k rows need",
+    )
+    assert not (tmp_path / "e").exists()
