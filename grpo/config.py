@@ -98,9 +98,17 @@ class DataConfig(Section):
     """Held-out prompts; defaults to the task's eval split, or to `source` with `eval_split`."""
     eval_split: str = "test"
     prompt_field: str = "prompt"
+    """The field whose text is each row's prompt, where `prompt_template` is not set."""
     answer_field: str = "answer"
-    prompt_template: str = "{prompt}"
+    """The field holding each row's gold answer, which rewards compare against."""
+    prompt_template: str | None = None
     """Python format string over the row's fields, e.g. `Problem: {problem}\\nAnswer: `."""
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_prompt(self) -> DataConfig:
+        if self.prompt_template is not None and self.prompt_field != "prompt":
+            raise ValueError("prompt_field: not read where prompt_template is set (name the field there)")
+        return self
 
 
 class RolloutConfig(Section):

@@ -7,16 +7,18 @@ Every row becomes a dict with at least `prompt` (the formatted text) and the row
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import DataConfig, RecipeError
+from grpo.jsonl import read_objects
 from grpo.tasks import arithmetic
 
 TASK_PREFIX = "task:"
-FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def load_rows(source: str, split: str, key: str) -> list[dict]:
@@ -24,61 +26,106 @@ def load_rows(source: str, split: str, key: str) -> list[dict]:
     rows of `split`, and a RecipeError naming `key` (the recipe key or option that gave `split`) where
     it has none, rather than every row: a misspelt split would otherwise evaluate on all of them, and
     a held-out split missing from a training file would evaluate on the training rows."""
-    import datasets
-
     path = Path(source)
     if path.suffix in FILE_SUFFIXES:
         if not path.is_file():
             raise RecipeError(f"data file not found: {source}")
-        table = _read_file(path)
-        if "split" in table.column_names:
-            if split not in (splits := set(table["split"])):
+        rows = _read_file(path)
+        if any("split" in row for row in rows):
+            if split not in (splits := {row.get("split") for row in rows}):
                 named = ", ".join(sorted(map(str, splits)))
                 raise RecipeError(f"{key}: {source} has no {split!r} rows (its splits: {named})")
-            table = table.filter(lambda row: row["split"] == split)
-    else:
-        try:
-            table = datasets.load_dataset(source, split=split)
-        except Exception as error:  # noqa: BLE001 - datasets raises many types for a bad id
-            raise RecipeError(f"cannot load dataset {source!r} split {split!r}: {error}") from None
+            rows = [row for row in rows if row.get("split") == split]
+        return rows
+    import datasets
+
+    try:
+        table = datasets.load_dataset(source, split=split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for a bad id
+        raise RecipeError(f"cannot load dataset {source!r} split {split!r}: {error}") from None
     return [dict(row) for row in table]
 
 
-def _read_file(path: Path):
-    import datasets
-
-    if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+def _read_file(path: Path) -> list[dict]:
+    """A local file's rows, each value as the file wrote it. JSON is read here rather than by
+    `datasets`, whose JSON reader falls back to pandas on a column of mixed types (turning `"007"`
+    into 7 and `"3.10"` into 3.1) and gives a field that a row lacks the value None."""
+    if path.stat().st_size == 0:
         raise RecipeError(f"data file is empty: {path}")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     try:
-        return datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    except Exception as error:  # noqa: BLE001 - datasets wraps the parser's error; name the innermost
-        while error.__cause__ is not None:
-            error = error.__cause__
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({reason})") from None
+        if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+            return _read_json_array(path)
+        return read_objects(path, lambda row: True, "not a JSON object (a row's object a line)")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
 
 
-def _format(rows: list[dict], config: DataConfig) -> list[dict]:
+def _read_json_array(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {number} of its array is not a JSON object")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = reason.split(f"'{path}': ", 1)[-1][:200]  # pyarrow's message repeats the path
+        raise RecipeError(f"{path}: not a readable parquet file ({reason})") from None
+
+
+def _format(rows: list[dict], config: DataConfig, answers: bool = True) -> list[dict]:
+    """Rows with `prompt` formatted and, where `answers`, the gold answer as the string `answer`."""
     out = []
     for row in rows:
-        try:
-            prompt = config.prompt_template.format(**row)
-        except KeyError as error:
-            raise RecipeError(f"data.prompt_template: rows have no field {error}") from None
-        except (ValueError, IndexError, AttributeError, TypeError) as error:  # a malformed template
-            raise RecipeError(f"data.prompt_template {config.prompt_template!r}: {error}") from None
-        if config.answer_field not in row:
-            raise RecipeError(f"data.answer_field: rows have no field {config.answer_field!r}")
-        out.append({**row, "prompt": prompt, "answer": str(row[config.answer_field])})
+        prompt = _prompt(row, config)
+        if answers and row.get(config.answer_field) is None:  # str(None) would be the gold answer "None"
+            raise RecipeError(
+                f"data.answer_field: rows need a {config.answer_field!r} value (the row of prompt "
+                f"{prompt!r:.60} has none)"
+            )
+        formatted = {**row, "prompt": prompt}
+        if answers:
+            formatted["answer"] = str(row[config.answer_field])
+        out.append(formatted)
     return out
 
 
-def train_prompts(config: DataConfig, seed: int, fits: Callable[[dict], bool] = lambda row: True):
+def _prompt(row: dict, config: DataConfig) -> str:
+    if config.prompt_template is None:
+        if row.get(config.prompt_field) is None:
+            fields = ", ".join(map(str, row))[:80]
+            raise RecipeError(
+                f"data.prompt_field: rows need a {config.prompt_field!r} value (a row of fields {fields} has none)"
+            )
+        return str(row[config.prompt_field])
+    try:
+        return config.prompt_template.format(**row)
+    except KeyError as error:
+        raise RecipeError(f"data.prompt_template: rows have no field {error}") from None
+    except (ValueError, IndexError, AttributeError, TypeError) as error:  # a malformed template
+        raise RecipeError(f"data.prompt_template {config.prompt_template!r}: {error}") from None
+
+
+def train_prompts(
+    config: DataConfig, seed: int, fits: Callable[[dict], bool] = lambda row: True, answers: bool = True
+):
     """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows that
-    `fits` refuses are left out (the task's prompts and solutions are a few dozen characters)."""
+    `fits` refuses are left out (the task's prompts and solutions are a few dozen characters). Rows
+    need a gold answer where `answers` (rewards score against it; `grpo sft` reads completions)."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
-    rows = _format(load_rows(config.source, config.split, "data.split"), config)
+    rows = _format(load_rows(config.source, config.split, "data.split"), config, answers)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
     rows = _fitting(rows, fits, "data.source")

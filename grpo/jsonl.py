@@ -11,8 +11,12 @@ from pathlib import Path
 def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> list[dict]:
     """The objects of `path`'s non-blank lines; a ValueError `PATH:N: ...` for a line that is not JSON,
     or not an object `accept` takes (`expected` says what it wants)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     objects = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

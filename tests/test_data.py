@@ -64,11 +64,11 @@ def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
     ("name", "text", "reason"),
     [
         ("rows.jsonl", "", "data file is empty: {path}"),
-        (
-            "rows.jsonl",
-            '{"q": "1"}\n{"q": ',
-            "{path}: not a readable jsonl file (JSON parse error: Invalid value. in row 1)",
-        ),
+        ("rows.jsonl", '{"q": "1"}\n{"q": ', "{path}:2: not JSON (Expecting value)"),
+        ("rows.jsonl", '{"q": "1"}\n[2]\n', "{path}:2: not a JSON object (a row's object a line)"),
+        ("rows.jsonl", "\x89PNG", "{path}: not UTF-8 text (invalid start byte at byte 0)"),
+        ("rows.json", '[{"q": "1"},\n 2]', "{path}: item 2 of its array is not a JSON object"),
+        ("rows.json", '[{"q": "1"},\n', "{path}:2: not JSON (Expecting value)"),
         (
             "rows.parquet",
             "not parquet",
@@ -78,10 +78,69 @@ def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
 )
 def test_a_data_file_that_cannot_be_read_is_named(tmp_path, name, text, reason):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1"))
     with pytest.raises(RecipeError) as error:
         load_rows(str(path), "train", "data.split")
     assert str(error.value).startswith(reason.format(path=path))
+
+
+def test_a_json_file_gives_each_value_as_written_even_where_a_field_mixes_types(tmp_path):
+    # datasets' JSON reader turned these answers into 7 and 3.1 and gave the missing field None
+    (tmp_path / "rows.jsonl").write_text('{"q": "a", "answer": "007"}\n{"q": "b", "answer": 5}\n')
+    (tmp_path / "rows.json").write_text('[{"q": "a", "answer": "3.10", "x": 1},\n {"q": "b", "answer": 2}]')
+    assert load_rows(str(tmp_path / "rows.jsonl"), "train", "data.split") == [
+        {"q": "a", "answer": "007"},
+        {"q": "b", "answer": 5},
+    ]
+    assert load_rows(str(tmp_path / "rows.json"), "train", "data.split") == [
+        {"q": "a", "answer": "3.10", "x": 1},
+        {"q": "b", "answer": 2},
+    ]
+
+
+@pytest.mark.parametrize("row", ['{"q": "1+1"}', '{"q": "1+1", "answer": null}'])
+def test_a_row_without_a_gold_answer_is_named(tmp_path, row):
+    (tmp_path / "rows.jsonl").write_text(f'{{"q": "2+2", "answer": "4"}}\n{row}\n')
+    with pytest.raises(RecipeError) as error:
+        train_prompts(DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}"), seed=0)
+    assert (
+        str(error.value) == "data.answer_field: rows need a 'answer' value (the row of prompt '1+1' has none)"
+    )
+
+
+def test_prompts_are_a_field_as_is_or_a_template_over_the_fields(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": 2}\n')
+    source = str(tmp_path / "rows.jsonl")
+    rows = [
+        next(train_prompts(DataConfig(source=source, prompt_field="q"), seed=0)),
+        next(train_prompts(DataConfig(source=source, prompt_template="Q: {q}"), seed=0)),
+    ]
+    assert [(row["prompt"], row["answer"]) for row in rows] == [("1+1", "2"), ("Q: 1+1", "2")]
+    with pytest.raises(RecipeError) as error:
+        train_prompts(DataConfig(source=source), seed=0)
+    assert (
+        str(error.value)
+        == "data.prompt_field: rows need a 'prompt' value (a row of fields q, answer has none)"
+    )
+
+
+def test_a_prompt_field_beside_a_template_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError, match="prompt_field: not read where prompt_template is set"):
+        DataConfig(prompt_field="q", prompt_template="{q}")
+
+
+def test_sft_rows_need_a_completion_and_no_gold_answer(tmp_path):
+    from grpo.config import recipe_from_dict
+    from grpo.data import ContextFit
+    from grpo.models.tiny import build_tokenizer
+    from grpo.sft import sft_rows
+
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    recipe = recipe_from_dict(
+        {"model": {"path": "tiny:deepseek_v3"}, "data": {"source": str(tmp_path / "rows.jsonl")}}
+    )
+    fit = ContextFit(build_tokenizer(), context=64, fields=("prompt", "completion"))
+    assert next(sft_rows(recipe, recipe.sft, fit)) == ("1+1=", "2")
 
 
 @pytest.mark.parametrize(
