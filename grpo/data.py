@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpo.config import DataConfig, RecipeError
-from grpo.jsonl import read_objects
+from grpo.jsonl import read_objects, utf8_text
 from grpo.tasks import arithmetic
 
 TASK_PREFIX = "task:"
@@ -55,16 +55,16 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
     try:
-        if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-            return _read_json_array(path)
+        if path.suffix == ".json" and (text := utf8_text(path)).lstrip().startswith("["):
+            return _read_json_array(path, text)
         return read_objects(path, lambda row: True, "not a JSON object (a row's object a line)")
     except ValueError as error:
         raise RecipeError(str(error)) from None
 
 
-def _read_json_array(path: Path) -> list[dict]:
+def _read_json_array(path: Path, text: str) -> list[dict]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
     for number, row in enumerate(rows, 1):

@@ -11,12 +11,8 @@ from pathlib import Path
 def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> list[dict]:
     """The objects of `path`'s non-blank lines; a ValueError `PATH:N: ...` for a line that is not JSON,
     or not an object `accept` takes (`expected` says what it wants)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     objects = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(utf8_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -27,3 +23,11 @@ def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> l
             raise ValueError(f"{path}:{number}: {expected}")
         objects.append(value)
     return objects
+
+
+def utf8_text(path: Path) -> str:
+    """`path`'s text; a ValueError naming the file and the first byte that is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None

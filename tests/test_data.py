@@ -69,6 +69,7 @@ def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
         ("rows.jsonl", "\x89PNG", "{path}: not UTF-8 text (invalid start byte at byte 0)"),
         ("rows.json", '[{"q": "1"},\n 2]', "{path}: item 2 of its array is not a JSON object"),
         ("rows.json", '[{"q": "1"},\n', "{path}:2: not JSON (Expecting value)"),
+        ("rows.json", "[\xff", "{path}: not UTF-8 text (invalid start byte at byte 1)"),
         (
             "rows.parquet",
             "not parquet",
