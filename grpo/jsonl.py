@@ -1,5 +1,6 @@
-"""JSON-lines files the commands read (data files, `metrics.jsonl`, `grpo reward --input`): each line a JSON object,
-a bad line named by its number, so that one stray line reads as one line of error, not a traceback."""
+"""JSON-lines files the commands read (data files, `metrics.jsonl`, `grpo reward --input`): each line
+a JSON object, a bad line named by its number, so that one stray line reads as one line of error, not
+a traceback."""
 
 from __future__ import annotations
 
