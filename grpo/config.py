@@ -278,17 +278,27 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set {item!r}: expected key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {item!r}: not a YAML value ({str(error).splitlines()[0]})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
-def _one_line(error: ValidationError) -> str:
+def _one_line(error: ValidationError, source: str, overrides: list[str]) -> str:
+    """`SOURCE: KEY: MESSAGE`, where SOURCE is the `--set` that gave KEY its value, else the recipe."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])  # empty for a check across sections
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     message = message.removeprefix("Value error, ")  # a check across sections names its keys itself
+    given = {item.partition("=")[0].strip(): item for item in overrides}
+    if where in given:
+        source = f"--set {given[where]!r}"
+        if isinstance(first.get("input"), (dict, list)):  # `{q}` or `[a]` unquoted
+            message += " (YAML read the value as a mapping or list; quote it)"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
+    return f"{source}: {where}: {message}{more}" if where else f"{source}: {message}{more}"
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -320,14 +330,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections")
-    return recipe_from_dict(apply_overrides(tree, list(overrides)), source=str(path))
+    overrides = list(overrides)
+    return recipe_from_dict(apply_overrides(tree, overrides), source=str(path), overrides=overrides)
 
 
-def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
+def recipe_from_dict(tree: dict, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    """The recipe `tree` describes; a RecipeError naming `source`, or the one of `overrides` (`--set`
+    items) that gave the bad value."""
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
-        raise RecipeError(f"{source}: {_one_line(error)}") from None
+        raise RecipeError(_one_line(error, source, list(overrides))) from None
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

@@ -68,6 +68,27 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps=[", "--set 'train.steps=[': not a YAML value (while parsing a flow node)"),
+        ("train.steps=many", "--set 'train.steps=many': train.steps: Input should be a valid integer, "),
+        ("train.stepz=3", "--set 'train.stepz=3': train.stepz: unknown key"),
+        (
+            "data.prompt_template={q}",
+            "--set 'data.prompt_template={q}': data.prompt_template: Input should be a valid string "
+            "(YAML read the value as a mapping or list; quote it)",
+        ),
+    ],
+)
+def test_a_bad_override_is_named_rather_than_the_recipe(tmp_path, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, [override])
+    assert str(error.value).startswith(message)
+
+
 def test_an_override_of_an_unknown_key_is_rejected(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\n")
