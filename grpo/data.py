@@ -37,6 +37,9 @@ def load_rows(source: str, split: str, key: str) -> list[dict]:
                 raise RecipeError(f"{key}: {source} has no {split!r} rows (its splits: {named})")
             rows = [row for row in rows if row.get("split") == split]
         return rows
+    # a file is no Hub id (the Hub client would say it "couldn't reach" it); a folder may be a dataset
+    if path.is_file():
+        raise RecipeError(f"{source}: a local file, but data files are .jsonl, .json or .parquet")
     import datasets
 
     try:
@@ -106,7 +109,8 @@ def _prompt(row: dict, config: DataConfig) -> str:
         if row.get(config.prompt_field) is None:
             fields = ", ".join(map(str, row))[:80]
             raise RecipeError(
-                f"data.prompt_field: rows need a {config.prompt_field!r} value (a row of fields {fields} has none)"
+                f"data.prompt_field: rows need a {config.prompt_field!r} value "
+                f"(a row of fields {fields} has none)"
             )
         return str(row[config.prompt_field])
     try:

@@ -85,6 +85,15 @@ def test_a_data_file_that_cannot_be_read_is_named(tmp_path, name, text, reason):
     assert str(error.value).startswith(reason.format(path=path))
 
 
+def test_a_local_file_of_another_kind_is_named_rather_than_looked_up_on_the_hub(tmp_path):
+    (tmp_path / "rows.csv").write_text("q,answer\n1+1,2\n")
+    with pytest.raises(RecipeError) as error:
+        load_rows(str(tmp_path / "rows.csv"), "train", "data.split")
+    assert (
+        str(error.value) == f"{tmp_path}/rows.csv: a local file, but data files are .jsonl, .json or .parquet"
+    )
+
+
 def test_a_json_file_gives_each_value_as_written_even_where_a_field_mixes_types(tmp_path):
     # datasets' JSON reader turned these answers into 7 and 3.1 and gave the missing field None
     (tmp_path / "rows.jsonl").write_text('{"q": "a", "answer": "007"}\n{"q": "b", "answer": 5}\n')
