@@ -146,7 +146,8 @@ def train_prompts(
 def eval_prompts(
     config: DataConfig, count: int, seed: int, fits: Callable[[dict], bool] = lambda row: True
 ) -> list[dict]:
-    """The first `count` held-out rows (deterministic) that `fits` accepts."""
+    """The first `count` held-out rows (deterministic) that `fits` accepts. A training file without a
+    `split` column has no held-out rows of its own: it needs `data.eval_source`."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
         unique = {
@@ -155,6 +156,12 @@ def eval_prompts(
         }
         return list(unique.values())[:count]
     rows = _format(load_rows(source, config.eval_split, "data.eval_split"), config)
+    own_file = not config.eval_source and Path(source).suffix in FILE_SUFFIXES
+    if count and own_file and not any("split" in row for row in rows):
+        raise RecipeError(
+            f"data.eval_source: {source} has no split column, so its held-out prompts would be its "
+            "training rows; name a held-out file here (or set eval.prompts: 0)"
+        )
     return _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
 
 

@@ -35,11 +35,24 @@ def test_held_out_prompts_are_never_the_training_rows_of_a_file_without_a_held_o
         eval_prompts(config, count=4, seed=0)
 
 
+def test_held_out_prompts_are_never_the_rows_of_a_training_file_without_a_split_column(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": "2"}\n')
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}")
+    with pytest.raises(RecipeError) as error:
+        eval_prompts(config, count=4, seed=0)
+    assert str(error.value) == (
+        f"data.eval_source: {tmp_path}/rows.jsonl has no split column, so its held-out prompts would be "
+        "its training rows; name a held-out file here (or set eval.prompts: 0)"
+    )
+    assert eval_prompts(config, count=0, seed=0) == []
+
+
 def test_rows_that_do_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_path):
     (tmp_path / "rows.jsonl").write_text(
         '{"q": "1+1", "answer": "2"}\n{"q": "1+1+1+1", "answer": "4"}\n{"q": "2+2", "answer": "4"}\n'
     )
-    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}")
+    rows = str(tmp_path / "rows.jsonl")
+    config = DataConfig(source=rows, eval_source=rows, prompt_template="{q}")
     short = lambda row: len(row["prompt"]) < 5  # noqa: E731
     assert [row["q"] for row in eval_prompts(config, count=2, seed=0, fits=short)] == ["1+1", "2+2"]
     prompts = train_prompts(config, seed=0, fits=short)
