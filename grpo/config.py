@@ -193,6 +193,11 @@ class RewardSpec(Section):
     kwargs: dict[str, Any] = {}
     """Keyword arguments bound to the function, e.g. `{max_tokens: 1024, buffer: 256}` for `overlong`."""
 
+    @property
+    def label(self) -> str:
+        """The name its metrics carry (`reward/<label>/ok`): the function's name, or the registry's."""
+        return self.name.rpartition(":")[2]
+
 
 class RewardRuntimeConfig(Section):
     workers: int = Field(2, ge=1)
@@ -245,6 +250,23 @@ class Recipe(Section):
     def _parity_tolerance_by_dtype(self) -> Recipe:
         if self.train.parity_tolerance is None:
             self.train.parity_tolerance = PARITY_TOLERANCE[self.model.dtype]
+        return self
+
+    @model_validator(mode="after")
+    def _rewards_log_apart(self) -> Recipe:
+        """Two rewards of one label would share their metrics, and the first listed one's outcome,
+        which held-out accuracy reads, would be the second's."""
+        seen: dict[str, str] = {}
+        for reward in self.rewards:
+            if reward.label not in seen:
+                seen[reward.label] = reward.name
+            elif seen[reward.label] == reward.name:
+                raise ValueError(f"rewards: {reward.name} is listed twice (their metrics would merge)")
+            else:
+                raise ValueError(
+                    f"rewards: {seen[reward.label]} and {reward.name} would both log as {reward.label!r}; "
+                    "give one function another name"
+                )
         return self
 
     @model_validator(mode="after")

@@ -263,9 +263,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     train_fit, eval_fit = ContextFit(tokenizer, context), ContextFit(tokenizer, context)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
     prompts = train_prompts(recipe.data, recipe.run.seed, train_fit)
-    reward_entries = [
-        RewardEntry(r.name.rpartition(":")[2], r.name, r.weight, r.kwargs) for r in recipe.rewards
-    ]
+    reward_entries = [RewardEntry(r.label, r.name, r.weight, r.kwargs) for r in recipe.rewards]
     check_rewards(reward_entries)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     # a cluster to join that does not answer is one more thing to find before the run folder

@@ -40,6 +40,14 @@ def test_a_wrong_type_is_rejected():
         ({"rewards": []}, "rewards: List should have at least 1 item after validation, not 0"),
         ({"run": {"name": "../x"}}, "run.name: '../x' is not one folder's name (no '/', '.' or '..')"),
         ({"run": {"name": ""}}, "run.name: '' is not one folder's name (no '/', '.' or '..')"),
+        (
+            {"rewards": [{"name": "a.py:score"}, {"name": "math"}, {"name": "b.py:score"}]},
+            "rewards: a.py:score and b.py:score would both log as 'score'; give one function another name",
+        ),
+        (
+            {"rewards": [{"name": "math"}, {"name": "math", "weight": 0.5}]},
+            "rewards: math is listed twice (their metrics would merge)",
+        ),
     ],
 )
 def test_values_that_would_ruin_a_run_silently_are_rejected(section, message):
