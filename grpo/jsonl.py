@@ -13,7 +13,8 @@ def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> l
     """The objects of `path`'s non-blank lines; a ValueError `PATH:N: ...` for a line that is not JSON,
     or not an object `accept` takes (`expected` says what it wants)."""
     objects = []
-    for number, line in enumerate(utf8_text(path).splitlines(), 1):
+    # only "\n" ends a line: str.splitlines would also split inside a JSON string holding U+2028
+    for number, line in enumerate(utf8_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -98,6 +98,17 @@ def test_a_data_file_that_cannot_be_read_is_named(tmp_path, name, text, reason):
     assert str(error.value).startswith(reason.format(path=path))
 
 
+def test_a_line_separator_inside_a_json_string_does_not_end_the_line(tmp_path):
+    # GSM8K's train.jsonl line 2382 holds two U+2028 inside a string; str.splitlines split there
+    (tmp_path / "rows.jsonl").write_text(
+        '{"q": "a\u2028b", "answer": "1"}\r\n{"q": "c", "answer": "2"}\n', "utf-8"
+    )
+    assert load_rows(str(tmp_path / "rows.jsonl"), "train", "data.split") == [
+        {"q": "a\u2028b", "answer": "1"},
+        {"q": "c", "answer": "2"},
+    ]
+
+
 def test_a_local_file_of_another_kind_is_named_rather_than_looked_up_on_the_hub(tmp_path):
     (tmp_path / "rows.csv").write_text("q,answer\n1+1,2\n")
     with pytest.raises(RecipeError) as error:
