@@ -6,6 +6,7 @@ key, not a silently ignored setting. `load_recipe` turns every problem into one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -308,7 +309,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def _one_line(error: ValidationError, source: str, overrides: list[str]) -> str:
+def _one_line(error: ValidationError, source: str, overrides: Sequence[str]) -> str:
     """`SOURCE: KEY: MESSAGE`, where SOURCE is the `--set` that gave KEY its value, else the recipe."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])  # empty for a check across sections
@@ -356,13 +357,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe_from_dict(apply_overrides(tree, overrides), source=str(path), overrides=overrides)
 
 
-def recipe_from_dict(tree: dict, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Sequence[str] = ()) -> Recipe:
     """The recipe `tree` describes; a RecipeError naming `source`, or the one of `overrides` (`--set`
     items) that gave the bad value."""
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
-        raise RecipeError(_one_line(error, source, list(overrides))) from None
+        raise RecipeError(_one_line(error, source, overrides)) from None
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
