@@ -22,6 +22,7 @@ Identical (reward, completion, sample) calls within one `score` are run once.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import multiprocessing as mp
@@ -124,12 +125,26 @@ class _Worker:
 
 
 def check_rewards(rewards: Sequence[RewardEntry]) -> None:
-    """A ValueError naming the first reward that does not resolve or cannot run here (its
-    `setup_problem`, say a missing Lean toolchain)."""
+    """A ValueError naming the first reward that does not resolve, does not take its `kwargs` (a typo
+    there would make every call an error, so the run would train on no reward), or cannot run here
+    (its `setup_problem`, say a missing Lean toolchain)."""
     from grpo.rewards.registry import resolve
 
     for entry in rewards:
-        problem = getattr(resolve(entry.spec), "setup_problem", lambda: None)()
+        fn = resolve(entry.spec)
+        try:
+            signature = inspect.signature(fn)
+        except ValueError:  # a callable whose signature Python cannot read; its calls will tell
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind("", {}, **entry.kwargs)
+            except TypeError as error:
+                takes = ", ".join(list(signature.parameters)[2:]) or "none"
+                raise ValueError(
+                    f"reward {entry.spec}: kwargs {entry.kwargs}: {error} (its keyword arguments: {takes})"
+                ) from None
+        problem = getattr(fn, "setup_problem", lambda: None)()
         if problem:
             raise ValueError(f"reward {entry.spec}: {problem}")
 

@@ -69,6 +69,30 @@ def test_a_reward_file_that_fails_to_load_is_one_line_naming_the_error(tmp_path)
         resolve(f"{tmp_path}/syntax.py:fn")
 
 
+def test_kwargs_a_reward_does_not_take_stop_the_run_rather_than_fail_every_call(tmp_path):
+    from grpo.rewards.runtime import check_rewards
+
+    (tmp_path / "r.py").write_text("def needs_k(completion, sample, k):\n    return k\n")
+    for spec, kwargs, message in [
+        (
+            "overlong",
+            {"max_tokn": 10},
+            "reward overlong: kwargs {'max_tokn': 10}: got an unexpected keyword argument 'max_tokn' "
+            "(its keyword arguments: max_tokens, buffer)",
+        ),
+        (
+            f"{tmp_path}/r.py:needs_k",
+            {},
+            f"reward {tmp_path}/r.py:needs_k: kwargs {{}}: missing a required argument: 'k' "
+            "(its keyword arguments: k)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as error:
+            check_rewards([RewardEntry("r", spec, 1.0, kwargs)])
+        assert str(error.value) == message
+    check_rewards([RewardEntry("r", "overlong", 1.0, {"max_tokens": 10})])
+
+
 def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_file):
     specs = [
         RewardEntry(name, f"{user_file}:{name}")
