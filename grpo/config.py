@@ -254,9 +254,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _rewards_log_apart(self) -> Recipe:
-        """Two rewards of one label would share their metrics, and the first listed one's outcome,
-        which held-out accuracy reads, would be the second's."""
+    def _rewards_learn_and_log_apart(self) -> Recipe:
+        """Some reward must count. And two rewards of one label would share their metrics, and the
+        first listed one's outcome, which held-out accuracy reads, would be the second's."""
+        if all(reward.weight == 0 for reward in self.rewards):
+            raise ValueError(
+                "rewards: every weight is 0, so every advantage would be 0 and no step would learn"
+            )
         seen: dict[str, str] = {}
         for reward in self.rewards:
             if reward.label not in seen:

@@ -48,6 +48,10 @@ def test_a_wrong_type_is_rejected():
             {"rewards": [{"name": "math"}, {"name": "math", "weight": 0.5}]},
             "rewards: math is listed twice (their metrics would merge)",
         ),
+        (
+            {"rewards": [{"name": "math", "weight": 0}]},
+            "rewards: every weight is 0, so every advantage would be 0 and no step would learn",
+        ),
     ],
 )
 def test_values_that_would_ruin_a_run_silently_are_rejected(section, message):
