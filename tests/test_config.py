@@ -403,3 +403,16 @@ def test_a_missing_model_is_named_by_the_option_that_gave_it(tmp_path):
     with pytest.raises(RecipeError, match=rf"^--model: {tmp_path}/none has no config\.json"):
         (tmp_path / "none").mkdir()
         materialize(str(tmp_path / "none"), tmp_path / "scratch", key="--model")
+
+
+def test_a_run_folder_given_as_a_model_points_to_its_checkpoint(tmp_path):
+    from grpo.models.build import model_config
+
+    (tmp_path / "run" / "checkpoints" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "final" / "config.json").write_text("{}")
+    with pytest.raises(RecipeError) as error:
+        model_config(str(tmp_path / "run"), key="--model")
+    assert str(error.value) == (
+        f"--model: {tmp_path}/run has no config.json (not a Hugging Face folder; "
+        f"the run's model is {tmp_path}/run/checkpoints/final)"
+    )

@@ -61,7 +61,10 @@ def model_config(path: str, tiny_overrides: dict | None = None, key: str = "mode
         return tiny_deepseek_v3_config(len(build_tokenizer()), **(tiny_overrides or {}))
     if Path(path).exists():
         if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"{key}: {path} has no config.json (not a Hugging Face folder)")
+            # a run folder given for its model: grpo train's checkpoint, or grpo sft's
+            inside = [Path(path) / sub for sub in ("checkpoints/final", "final")]
+            hint = next((f"; the run's model is {c}" for c in inside if (c / "config.json").is_file()), "")
+            raise RecipeError(f"{key}: {path} has no config.json (not a Hugging Face folder{hint})")
         return AutoConfig.from_pretrained(path)
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:  # a hub id is NAME or ORG/NAME
         where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
