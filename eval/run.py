@@ -87,6 +87,11 @@ def finished_problems(path: Path) -> list[dict]:
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
+    if args.temperature == 0 and args.n > 1:  # greedy decoding repeats one completion n times
+        raise ValueError(
+            f"--n {args.n} at --temperature 0 samples one greedy completion {args.n} times, so pass@k "
+            "would equal pass@1; give --temperature above 0, or --n 1 --k 1"
+        )
     if args.prompt not in ("noncot", "cot"):
         raise ValueError(f"--prompt {args.prompt!r}: use noncot or cot")
     if args.dry_run and benchmark.kind != "lean":

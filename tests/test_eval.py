@@ -94,6 +94,11 @@ def test_a_top_p_outside_0_1_exits_2_before_anything_starts(tmp_path):
     [
         (["--dry-run"], "--dry-run: gsm8k has no Lean files to write (minif2f and proofnet have)"),
         (["--split", "tset"], "--split: {data} has no 'tset' rows (its splits: test)"),
+        (
+            ["--temperature", "0"],
+            "--n 32 at --temperature 0 samples one greedy completion 32 times, so pass@k would equal "
+            "pass@1; give --temperature above 0, or --n 1 --k 1",
+        ),
     ],
 )
 def test_a_math_eval_with_bad_options_exits_2_and_leaves_no_output_folder(tmp_path, options, message):
