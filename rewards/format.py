@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from grpo.rewards.extract import last_boxed
 
-_R1 = re.compile(r"^\s*<think>(?!.*<think>).*?</think>(?!.*</think>)\s*\S", re.DOTALL)
-
 
 def think_format(completion: str, sample: Mapping[str, Any]) -> float:
-    """1.0 for one `<think>...</think>` block followed by an answer (DeepSeek-R1's template).
+    """1.0 for one `<think>...</think>` block followed by an answer (DeepSeek-R1's template): the
+    completion opens with the block, and neither tag appears again, so a stray `</think>` in the
+    answer does not pass.
 
     >>> think_format("<think>2+2</think> 4", {}), think_format("4", {})
     (1.0, 0.0)
     """
-    return 1.0 if _R1.match(completion) else 0.0
+    text = completion.lstrip()
+    if not text.startswith("<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
+        return 0.0
+    return 1.0 if text.split("</think>", 1)[1].strip() else 0.0
 
 
 def has_boxed(completion: str, sample: Mapping[str, Any]) -> float:

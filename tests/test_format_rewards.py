@@ -9,6 +9,9 @@ from grpo.rewards.format import has_boxed, overlong_penalty, think_format
         ("<think>a</think>", 0.0),
         ("<think>a</think><think>b</think> 1", 0.0),
         ("1 <think>a</think> 1", 0.0),
+        ("<think>a</think>b</think> 1", 0.0),
+        ("<think>a</think> 1 </think>", 0.0),
+        ("  <think>\na\n</think>\n\n1", 1.0),
     ],
 )
 def test_think_format_wants_one_think_block_then_an_answer(completion, expected):
