@@ -31,7 +31,8 @@ def overlong_penalty(
     completion: str, sample: Mapping[str, Any], max_tokens: int = 1024, buffer: int = 256
 ) -> float:
     """DAPO's soft overlong punishment: 0 up to `max_tokens - buffer` tokens, then a linear ramp to
-    -1 at `max_tokens`. Uses `sample["completion_tokens"]` (added by the training loop).
+    -1 at `max_tokens` (`buffer: 0` is a hard cut: -1 past it). Uses `sample["completion_tokens"]`
+    (added by the training loop).
 
     >>> overlong_penalty("", {"completion_tokens": 896}, max_tokens=1024, buffer=256)
     -0.5
@@ -40,4 +41,4 @@ def overlong_penalty(
     expected = max_tokens - buffer
     if length <= expected:
         return 0.0
-    return max(-1.0, (expected - length) / buffer)
+    return max(-1.0, (expected - length) / buffer) if buffer > 0 else -1.0

@@ -27,3 +27,11 @@ def test_has_boxed_ignores_correctness():
 )
 def test_overlong_penalty_ramps_linearly_in_the_buffer(tokens, expected):
     assert overlong_penalty("", {"completion_tokens": tokens}, max_tokens=1024, buffer=256) == expected
+
+
+def test_overlong_penalty_without_a_buffer_is_a_hard_cut():
+    lengths = (1024, 1025)
+    assert [overlong_penalty("", {"completion_tokens": n}, max_tokens=1024, buffer=0) for n in lengths] == [
+        0.0,
+        -1.0,
+    ]
