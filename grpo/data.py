@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,18 +87,13 @@ def _read_parquet(path: Path) -> list[dict]:
         raise RecipeError(f"{path}: not a readable parquet file ({reason})") from None
 
 
-def _format(rows: list[dict], config: DataConfig, answers: bool = True) -> list[dict]:
-    """Rows with `prompt` formatted and, where `answers`, the gold answer as the string `answer`."""
+def _format(rows: list[dict], config: DataConfig) -> list[dict]:
+    """Rows with `prompt` formatted and the gold answer, where a row has one, as the string `answer`
+    (a row without one is not applicable to the rewards that score against it)."""
     out = []
     for row in rows:
-        prompt = _prompt(row, config)
-        if answers and row.get(config.answer_field) is None:  # str(None) would be the gold answer "None"
-            raise RecipeError(
-                f"data.answer_field: rows need a {config.answer_field!r} value (the row of prompt "
-                f"{prompt!r:.60} has none)"
-            )
-        formatted = {**row, "prompt": prompt}
-        if answers:
+        formatted = {**row, "prompt": _prompt(row, config)}
+        if row.get(config.answer_field) is not None:
             formatted["answer"] = str(row[config.answer_field])
         out.append(formatted)
     return out
@@ -122,16 +117,27 @@ def _prompt(row: dict, config: DataConfig) -> str:
 
 
 def train_prompts(
-    config: DataConfig, seed: int, fits: Callable[[dict], bool] = lambda row: True, answers: bool = True
+    config: DataConfig,
+    seed: int,
+    fits: Callable[[dict], bool] = lambda row: True,
+    reads: Mapping[str, Sequence[str]] | None = None,
 ):
     """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows that
-    `fits` refuses are left out (the task's prompts and solutions are a few dozen characters). Rows
-    need a gold answer where `answers` (rewards score against it; `grpo sft` reads completions)."""
+    `fits` refuses are left out (the task's prompts and solutions are a few dozen characters).
+    `reads` maps each reward to the sample fields it scores against: a source where no row has any
+    of them would leave that reward not applicable to every row, so it is refused."""
     if config.source.startswith(TASK_PREFIX):
         return _task(config.source).problems("train", seed)
-    rows = _format(load_rows(config.source, config.split, "data.split"), config, answers)
+    rows = _format(load_rows(config.source, config.split, "data.split"), config)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
+    for reward, fields in (reads or {}).items():
+        if not any(row.get(field) is not None for row in rows for field in fields):
+            named = " or ".join(map(repr, fields))
+            hint = f" (data.answer_field is {config.answer_field!r})" if "answer" in fields else ""
+            raise RecipeError(
+                f"rewards: {reward} scores against {named}, which no row of {config.source} has{hint}"
+            )
     rows = _fitting(rows, fits, "data.source")
     rng = random.Random(seed)
 

@@ -73,7 +73,7 @@ def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, reward
         records += [
             {
                 "prompt": row["prompt"],
-                "answer": row["answer"],
+                "answer": row.get("answer"),  # None where the row has no gold answer
                 "temperature": temperature,
                 "completion": text,
                 "reward": s.reward,
@@ -261,10 +261,13 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     tokenizer = load_tokenizer(recipe.model.path)
     context = context_length(config, recipe.rollout.engine_kwargs)
     train_fit, eval_fit = ContextFit(tokenizer, context), ContextFit(tokenizer, context)
-    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
-    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit)
     reward_entries = [RewardEntry(r.label, r.name, r.weight, r.kwargs) for r in recipe.rewards]
-    check_rewards(reward_entries)
+    functions = check_rewards(reward_entries)
+    reads = {
+        e.spec: f.sample_fields for e, f in zip(reward_entries, functions) if hasattr(f, "sample_fields")
+    }
+    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
+    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(

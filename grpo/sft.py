@@ -49,8 +49,7 @@ def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit):
             )
         return fit(row)
 
-    rows = train_prompts(recipe.data, recipe.run.seed, fits, answers=False)
-    return ((row["prompt"], row["completion"]) for row in rows)
+    return ((row["prompt"], row["completion"]) for row in train_prompts(recipe.data, recipe.run.seed, fits))
 
 
 SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss_alpha")

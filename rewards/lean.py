@@ -88,3 +88,4 @@ def lean_proof(completion: str, sample: Mapping[str, Any]) -> tuple[float, str] 
 
 
 lean_proof.setup_problem = setup_problem  # type: ignore[attr-defined]  # checked before any scoring
+lean_proof.sample_fields = ("formal_statement",)  # type: ignore[attr-defined]

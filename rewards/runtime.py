@@ -27,7 +27,7 @@ import json
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -124,12 +124,13 @@ class _Worker:
         self.conn.close()
 
 
-def check_rewards(rewards: Sequence[RewardEntry]) -> None:
-    """A ValueError naming the first reward that does not resolve, does not take its `kwargs` (a typo
-    there would make every call an error, so the run would train on no reward), or cannot run here
-    (its `setup_problem`, say a missing Lean toolchain)."""
+def check_rewards(rewards: Sequence[RewardEntry]) -> list[Callable]:
+    """The rewards' functions; a ValueError naming the first reward that does not resolve, does not
+    take its `kwargs` (a typo there would make every call an error, so the run would train on no
+    reward), or cannot run here (its `setup_problem`, say a missing Lean toolchain)."""
     from grpo.rewards.registry import resolve
 
+    functions = []
     for entry in rewards:
         fn = resolve(entry.spec)
         try:
@@ -147,6 +148,8 @@ def check_rewards(rewards: Sequence[RewardEntry]) -> None:
         problem = getattr(fn, "setup_problem", lambda: None)()
         if problem:
             raise ValueError(f"reward {entry.spec}: {problem}")
+        functions.append(fn)
+    return functions
 
 
 class RewardRuntime:

@@ -132,13 +132,30 @@ def test_a_json_file_gives_each_value_as_written_even_where_a_field_mixes_types(
     ]
 
 
-@pytest.mark.parametrize("row", ['{"q": "1+1"}', '{"q": "1+1", "answer": null}'])
-def test_a_row_without_a_gold_answer_is_named(tmp_path, row):
-    (tmp_path / "rows.jsonl").write_text(f'{{"q": "2+2", "answer": "4"}}\n{row}\n')
+def test_a_row_without_a_gold_answer_has_none_rather_than_the_string_none(tmp_path):
+    # `str(None)` made "None" the gold answer that every completion was scored against
+    (tmp_path / "rows.jsonl").write_text(
+        '{"q": "2+2", "answer": "4"}\n{"q": "1+1", "answer": null}\n{"q": "3"}\n'
+    )
+    config = DataConfig(
+        source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"), prompt_template="{q}"
+    )
+    assert [row.get("answer") for row in eval_prompts(config, count=3, seed=0)] == ["4", None, None]
+
+
+def test_a_source_where_no_row_has_what_a_reward_scores_against_is_refused(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "gold": "2"}\n')
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}")
     with pytest.raises(RecipeError) as error:
-        train_prompts(DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}"), seed=0)
-    assert (
-        str(error.value) == "data.answer_field: rows need a 'answer' value (the row of prompt '1+1' has none)"
+        train_prompts(config, seed=0, reads={"math": ("answer",)})
+    assert str(error.value) == (
+        f"rewards: math scores against 'answer', which no row of {tmp_path}/rows.jsonl has "
+        "(data.answer_field is 'answer')"
+    )
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}", answer_field="gold")
+    assert next(train_prompts(config, seed=0, reads={"math": ("answer",)}))["answer"] == "2"
+    assert "answer" not in next(
+        train_prompts(DataConfig(source=config.source, prompt_template="{q}"), seed=0)
     )
 
 

@@ -15,6 +15,16 @@ pytestmark = pytest.mark.slow
 DIGITS_REWARD = "def digits(completion, sample):\n    return sum(c.isdigit() for c in completion) / max(1, len(completion))\n"
 
 
+def _rows(tmp_path):
+    """A data file whose rows without a gold answer are simply not applicable to the math reward."""
+    rows = [
+        {"q": f"{a}+{a}=", "split": "train" if a < 7 else "test", **({"answer": str(2 * a)} if a % 2 else {})}
+        for a in range(1, 11)
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(tmp_path / "rows.jsonl")
+
+
 def _recipe(tmp_path):
     # A random model never earns the math reward; a dense user reward (loaded from a file, as a
     # user's own would be) gives the advantages a signal.
@@ -23,6 +33,7 @@ def _recipe(tmp_path):
         {
             "run": {"name": "two-steps", "output_dir": str(tmp_path)},
             "model": {"path": "tiny:deepseek_v3"},
+            "data": {"source": _rows(tmp_path), "prompt_template": "{q}"},
             "rollout": {"group_size": 4, "max_tokens": 12, "engine_kwargs": {"max_model_len": 128}},
             # a large learning rate so that two steps visibly move a random model
             "train": {"steps": 2, "prompts_per_step": 4, "learning_rate": 1e-2, "threads": 2},
@@ -58,6 +69,13 @@ def test_two_steps_write_the_run_folder(run):
     }
     assert summary["steps"] == 2 and summary["eval_prompts"] == 4
     assert 0.0 <= summary["eval_accuracy_before"] <= 1.0
+    held_out = [json.loads(line) for line in (run_dir / "eval_after.jsonl").read_text().splitlines()]
+    assert {(r["prompt"], r["answer"]) for r in held_out} == {
+        ("7+7=", "14"),
+        ("8+8=", None),
+        ("9+9=", "18"),
+        ("10+10=", None),
+    }
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert "reward/digits/mean" in records[0] and "reward/math/ok" in records[0]
