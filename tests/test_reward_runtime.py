@@ -93,6 +93,20 @@ def test_kwargs_a_reward_does_not_take_stop_the_run_rather_than_fail_every_call(
     check_rewards([RewardEntry("r", "overlong", 1.0, {"max_tokens": 10})])
 
 
+def test_the_built_in_rewards_name_the_sample_fields_they_score_against():
+    from grpo.rewards.registry import REGISTRY
+
+    fields = {name: getattr(fn, "sample_fields", ()) for name, fn in REGISTRY.items()}
+    assert fields == {
+        "math": ("answer",),
+        "math_boxed": ("answer",),
+        "lean": ("formal_statement",),
+        "think_format": (),
+        "has_boxed": (),
+        "overlong": (),
+    }
+
+
 def test_the_runtime_records_a_status_for_every_failure_and_keeps_going(user_file):
     specs = [
         RewardEntry(name, f"{user_file}:{name}")
