@@ -135,16 +135,14 @@ def check_rewards(rewards: Sequence[RewardEntry]) -> list[Callable]:
         fn = resolve(entry.spec)
         try:
             signature = inspect.signature(fn)
+            signature.bind("", {}, **entry.kwargs)
         except ValueError:  # a callable whose signature Python cannot read; its calls will tell
-            signature = None
-        if signature is not None:
-            try:
-                signature.bind("", {}, **entry.kwargs)
-            except TypeError as error:
-                takes = ", ".join(list(signature.parameters)[2:]) or "none"
-                raise ValueError(
-                    f"reward {entry.spec}: kwargs {entry.kwargs}: {error} (its keyword arguments: {takes})"
-                ) from None
+            pass
+        except TypeError as error:
+            takes = ", ".join(list(signature.parameters)[2:]) or "none"
+            raise ValueError(
+                f"reward {entry.spec}: kwargs {entry.kwargs}: {error} (its keyword arguments: {takes})"
+            ) from None
         problem = getattr(fn, "setup_problem", lambda: None)()
         if problem:
             raise ValueError(f"reward {entry.spec}: {problem}")
