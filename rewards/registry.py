@@ -46,12 +46,19 @@ def resolve(spec: str) -> RewardFn:
     return fn
 
 
+_FILE_MODULES: dict[Path, Any] = {}
+"""Reward files already run in this process, by resolved path: like `import`, a file is run once
+however often it is resolved (a recipe's check, then the runtime's; two rewards from one file)."""
+
+
 def _import(location: str):
     if not location.endswith(".py"):
         return importlib.import_module(location)
-    path = Path(location)
-    module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    path = Path(location).resolve()
+    if path not in _FILE_MODULES:
+        module_spec = importlib.util.spec_from_file_location(f"grpo_user_reward_{path.stem}", path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        _FILE_MODULES[path] = module
+    return _FILE_MODULES[path]

@@ -54,6 +54,20 @@ def test_resolve_names_what_is_wrong(spec, message):
         resolve(spec)
 
 
+def test_a_reward_file_runs_once_in_a_process_however_often_it_is_resolved(tmp_path):
+    # grpo train checks the recipe's rewards, then starts the runtime, which checks them again
+    runs = tmp_path / "runs.txt"
+    (tmp_path / "counted.py").write_text(
+        f"open({str(runs)!r}, 'a').write('ran\\n')\n"
+        "def a(completion, sample):\n    return 1.0\n"
+        "def b(completion, sample):\n    return 0.0\n"
+    )
+    assert resolve(f"{tmp_path}/counted.py:a")("", {}) == 1.0
+    assert resolve(f"{tmp_path}/counted.py:b")("", {}) == 0.0
+    assert resolve(f"{tmp_path}/../{tmp_path.name}/counted.py:a")("", {}) == 1.0
+    assert runs.read_text() == "ran\n"
+
+
 def test_a_reward_file_that_fails_to_load_is_one_line_naming_the_error(tmp_path):
     (tmp_path / "broken.py").write_text("import no_such_module_anywhere\n")
     with pytest.raises(ValueError) as error:
