@@ -6,6 +6,7 @@ key, not a silently ignored setting. `load_recipe` turns every problem into one 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -372,3 +373,32 @@ def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Sequence[str
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "init", "final", "checkpoints")
+"""What `grpo sft` and `grpo train` write in a run folder, besides the `eval_*.jsonl` records."""
+
+
+def check_model_outside_run(recipe: Recipe) -> None:
+    """A RecipeError where the model to start from lies in the run's own folder, whose outputs the
+    run clears when it starts (continuing from `runs/x/final` as run `x` would delete the input)."""
+    run_dir, model = recipe.run_dir.resolve(), Path(recipe.model.path).resolve()
+    if model == run_dir or run_dir in model.parents:
+        raise RecipeError(
+            f"model.path: {recipe.model.path} is inside {recipe.run_dir}, the folder of run "
+            f"{recipe.run.name!r}, which a run clears when it starts: give run.name another name"
+        )
+
+
+def start_run_folder(recipe: Recipe) -> Path:
+    """The run's folder, made, holding its recipe and none of an earlier run's outputs: a stale
+    `checkpoints/step-40` or `eval_before.jsonl` beside this run's files would read as its own, and
+    a `summary.json` as its result if it stopped early. Other files in the folder are left alone."""
+    run_dir = output_folder(recipe.run_dir, "run.output_dir")
+    for entry in [*map(run_dir.joinpath, RUN_OUTPUTS), *run_dir.glob("eval_*.jsonl")]:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    dump_recipe(recipe, run_dir / "config.yaml")
+    return run_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from grpo.algorithms.advantages import ADVANTAGES, tied_groups
-from grpo.config import Recipe, dump_recipe, output_folder
+from grpo.config import Recipe, check_model_outside_run, start_run_folder
 from grpo.data import ContextFit, eval_prompts, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
@@ -257,6 +257,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     started = time.perf_counter()
     # Everything a recipe can get wrong is checked before the run folder is touched, so that a
     # typo does not overwrite an earlier run's config.yaml and metrics.
+    check_model_outside_run(recipe)
     config = check_model(recipe.model, recipe.train.expert_parallel_size)
     tokenizer = load_tokenizer(recipe.model.path)
     context = context_length(config, recipe.rollout.engine_kwargs)
@@ -275,9 +276,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         recipe.train.expert_parallel_size + recipe.rollout.engines * recipe.rollout.cpus_per_engine,
     )
     try:
-        run_dir = recipe.run_dir
-        output_folder(run_dir, "run.output_dir")
-        dump_recipe(recipe, run_dir / "config.yaml")
+        run_dir = start_run_folder(recipe)
         model_path = materialize(
             recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
         )

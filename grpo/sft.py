@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, dump_recipe, output_folder
+from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, check_model_outside_run, start_run_folder
 from grpo.data import TASK_PREFIX, ContextFit, train_prompts
 from grpo.models.build import (
     check_model,
@@ -85,6 +85,7 @@ def sft(recipe: Recipe, log=print) -> dict:
 
     config = recipe.sft or SftConfig()
     # before the run folder is touched: a typo keeps an earlier run's files
+    check_model_outside_run(recipe)
     hf_config = check_model(recipe.model)
     check_train_keys(recipe)
     tokenizer = load_tokenizer(recipe.model.path)
@@ -92,9 +93,7 @@ def sft(recipe: Recipe, log=print) -> dict:
     rows = sft_rows(recipe, config, fit)
     if fit.too_long:
         log(f"sft: {fit.too_long} data rows left out, longer than the model's {fit.context} positions")
-    run_dir = recipe.run_dir
-    output_folder(run_dir, "run.output_dir")
-    dump_recipe(recipe, run_dir / "config.yaml")
+    run_dir = start_run_folder(recipe)
     set_seed(recipe.run.seed)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)

@@ -294,6 +294,20 @@ def test_an_sft_run_with_a_missing_data_file_leaves_an_earlier_run_of_its_name_a
     assert _files(run) == EARLIER_RUN
 
 
+@pytest.mark.parametrize("command", ["sft", "train"])
+def test_continuing_from_a_runs_own_checkpoint_under_its_name_is_refused_before_its_folder_is_touched(
+    tmp_path, command
+):
+    run = _earlier_run(tmp_path)
+    result = _cli_run(tmp_path, command, f"model: {{path: {run}/final}}\n")
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo {command}: error: model.path: {run}/final is inside {run}, the folder of run 'run', "
+        "which a run clears when it starts: give run.name another name",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_earlier_run_as_it_was(
     tmp_path,
 ):
@@ -375,6 +389,40 @@ def test_an_sft_run_on_rows_without_completions_stops_before_writing(tmp_path):
         "grpo sft: error: sft: data rows need a 'completion' field (the row of prompt '1+1' has none)",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_starts_from_a_folder_without_the_earlier_runs_outputs(tmp_path):
+    from grpo.config import start_run_folder
+
+    run = tmp_path / "run"
+    for name in ("checkpoints/step-40/model.safetensors", "final/config.json", "init/config.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("earlier")
+    for name in ("summary.json", "metrics.jsonl", "curves.png", "eval_before.jsonl", "eval_step40.jsonl"):
+        (run / name).write_text("earlier")
+    (run / "notes.txt").write_text("the user's")
+    recipe = recipe_from_dict({"model": {"path": "tiny:deepseek_v3"}, "run": {"output_dir": str(tmp_path)}})
+    assert start_run_folder(recipe) == run
+    assert sorted(path.name for path in run.iterdir()) == ["config.yaml", "notes.txt"]
+    assert load_recipe(run / "config.yaml") == recipe
+
+
+def test_a_model_inside_the_run_folder_it_would_clear_is_refused(tmp_path):
+    from grpo.config import check_model_outside_run
+
+    def recipe(model: str):
+        return recipe_from_dict({"model": {"path": model}, "run": {"name": "x", "output_dir": str(tmp_path)}})
+
+    with pytest.raises(RecipeError) as error:
+        check_model_outside_run(recipe(f"{tmp_path}/x/checkpoints/final"))
+    assert str(error.value) == (
+        f"model.path: {tmp_path}/x/checkpoints/final is inside {tmp_path}/x, the folder of run 'x', "
+        "which a run clears when it starts: give run.name another name"
+    )
+    with pytest.raises(RecipeError):
+        check_model_outside_run(recipe(f"{tmp_path}/other/../x/final"))
+    check_model_outside_run(recipe(f"{tmp_path}/x2/final"))
+    check_model_outside_run(recipe("tiny:deepseek_v3"))
 
 
 def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
