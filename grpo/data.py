@@ -131,13 +131,7 @@ def train_prompts(
     rows = _format(load_rows(config.source, config.split, "data.split"), config)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
-    for reward, fields in (reads or {}).items():
-        if not any(row.get(field) is not None for row in rows for field in fields):
-            named = " or ".join(map(repr, fields))
-            hint = f" (data.answer_field is {config.answer_field!r})" if "answer" in fields else ""
-            raise RecipeError(
-                f"rewards: {reward} scores against {named}, which no row of {config.source} has{hint}"
-            )
+    _check_reads(rows, reads, f"row of {config.source}", config)
     rows = _fitting(rows, fits, "data.source")
     rng = random.Random(seed)
 
@@ -149,11 +143,24 @@ def train_prompts(
     return cycle()
 
 
+def _check_reads(rows: list[dict], reads: Mapping[str, Sequence[str]] | None, rows_of: str, config) -> None:
+    for reward, fields in (reads or {}).items():
+        if fields and not any(row.get(field) is not None for row in rows for field in fields):
+            named = " or ".join(map(repr, fields))
+            hint = f" (data.answer_field is {config.answer_field!r})" if "answer" in fields else ""
+            raise RecipeError(f"rewards: {reward} scores against {named}, which no {rows_of} has{hint}")
+
+
 def eval_prompts(
-    config: DataConfig, count: int, seed: int, fits: Callable[[dict], bool] = lambda row: True
+    config: DataConfig,
+    count: int,
+    seed: int,
+    fits: Callable[[dict], bool] = lambda row: True,
+    reads: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict]:
     """The first `count` held-out rows (deterministic) that `fits` accepts. A training file without a
-    `split` column has no held-out rows of its own: it needs `data.eval_source`."""
+    `split` column has no held-out rows of its own: it needs `data.eval_source`. `reads` as for
+    `train_prompts`, checked on these rows: held-out accuracy would be 0 before and after."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
         unique = {
@@ -168,7 +175,10 @@ def eval_prompts(
             f"data.eval_source: {source} has no split column, so its held-out prompts would be its "
             "training rows; name a held-out file here (or set eval.prompts: 0)"
         )
-    return _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
+    rows = _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
+    if rows:  # eval.prompts: 0 asks for none
+        _check_reads(rows, reads, f"held-out row of {source}", config)
+    return rows
 
 
 def _fitting(rows: list[dict], fits: Callable[[dict], bool], key: str) -> list[dict]:

@@ -267,7 +267,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     reads = {
         e.spec: f.sample_fields for e, f in zip(reward_entries, functions) if hasattr(f, "sample_fields")
     }
-    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit)
+    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit, reads)
     prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     # a cluster to join that does not answer is one more thing to find before the run folder

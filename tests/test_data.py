@@ -159,6 +159,26 @@ def test_a_source_where_no_row_has_what_a_reward_scores_against_is_refused(tmp_p
     )
 
 
+def test_held_out_rows_without_what_a_reward_scores_against_are_refused(tmp_path):
+    # every held-out row would score n/a, so held-out accuracy would read 0 before and after training
+    (tmp_path / "train.jsonl").write_text('{"q": "1+1", "answer": "2"}\n')
+    (tmp_path / "held.jsonl").write_text('{"q": "2+2"}\n{"q": "3+3"}\n')
+    config = DataConfig(
+        source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "held.jsonl"), prompt_template="{q}"
+    )
+    with pytest.raises(RecipeError) as error:
+        eval_prompts(config, count=2, seed=0, reads={"math": ("answer",)})
+    assert str(error.value) == (
+        f"rewards: math scores against 'answer', which no held-out row of {tmp_path}/held.jsonl has "
+        "(data.answer_field is 'answer')"
+    )
+    assert eval_prompts(config, count=0, seed=0, reads={"math": ("answer",)}) == []
+    assert [row["prompt"] for row in eval_prompts(config, count=2, seed=0, reads={"think_format": ()})] == [
+        "2+2",
+        "3+3",
+    ]
+
+
 def test_prompts_are_a_field_as_is_or_a_template_over_the_fields(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": 2}\n')
     source = str(tmp_path / "rows.jsonl")
