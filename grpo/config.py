@@ -212,11 +212,21 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0.0)
     """0 is greedy decoding; above 0, greedy accuracy is reported as well."""
     samples: int = Field(1, ge=1)
-    """Completions per held-out prompt; accuracy is their mean (mean@k)."""
+    """Completions per held-out prompt; accuracy is their mean (mean@k). More than 1 needs a
+    temperature above 0 (greedy samples are one completion repeated)."""
     max_tokens: int = Field(64, ge=1)
     interval: int = Field(0, ge=0)
     """Also evaluate every N training steps and log `eval/accuracy`... in that step's metrics (0: only
     before and after training)."""
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalConfig:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(
+                f"samples: {self.samples} at temperature 0 decodes one greedy completion "
+                f"{self.samples} times; give temperature above 0, or samples: 1"
+            )
+        return self
 
 
 class SftConfig(Section):

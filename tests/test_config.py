@@ -24,6 +24,17 @@ def test_a_group_size_below_two_is_rejected():
         recipe_from_dict({"model": {"path": "m"}, "rollout": {"group_size": 1}})
 
 
+def test_several_held_out_samples_at_temperature_0_are_rejected():
+    # mean@4 of one greedy completion repeated is its accuracy, at four times the sampling
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "eval": {"samples": 4, "temperature": 0}})
+    assert str(error.value) == (
+        "recipe: eval: samples: 4 at temperature 0 decodes one greedy completion 4 times; "
+        "give temperature above 0, or samples: 1"
+    )
+    recipe_from_dict({"model": {"path": "m"}, "eval": {"samples": 4, "temperature": 0.7}})
+
+
 def test_a_wrong_type_is_rejected():
     with pytest.raises(RecipeError, match=r"train\.steps: Input should be a valid integer"):
         recipe_from_dict({"model": {"path": "m"}, "train": {"steps": "many"}})
