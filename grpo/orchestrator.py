@@ -52,6 +52,12 @@ def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
     return Actors(trainer, engines)
 
 
+def reward_samples(rows: list[dict], groups) -> list[dict]:
+    """What the rewards see of each completion: its dataset row plus its length in tokens (for
+    `overlong`), in training and held-out scoring alike."""
+    return [{**row, "completion_tokens": len(c.token_ids)} for row, group in zip(rows, groups) for c in group]
+
+
 def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, rewards: RewardRuntime, out: Path):
     """Held-out accuracy: share of completions whose first reward says `ok`, over `eval.samples`
     completions per prompt at `eval.temperature`; plus greedy accuracy when sampling. Writes them all."""
@@ -65,7 +71,7 @@ def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, reward
         spec = SamplingSpec(n=n, max_tokens=config.max_tokens, temperature=temperature, seed=recipe.run.seed)
         groups = rollout(actors.engines, prompt_ids, spec)
         texts = [c.text for group in groups for c in group]
-        samples = [row for row, group in zip(rows, groups) for _ in group]
+        samples = reward_samples(rows, groups)
         scored = rewards.score(texts, samples)
         correct = [s.components[primary].status == "ok" for s in scored]
         results[f"accuracy{suffix}"] = sum(correct) / max(1, len(correct))
@@ -78,6 +84,7 @@ def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, reward
                 "completion": text,
                 "reward": s.reward,
                 "correct": ok,
+                "components": s.components_record(),
             }
             for row, text, s, ok in zip(samples, texts, scored, correct)
         ]
@@ -184,11 +191,7 @@ def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
     groups = rollout(actors.engines, prompt_ids, spec)
     completions = [c for group in groups for c in group]
     t1 = time.perf_counter()
-    # rewards see the dataset row plus the completion's length in tokens (for `overlong`)
-    samples = [
-        {**row, "completion_tokens": len(c.token_ids)} for row, group in zip(rows, groups) for c in group
-    ]
-    scored = session.rewards.score([c.text for c in completions], samples)
+    scored = session.rewards.score([c.text for c in completions], reward_samples(rows, groups))
     t2 = time.perf_counter()
     rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(rows), spec.n)
     tied_B = tied_groups(rewards_BG)

@@ -39,13 +39,8 @@ def score_file(name: str, input_path: Path, output: str, workers: int, timeout_s
     elapsed = time.perf_counter() - started
     with contextlib.nullcontext(sys.stdout) if output == "-" else open(output, "w") as handle:
         for row, s in zip(rows, scored):
-            components = {
-                k: {"value": o.value, "status": o.status, "message": o.message}
-                for k, o in s.components.items()
-            }
-            handle.write(
-                json.dumps({**row, "reward": s.reward, "status": s.status, "components": components}) + "\n"
-            )
+            record = {**row, "reward": s.reward, "status": s.status, "components": s.components_record()}
+            handle.write(json.dumps(record) + "\n")
     latencies = sorted(o.seconds for s in scored for o in s.components.values())
     counts = {
         status: sum(s.status == status for s in scored)

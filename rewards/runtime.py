@@ -63,6 +63,13 @@ class Scored:
     status: str
     components: dict[str, Outcome] = field(default_factory=dict)
 
+    def components_record(self) -> dict[str, dict]:
+        """The components as written in a JSON record: value, status and message per reward."""
+        return {
+            name: {"value": o.value, "status": o.status, "message": o.message}
+            for name, o in self.components.items()
+        }
+
 
 def _serve(specs: list[tuple[str, dict]], conn: Connection) -> None:
     """Worker loop: resolve the rewards once, then answer `(index, completion, sample)` requests."""

@@ -39,7 +39,12 @@ def _recipe(tmp_path):
             "train": {"steps": 2, "prompts_per_step": 4, "learning_rate": 1e-2, "threads": 2},
             "algorithm": {"beta": 0.04, "mu": 2},
             "eval": {"prompts": 4, "max_tokens": 12, "interval": 1},
-            "rewards": [{"name": "math"}, {"name": f"{tmp_path}/my_reward.py:digits", "weight": 1.0}],
+            # overlong at weight 0: scored and logged, held out too, without changing what is learnt
+            "rewards": [
+                {"name": "math"},
+                {"name": f"{tmp_path}/my_reward.py:digits", "weight": 1.0},
+                {"name": "overlong", "weight": 0.0, "kwargs": {"max_tokens": 12, "buffer": 4}},
+            ],
         }
     )
 
@@ -76,9 +81,13 @@ def test_two_steps_write_the_run_folder(run):
         ("9+9=", "18"),
         ("10+10=", None),
     }
+    # the held-out samples carry completion_tokens as the training ones do, so overlong never errs
+    assert {r["components"]["overlong"]["status"] for r in held_out} == {"wrong"}
+    assert {r["components"]["math"]["status"] for r in held_out if r["answer"] is None} == {"n/a"}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert "reward/digits/mean" in records[0] and "reward/math/ok" in records[0]
+    assert [r["reward/overlong/error"] for r in records] == [0.0, 0.0]
     assert "eval/accuracy" in records[0] and "eval/accuracy" not in records[1]  # step 2 is the final eval
     for key in (
         "reward/mean",
