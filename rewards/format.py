@@ -37,7 +37,9 @@ def overlong_penalty(
     >>> overlong_penalty("", {"completion_tokens": 896}, max_tokens=1024, buffer=256)
     -0.5
     """
-    length = sample["completion_tokens"]
+    length = sample.get("completion_tokens")
+    if length is None:
+        raise ValueError("the sample has no 'completion_tokens' (runs add it; offline, give it in each line)")
     expected = max_tokens - buffer
     if length <= expected:
         return 0.0

@@ -35,3 +35,12 @@ def test_overlong_penalty_without_a_buffer_is_a_hard_cut():
         0.0,
         -1.0,
     ]
+
+
+def test_overlong_penalty_without_a_token_count_says_where_it_comes_from():
+    with pytest.raises(ValueError) as error:
+        overlong_penalty("a completion scored offline", {"answer": "4"})
+    assert (
+        str(error.value)
+        == "the sample has no 'completion_tokens' (runs add it; offline, give it in each line)"
+    )
