@@ -30,6 +30,7 @@ import torch
 
 from grpo.config import load_recipe
 from grpo.data import train_prompts
+from grpo.metrics import read_metrics
 from grpo.models.build import load_tokenizer
 from grpo.rollout.vllm_engine import SamplingSpec, VllmEngine
 
@@ -96,7 +97,7 @@ def main() -> None:
             recipe.rollout.engine_kwargs.pop(key, None)
         else:
             recipe.rollout.engine_kwargs[key] = value
-    records = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    records = read_metrics(args.run_dir)[1:]
     final = str(args.run_dir / "checkpoints" / "final")
     sync = [r for r in records if "sync/gigabytes" in r]
     result = {

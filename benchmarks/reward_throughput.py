@@ -21,6 +21,8 @@ from pathlib import Path
 from grpo.eval.benchmarks import default_data_dir
 from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
+from grpo.jsonl import read_objects
+
 PATHOLOGICAL = [
     r"\boxed{9^{9^{9^{9}}}}",
     "x" * 1_000_000,
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=1, help="score the set this many times")
     args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    rows = read_objects(Path(args.data), lambda row: True, "a JSON object")
     items = build(rows) * args.repeat
     with RewardRuntime(
         [RewardEntry("math", "math")], workers=args.workers, timeout_s=args.timeout

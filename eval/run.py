@@ -68,19 +68,20 @@ def finished_problems(path: Path) -> list[dict]:
     """The records of `problems.jsonl`. A last line cut short, by a run stopped while it wrote, is
     removed from the file, so that its problem is sampled again and appends stay whole lines; a bad
     line elsewhere is an error, since resuming past it would mix its problem's state into the report."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    # only "\n" ends a line (see grpo.jsonl); the piece after the last one is a cut-short line, even
+    # where it parses, since the next record appended would continue it
+    *lines, cut_short = path.read_text().split("\n") if path.exists() else [""]
     records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict) and "id" in record:
-            records.append(record)
-        elif number == len(lines) and not line.endswith("\n"):
-            path.write_text("".join(lines[:-1]))
-        else:
+        if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{number}: not a problem's record; move the file away to start over")
+        records.append(record)
+    if cut_short:
+        path.write_text("".join(line + "\n" for line in lines))
     return records
 
 

@@ -193,6 +193,10 @@ def test_a_last_problem_record_cut_short_is_dropped_so_that_resuming_samples_it_
     assert finished_problems(path) == [{"id": "a", "correct": 1}]
     assert path.read_text() == '{"id": "a", "correct": 1}\n'
     assert finished_problems(tmp_path / "none.jsonl") == []
+    # whole JSON without its newline is cut short too: the next record appended would continue its line
+    path.write_text('{"id": "a", "correct": 1}\n{"id": "b", "correct": 0}')
+    assert finished_problems(path) == [{"id": "a", "correct": 1}]
+    assert path.read_text() == '{"id": "a", "correct": 1}\n'
 
 
 def test_a_bad_problem_record_before_the_last_line_is_an_error(tmp_path):
