@@ -58,9 +58,10 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
     try:
-        if path.suffix == ".json" and (text := utf8_text(path)).lstrip().startswith("["):
+        text = utf8_text(path)
+        if path.suffix == ".json" and text.lstrip().startswith("["):
             return _read_json_array(path, text)
-        return read_objects(path, lambda row: True, "not a JSON object (a row's object a line)")
+        return read_objects(path, lambda row: True, "not a JSON object (a row's object a line)", text)
     except ValueError as error:
         raise RecipeError(str(error)) from None
 

@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def read_objects(path: Path, accept: Callable[[dict], bool], expected: str) -> list[dict]:
-    """The objects of `path`'s non-blank lines; a ValueError `PATH:N: ...` for a line that is not JSON,
-    or not an object `accept` takes (`expected` says what it wants)."""
+def read_objects(
+    path: Path, accept: Callable[[dict], bool], expected: str, text: str | None = None
+) -> list[dict]:
+    """The objects of `path`'s non-blank lines (of `text`, its contents, where the caller has read
+    them already); a ValueError `PATH:N: ...` for a line that is not JSON, or not an object `accept`
+    takes (`expected` says what it wants)."""
     objects = []
     # only "\n" ends a line: str.splitlines would also split inside a JSON string holding U+2028
-    for number, line in enumerate(utf8_text(path).split("\n"), 1):
+    for number, line in enumerate((utf8_text(path) if text is None else text).split("\n"), 1):
         if not line.strip():
             continue
         try:
