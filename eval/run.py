@@ -2,8 +2,9 @@
 score them (math reward or Lean verifier), and report unbiased pass@k.
 
 Outputs in `--out`: `problems.jsonl` (one line per finished problem: completions, verdicts, pass@k),
-`report.json` and `report.md`. A problem is written only once it is fully sampled and verified, so
-re-running into the same folder resumes: finished problems are neither sampled nor verified again.
+`report.json`, `report.md` and `settings.json`. A problem is written only once it is fully sampled and
+verified, so re-running into the same folder with the same settings resumes: finished problems are
+neither sampled nor verified again.
 With `--dry-run` (Lean benchmarks) nothing is verified; the exact Lean files that would be checked
 are written under `lean/` instead.
 """
@@ -85,6 +86,42 @@ def finished_problems(path: Path) -> list[dict]:
     return records
 
 
+SETTINGS = ("benchmark", "model", "data", "split", "n", "temperature", "top_p", "max_tokens", "prompt")
+SETTINGS += ("seed", "dry_run", "timeout_s")
+"""What the samples and verdicts of a problem depend on; resuming into a folder needs the same."""
+
+
+def settings(args: EvalArgs) -> dict:
+    """`args`' SETTINGS, a local model or data path resolved (so `./m` and `m` resume alike)."""
+    found = {key: getattr(args, key) for key in SETTINGS}
+    for key in ("model", "data"):
+        if found[key] is not None and Path(found[key]).exists():
+            found[key] = str(Path(found[key]).resolve())
+    return found
+
+
+def check_resumable(out: Path, now: dict) -> None:
+    """A ValueError where `out` holds problems sampled under other settings: resuming would report
+    them, another model's say, as this evaluation's."""
+    path = out / "settings.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if differ := [
+            f"{key} {earlier.get(key)!r}, not {now[key]!r}"
+            for key in SETTINGS
+            if earlier.get(key) != now[key]
+        ]:
+            raise ValueError(
+                f"--out {out}: holds problems sampled with other settings ({'; '.join(differ)}); give "
+                "another --out, or move it away to start over"
+            )
+    elif (out / "problems.jsonl").is_file():
+        raise ValueError(
+            f"--out {out}: holds a problems.jsonl without the settings.json that says how it was "
+            "sampled; give another --out, or move it away to start over"
+        )
+
+
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
@@ -137,11 +174,14 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     check_args(args, benchmark)
     config = model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
-    out = output_folder(Path(args.out or f"runs/eval-{benchmark.name}"), "--out")
+    out, now = Path(args.out or f"runs/eval-{benchmark.name}"), settings(args)
+    check_resumable(out, now)
+    output_folder(out, "--out")
+    (out / "settings.json").write_text(json.dumps(now, indent=2) + "\n")
     results_path = out / "problems.jsonl"
     done = {record["id"] for record in finished_problems(results_path)}
-    todo = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
-    todo = [(pid, r) for pid, r in todo if pid not in done]
+    problems = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
+    todo = [(pid, r) for pid, r in problems if pid not in done]
     model_path = materialize(args.model, out / "model", key="--model")
     tokenizer = load_tokenizer(model_path)
     spec = SamplingSpec(
@@ -195,16 +235,19 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
                 runtime.close()
         finally:
             ray.shutdown()
-    report = build_report(benchmark, args, results_path, sampled, time.perf_counter() - started)
+    ids = {pid for pid, _ in problems}
+    report = build_report(benchmark, args, results_path, ids, sampled, time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     return report
 
 
 def build_report(
-    benchmark: Benchmark, args: EvalArgs, results_path: Path, sampled: int, seconds: float
+    benchmark: Benchmark, args: EvalArgs, results_path: Path, ids: set[str], sampled: int, seconds: float
 ) -> dict:
-    records = finished_problems(results_path)
+    """The report over the problems `ids` (this run's `--limit` of them), pass@k computed afresh for
+    this run's `--k` from each problem's n and correct count."""
+    records = [record for record in finished_problems(results_path) if record["id"] in ids]
     times = [t for r in records for t in r["verify_seconds"]]
     reasons = Counter(verdict.split(": ")[0] for r in records for verdict in r["verdicts"])
     return {
@@ -219,7 +262,9 @@ def build_report(
         "prompt": args.prompt,
         "dry_run": args.dry_run,
         **{
-            f"pass@{k}": statistics.fmean(r[f"pass@{k}"] for r in records) if records else None
+            f"pass@{k}": statistics.fmean(pass_at_k(r["n"], r["correct"], k) for r in records)
+            if records
+            else None
             for k in args.k
         },
         "verification": {

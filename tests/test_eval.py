@@ -153,6 +153,19 @@ def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path, model):
     assert second.returncode == 0, second.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert (report["problems"], report["problems_sampled_this_run"]) == (22, 2)
+    # a smaller --limit and other --k report on the finished problems afresh, sampling none
+    third = _grpo(*common[:6], "1", *common[7:], "--limit", "5")
+    assert third.returncode == 0, third.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["problems"], report["problems_sampled_this_run"]) == (5, 0)
+    assert "pass@2" not in report and 0.0 <= report["pass@1"] <= 1.0
+    # other sampling settings would report earlier samples as theirs
+    fourth = _grpo(*common, "--limit", "22", "--temperature", "0.5")
+    assert (fourth.returncode, fourth.stderr.strip()) == (
+        2,
+        f"grpo eval: error: --out {out}: holds problems sampled with other settings (temperature 1.0, "
+        "not 0.5); give another --out, or move it away to start over",
+    )
 
 
 @needs_data
@@ -197,6 +210,26 @@ def test_a_last_problem_record_cut_short_is_dropped_so_that_resuming_samples_it_
     path.write_text('{"id": "a", "correct": 1}\n{"id": "b", "correct": 0}')
     assert finished_problems(path) == [{"id": "a", "correct": 1}]
     assert path.read_text() == '{"id": "a", "correct": 1}\n'
+
+
+def test_resuming_needs_the_settings_the_folder_was_sampled_with(tmp_path):
+    from grpo.eval.run import EvalArgs, check_resumable, settings
+
+    (tmp_path / "m").mkdir()
+    first = settings(EvalArgs("math500", str(tmp_path / "m"), n=8))
+    check_resumable(tmp_path, first)  # nothing there yet
+    (tmp_path / "settings.json").write_text(json.dumps(first))
+    check_resumable(tmp_path, settings(EvalArgs("math500", f"{tmp_path}/../{tmp_path.name}/m", n=8, k=(1,))))
+    with pytest.raises(ValueError) as error:
+        check_resumable(tmp_path, settings(EvalArgs("math500", "org/other-model", n=4)))
+    assert str(error.value) == (
+        f"--out {tmp_path}: holds problems sampled with other settings (model '{tmp_path}/m', not "
+        "'org/other-model'; n 8, not 4); give another --out, or move it away to start over"
+    )
+    (tmp_path / "settings.json").unlink()
+    (tmp_path / "problems.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="holds a problems.jsonl without the settings.json"):
+        check_resumable(tmp_path, first)
 
 
 def test_a_bad_problem_record_before_the_last_line_is_an_error(tmp_path):
