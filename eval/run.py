@@ -105,7 +105,10 @@ def check_resumable(out: Path, now: dict) -> None:
     them, another model's say, as this evaluation's."""
     path = out / "settings.json"
     if path.is_file():
-        earlier = json.loads(path.read_text())
+        try:
+            earlier = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            earlier = {}  # every setting then reads as different, and the message names them
         if differ := [
             f"{key} {earlier.get(key)!r}, not {now[key]!r}"
             for key in SETTINGS

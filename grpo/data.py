@@ -144,7 +144,9 @@ def train_prompts(
     return cycle()
 
 
-def _check_reads(rows: list[dict], reads: Mapping[str, Sequence[str]] | None, rows_of: str, config) -> None:
+def _check_reads(
+    rows: list[dict], reads: Mapping[str, Sequence[str]] | None, rows_of: str, config: DataConfig
+) -> None:
     for reward, fields in (reads or {}).items():
         if fields and not any(row.get(field) is not None for row in rows for field in fields):
             named = " or ".join(map(repr, fields))
