@@ -300,14 +300,26 @@ class Recipe(Section):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """`rewards.1.weight` names a list's item by its index, as the error messages do."""
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+        slot = _slot(node, key, dotted)
+        if isinstance(node, dict):
+            node.setdefault(slot, {})
+        if not isinstance(node[slot], (dict, list)):
             raise RecipeError(f"--set {dotted}: {key!r} is not a section")
-        node = child
-    node[leaf] = value
+        node = node[slot]
+    node[_slot(node, leaf, dotted)] = value
+
+
+def _slot(node: dict | list, key: str, dotted: str) -> str | int:
+    """`key` as `node` takes it: a list's items by index, only those it has."""
+    if not isinstance(node, list):
+        return key
+    if not (key.isdigit() and int(key) < len(node)):
+        raise RecipeError(f"--set {dotted}: no item {key!r} (the list has {len(node)}, from 0)")
+    return int(key)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

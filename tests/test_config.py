@@ -112,6 +112,20 @@ def test_a_bad_override_is_named_rather_than_the_recipe(tmp_path, override, mess
     assert str(error.value).startswith(message)
 
 
+def test_an_override_names_a_list_item_by_its_index(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: m}\nrewards: [{name: math}, {name: think_format, weight: 0.5}]\n")
+    recipe = load_recipe(path, ["rewards.1.weight=0.1", "rewards.0.kwargs.timeout=3"])
+    assert [(r.name, r.weight, r.kwargs) for r in recipe.rewards] == [
+        ("math", 1.0, {"timeout": 3}),
+        ("think_format", 0.1, {}),
+    ]
+    for index in ("2", "x", "-1"):
+        with pytest.raises(RecipeError) as error:
+            load_recipe(path, [f"rewards.{index}.weight=1"])
+        assert str(error.value) == f"--set rewards.{index}.weight: no item '{index}' (the list has 2, from 0)"
+
+
 def test_an_override_of_an_unknown_key_is_rejected(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\n")
