@@ -101,9 +101,9 @@ def _format(rows: list[dict], config: DataConfig) -> list[dict]:
 
 
 def _prompt(row: dict, config: DataConfig) -> str:
+    fields = ", ".join(map(str, row))[:80]
     if config.prompt_template is None:
         if row.get(config.prompt_field) is None:
-            fields = ", ".join(map(str, row))[:80]
             raise RecipeError(
                 f"data.prompt_field: rows need a {config.prompt_field!r} value "
                 f"(a row of fields {fields} has none)"
@@ -112,7 +112,9 @@ def _prompt(row: dict, config: DataConfig) -> str:
     try:
         return config.prompt_template.format(**row)
     except KeyError as error:
-        raise RecipeError(f"data.prompt_template: rows have no field {error}") from None
+        raise RecipeError(
+            f"data.prompt_template: rows need a field {error} (a row of fields {fields} has none)"
+        ) from None
     except (ValueError, IndexError, AttributeError, TypeError) as error:  # a malformed template
         raise RecipeError(f"data.prompt_template {config.prompt_template!r}: {error}") from None
 

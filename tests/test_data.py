@@ -220,7 +220,7 @@ def test_sft_rows_need_a_completion_and_no_gold_answer(tmp_path):
         ("{q", "data.prompt_template '{q': expected '}' before end of string"),
         ("{0}", "data.prompt_template '{0}': Replacement index 0 out of range for positional args tuple"),
         ("{q.x}", "data.prompt_template '{q.x}': 'str' object has no attribute 'x'"),
-        ("{nope}", "data.prompt_template: rows have no field 'nope'"),
+        ("{nope}", "data.prompt_template: rows need a field 'nope' (a row of fields q, answer has none)"),
     ],
 )
 def test_a_prompt_template_that_cannot_format_the_rows_is_named(tmp_path, template, message):
