@@ -196,6 +196,13 @@ def _fitting(rows: list[dict], fits: Callable[[dict], bool], key: str) -> list[d
     return kept
 
 
+def sequence_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of texts that follow one another in one sequence (a prompt, then its
+    completion): the tokenizer's own special tokens, such as the BOS that Llama's and DeepSeek's
+    tokenizers add, only before the first."""
+    return [tokenizer(text, add_special_tokens=i == 0)["input_ids"] for i, text in enumerate(texts)]
+
+
 @dataclass
 class ContextFit:
     """Whether a row's `fields`, tokenized, leave a token of room in `context`: one to answer for a
@@ -208,7 +215,7 @@ class ContextFit:
     too_long: int = 0
 
     def __call__(self, row: dict) -> bool:
-        if sum(len(self.tokenizer(row[field])["input_ids"]) for field in self.fields) < self.context:
+        if sum(map(len, sequence_ids(self.tokenizer, [row[field] for field in self.fields]))) < self.context:
             return True
         self.too_long += 1
         return False

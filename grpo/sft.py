@@ -15,7 +15,7 @@ import time
 import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, check_model_outside_run, start_run_folder
-from grpo.data import TASK_PREFIX, ContextFit, train_prompts
+from grpo.data import TASK_PREFIX, ContextFit, sequence_ids, train_prompts
 from grpo.models.build import (
     check_model,
     context_length,
@@ -68,6 +68,13 @@ def check_train_keys(recipe: Recipe) -> None:
             )
 
 
+def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> Packed:
+    """(prompt, completion) pairs as training sequences: prompt, completion, end of sequence."""
+    ids = [sequence_ids(tokenizer, pair) for pair in pairs]
+    completions = [completion + [tokenizer.eos_token_id] for _, completion in ids]
+    return pack([prompt for prompt, _ in ids], completions, tokenizer.pad_token_id or 0)
+
+
 def sft_loss(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     """The completion tokens' mean negative log-likelihood, and the loss to minimise: that plus the
     MoE layers' sequence-wise balance loss where `train.balance_loss_alpha` turned it on (the batch
@@ -89,6 +96,8 @@ def sft(recipe: Recipe, log=print) -> dict:
     hf_config = check_model(recipe.model)
     check_train_keys(recipe)
     tokenizer = load_tokenizer(recipe.model.path)
+    if tokenizer.eos_token_id is None:  # every completion ends with it, or the model never learns to stop
+        raise RecipeError(f"model.path: {recipe.model.path}'s tokenizer has no end-of-sequence token")
     fit = ContextFit(tokenizer, context_length(hf_config, {}), ("prompt", "completion"))
     rows = sft_rows(recipe, config, fit)
     if fit.too_long:
@@ -112,10 +121,7 @@ def sft(recipe: Recipe, log=print) -> dict:
     model.train()
     started, losses, loads = time.perf_counter(), [], []
     for step in range(1, config.steps + 1):
-        pairs = list(itertools.islice(rows, config.batch_size))
-        prompts = [tokenizer(p)["input_ids"] for p, _ in pairs]
-        completions = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for _, c in pairs]
-        packed = pack(prompts, completions, tokenizer.pad_token_id or 0).to(accelerator.device)
+        packed = sft_batch(tokenizer, list(itertools.islice(rows, config.batch_size))).to(accelerator.device)
         nll, loss = sft_loss(model, packed)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
