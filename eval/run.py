@@ -37,6 +37,7 @@ class EvalArgs:
     top_p: float = 0.95
     max_tokens: int = 2048
     prompt: str = "noncot"
+    chat: bool = False
     out: str | None = None
     dry_run: bool = False
     engines: int = 1
@@ -86,7 +87,18 @@ def finished_problems(path: Path) -> list[dict]:
     return records
 
 
-SETTINGS = ("benchmark", "model", "data", "split", "n", "temperature", "top_p", "max_tokens", "prompt")
+SETTINGS = (
+    "benchmark",
+    "model",
+    "data",
+    "split",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "prompt",
+    "chat",
+)
 SETTINGS += ("seed", "dry_run", "timeout_s")
 """What the samples and verdicts of a problem depend on; resuming into a folder needs the same."""
 
@@ -167,6 +179,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     from grpo.rewards.runtime import RewardEntry, RewardRuntime
 
     from grpo.config import output_folder
+    from grpo.data import prompt_renderer
     from grpo.models.build import context_length, load_tokenizer, materialize, model_config
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
@@ -177,6 +190,8 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     check_args(args, benchmark)
     config = model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
+    tokenizer = load_tokenizer(args.model)
+    render = prompt_renderer(args.chat, None, tokenizer, "--chat")
     out, now = Path(args.out or f"runs/eval-{benchmark.name}"), settings(args)
     check_resumable(out, now)
     output_folder(out, "--out")
@@ -186,7 +201,6 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     problems = [(problem_id(benchmark, r, i), r) for i, r in enumerate(rows)]
     todo = [(pid, r) for pid, r in problems if pid not in done]
     model_path = materialize(args.model, out / "model", key="--model")
-    tokenizer = load_tokenizer(model_path)
     spec = SamplingSpec(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
@@ -204,7 +218,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
             context = context_length(config, {})
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
-                prompts = [tokenizer(benchmark.prompt(r, args.prompt))["input_ids"] for _, r in chunk]
+                prompts = [tokenizer(render(benchmark.prompt(r, args.prompt)))["input_ids"] for _, r in chunk]
                 # a prompt the model cannot even read gets no completions (and counts as unsolved)
                 fits = [len(p) < context for p in prompts]
                 sampled_groups = iter(rollout(engines, [p for p, ok in zip(prompts, fits) if ok], spec))

@@ -105,11 +105,18 @@ class DataConfig(Section):
     """The field holding each row's gold answer, which rewards compare against."""
     prompt_template: str | None = None
     """Python format string over the row's fields, e.g. `Problem: {problem}\\nAnswer: `."""
+    chat: bool = False
+    """Send each prompt as the user's turn of the model's chat template, the assistant's turn opened
+    (an instruct model); off, the prompt text is the model's input as it is (a base model)."""
+    system_prompt: str | None = None
+    """With `chat`: a system turn before the user's."""
 
     @model_validator(mode="after")
     def _one_way_to_name_the_prompt(self) -> DataConfig:
         if self.prompt_template is not None and self.prompt_field != "prompt":
             raise ValueError("prompt_field: not read where prompt_template is set (name the field there)")
+        if self.system_prompt is not None and not self.chat:
+            raise ValueError("system_prompt: only applies with chat: true")
         return self
 
 

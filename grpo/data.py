@@ -6,6 +6,7 @@ Every row becomes a dict with at least `prompt` (the formatted text) and the row
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -88,12 +89,43 @@ def _read_parquet(path: Path) -> list[dict]:
         raise RecipeError(f"{path}: not a readable parquet file ({reason})") from None
 
 
-def _format(rows: list[dict], config: DataConfig) -> list[dict]:
-    """Rows with `prompt` formatted and the gold answer, where a row has one, as the string `answer`
-    (a row without one is not applicable to the rewards that score against it)."""
+Render = Callable[[str], str]
+"""A prompt's text -> the model's input text (`prompt_renderer`)."""
+
+
+def prompt_renderer(chat: bool, system_prompt: str | None, tokenizer, key: str = "data.chat") -> Render:
+    """How a prompt's text becomes the model's input: as it is, or with `chat` the user's turn of the
+    tokenizer's chat template, the assistant's turn opened. A RecipeError naming `key` where the
+    tokenizer has no chat template."""
+    if not chat:
+        return str
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(
+            f"{key}: the model's tokenizer has no chat template (a base model takes prompts as they are)"
+        )
+    return functools.partial(chat_prompt, tokenizer, system_prompt=system_prompt)
+
+
+def chat_prompt(tokenizer, text: str, system_prompt: str | None = None) -> str:
+    """`text` as the user's turn of `tokenizer`'s chat template, the assistant's turn opened. Without
+    the BOS text where the tokenizer adds a BOS itself, since every prompt is encoded by
+    `tokenizer(prompt)`: this text then encodes to the template's own token ids."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    rendered = tokenizer.apply_chat_template(
+        [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    bos = tokenizer.bos_token
+    if bos and rendered.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return rendered[len(bos) :]
+    return rendered
+
+
+def _format(rows: list[dict], config: DataConfig, render: Render = str) -> list[dict]:
+    """Rows with `prompt` formatted (and rendered) and the gold answer, where a row has one, as the
+    string `answer` (a row without one is not applicable to the rewards that score against it)."""
     out = []
     for row in rows:
-        formatted = {**row, "prompt": _prompt(row, config)}
+        formatted = {**row, "prompt": render(_prompt(row, config))}
         if row.get(config.answer_field) is not None:
             formatted["answer"] = str(row[config.answer_field])
         out.append(formatted)
@@ -124,14 +156,18 @@ def train_prompts(
     seed: int,
     fits: Callable[[dict], bool] = lambda row: True,
     reads: Mapping[str, Sequence[str]] | None = None,
+    render: Render = str,
 ):
     """Endless iterator of training rows, shuffled once per pass. A file's or dataset's rows that
     `fits` refuses are left out (the task's prompts and solutions are a few dozen characters).
     `reads` maps each reward to the sample fields it scores against: a source where no row has any
-    of them would leave that reward not applicable to every row, so it is refused."""
+    of them would leave that reward not applicable to every row, so it is refused. `render` makes
+    each prompt the model's input (`prompt_renderer`)."""
     if config.source.startswith(TASK_PREFIX):
-        return _task(config.source).problems("train", seed)
-    rows = _format(load_rows(config.source, config.split, "data.split"), config)
+        return (
+            {**row, "prompt": render(row["prompt"])} for row in _task(config.source).problems("train", seed)
+        )
+    rows = _format(load_rows(config.source, config.split, "data.split"), config, render)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
     _check_reads(rows, reads, f"row of {config.source}", config)
@@ -162,18 +198,19 @@ def eval_prompts(
     seed: int,
     fits: Callable[[dict], bool] = lambda row: True,
     reads: Mapping[str, Sequence[str]] | None = None,
+    render: Render = str,
 ) -> list[dict]:
     """The first `count` held-out rows (deterministic) that `fits` accepts. A training file without a
-    `split` column has no held-out rows of its own: it needs `data.eval_source`. `reads` as for
-    `train_prompts`, checked on these rows: held-out accuracy would be 0 before and after."""
+    `split` column has no held-out rows of its own: it needs `data.eval_source`. `reads` and `render`
+    as for `train_prompts`, `reads` checked on these rows: held-out accuracy would be 0 before and after."""
     source = config.eval_source or config.source
     if source.startswith(TASK_PREFIX):
         unique = {
             row["prompt"]: row
             for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
         }
-        return list(unique.values())[:count]
-    rows = _format(load_rows(source, config.eval_split, "data.eval_split"), config)
+        return [{**row, "prompt": render(row["prompt"])} for row in list(unique.values())[:count]]
+    rows = _format(load_rows(source, config.eval_split, "data.eval_split"), config, render)
     own_file = not config.eval_source and Path(source).suffix in FILE_SUFFIXES
     if count and own_file and not any("split" in row for row in rows):
         raise RecipeError(

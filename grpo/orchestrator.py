@@ -16,7 +16,7 @@ import torch
 
 from grpo.algorithms.advantages import ADVANTAGES, tied_groups
 from grpo.config import Recipe, check_model_outside_run, start_run_folder
-from grpo.data import ContextFit, eval_prompts, train_prompts
+from grpo.data import ContextFit, eval_prompts, prompt_renderer, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, console_line, plot_run
 from grpo.models.build import check_model, context_length, load_tokenizer, materialize
@@ -270,8 +270,9 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     reads = {
         e.spec: f.sample_fields for e, f in zip(reward_entries, functions) if hasattr(f, "sample_fields")
     }
-    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit, reads)
-    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads)
+    render = prompt_renderer(recipe.data.chat, recipe.data.system_prompt, tokenizer)
+    eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit, reads, render)
+    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads, render)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(

@@ -15,7 +15,7 @@ import time
 import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, check_model_outside_run, start_run_folder
-from grpo.data import TASK_PREFIX, ContextFit, sequence_ids, train_prompts
+from grpo.data import TASK_PREFIX, ContextFit, Render, prompt_renderer, sequence_ids, train_prompts
 from grpo.models.build import (
     check_model,
     context_length,
@@ -30,15 +30,16 @@ from grpo.trainer.optim import build_optimizer
 from grpo.trainer.policy_trainer import Packed, pack, token_logprobs
 
 
-def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit):
-    """Endless (prompt, completion) pairs. The data is read and checked here, not at the first
-    pair, so that a missing file or field stops `sft` before it writes anything. A file's or
-    dataset's rows longer than the model's context (`fit`) are left out."""
+def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit, render: Render = str):
+    """Endless (prompt, completion) pairs, each prompt made the model's input by `render`. The data
+    is read and checked here, not at the first pair, so that a missing file or field stops `sft`
+    before it writes anything. A file's or dataset's rows longer than the model's context (`fit`)
+    are left out."""
     if recipe.data.source.startswith(TASK_PREFIX):
         rng = random.Random(recipe.run.seed + 7)
         return (
             (row["prompt"], solution_text(row["expression"], boxed=rng.random() < config.boxed_fraction))
-            for row in train_prompts(recipe.data, recipe.run.seed)
+            for row in train_prompts(recipe.data, recipe.run.seed, render=render)
         )
 
     def fits(row: dict) -> bool:
@@ -49,7 +50,10 @@ def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit):
             )
         return fit(row)
 
-    return ((row["prompt"], row["completion"]) for row in train_prompts(recipe.data, recipe.run.seed, fits))
+    return (
+        (row["prompt"], row["completion"])
+        for row in train_prompts(recipe.data, recipe.run.seed, fits, render=render)
+    )
 
 
 SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss_alpha")
@@ -99,7 +103,9 @@ def sft(recipe: Recipe, log=print) -> dict:
     if tokenizer.eos_token_id is None:  # every completion ends with it, or the model never learns to stop
         raise RecipeError(f"model.path: {recipe.model.path}'s tokenizer has no end-of-sequence token")
     fit = ContextFit(tokenizer, context_length(hf_config, {}), ("prompt", "completion"))
-    rows = sft_rows(recipe, config, fit)
+    rows = sft_rows(
+        recipe, config, fit, prompt_renderer(recipe.data.chat, recipe.data.system_prompt, tokenizer)
+    )
     if fit.too_long:
         log(f"sft: {fit.too_long} data rows left out, longer than the model's {fit.context} positions")
     run_dir = start_run_folder(recipe)

@@ -333,6 +333,18 @@ def test_continuing_from_a_runs_own_checkpoint_under_its_name_is_refused_before_
     assert _files(run) == EARLIER_RUN
 
 
+@pytest.mark.parametrize("command", ["sft", "train"])
+def test_chat_prompts_for_a_model_without_a_chat_template_stop_before_the_run_folder(tmp_path, command):
+    run = _earlier_run(tmp_path)
+    result = _cli_run(tmp_path, command, "model: {path: 'tiny:deepseek_v3'}\ndata: {chat: true}\n")
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo {command}: error: data.chat: the model's tokenizer has no chat template (a base model "
+        "takes prompts as they are)",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
 def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_earlier_run_as_it_was(
     tmp_path,
 ):

@@ -1,4 +1,5 @@
 import pytest
+from conftest import bos_adding_tokenizer
 
 from grpo.config import DataConfig, RecipeError
 from grpo.data import eval_prompts, load_rows, train_prompts
@@ -229,3 +230,42 @@ def test_a_prompt_template_that_cannot_format_the_rows_is_named(tmp_path, templa
     with pytest.raises(RecipeError) as error:
         train_prompts(config, seed=0)
     assert str(error.value) == message
+
+
+# a Llama-3-like template: the BOS written by the template itself, roles in brackets
+BRACKETS = (
+    "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_a_chat_prompt_encodes_to_the_templates_own_token_ids():
+    from grpo.data import chat_prompt
+
+    tokenizer = bos_adding_tokenizer(BRACKETS)
+    text = chat_prompt(tokenizer, "1+1=", system_prompt="Be brief.")
+    # the template's <s> is left to the tokenizer, which adds it when the prompt is encoded
+    assert text == "[system] Be brief.\n[user] 1+1=\n[assistant] "
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1="}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert tokenizer(text)["input_ids"] == list(getattr(expected, "input_ids", expected))
+    assert tokenizer(text)["input_ids"][:2] == [1, 87]  # one <s>, then "["
+
+
+def test_chat_prompts_render_file_and_task_rows_and_need_a_template(tmp_path):
+    from grpo.data import prompt_renderer
+
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": "2"}\n')
+    render = prompt_renderer(True, None, bos_adding_tokenizer(BRACKETS))
+    config = DataConfig(source=str(tmp_path / "rows.jsonl"), prompt_template="{q}=", chat=True)
+    assert next(train_prompts(config, seed=0, render=render))["prompt"] == "[user] 1+1=\n[assistant] "
+    task_row = next(train_prompts(DataConfig(chat=True), seed=0, render=render))
+    assert task_row["prompt"].startswith("[user] Q: ") and task_row["prompt"].endswith("\n[assistant] ")
+    assert prompt_renderer(False, None, bos_adding_tokenizer())("1+1=") == "1+1="
+    with pytest.raises(RecipeError) as error:
+        prompt_renderer(True, None, bos_adding_tokenizer())
+    assert str(error.value) == (
+        "data.chat: the model's tokenizer has no chat template (a base model takes prompts as they are)"
+    )
+    with pytest.raises(ValueError, match="system_prompt: only applies with chat: true"):
+        DataConfig(system_prompt="Be brief.")

@@ -254,3 +254,25 @@ def test_a_data_file_of_another_benchmark_is_named_before_any_engine_starts(tmp_
         f"grpo eval: error: {data}: row 1 has no 'problem' or 'question' field, which gsm8k rows need",
     )
     assert not (tmp_path / "e").exists()
+
+
+def test_chat_prompts_for_a_model_without_a_chat_template_stop_before_the_output_folder(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2", "split": "test"}\n')
+    result = _grpo(
+        "eval",
+        "gsm8k",
+        "--model",
+        "tiny:deepseek_v3",
+        "--data",
+        str(data),
+        "--chat",
+        "--out",
+        str(tmp_path / "e"),
+    )
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo eval: error: --chat: the model's tokenizer has no chat template (a base model takes prompts "
+        "as they are)",
+    )
+    assert not (tmp_path / "e").exists()

@@ -1,4 +1,5 @@
 import torch
+from conftest import bos_adding_tokenizer
 from transformers import AutoModelForCausalLM
 
 from grpo.models.moe import balance_loss, convert_moe, moe_layers
@@ -23,23 +24,10 @@ def test_the_sft_loss_adds_the_balance_loss_where_it_is_on():
     assert torch.equal(nll, nll_off) and torch.equal(loss, nll + balance)
 
 
-def _bos_adding_tokenizer():
-    """The tiny model's tokenizer with a BOS before every encoded text, as Llama's and DeepSeek's add."""
-    from tokenizers.processors import TemplateProcessing
-
-    from grpo.models.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    return tokenizer
-
-
 def test_an_sft_sequence_has_one_bos_however_the_tokenizer_adds_them():
     from grpo.sft import sft_batch
 
-    tokenizer = _bos_adding_tokenizer()
+    tokenizer = bos_adding_tokenizer()
     assert tokenizer("3=")["input_ids"] == [1, 6, 83]  # <s> is 1, </s> 2, "0" 3, "+" 75, "=" 83
     packed = sft_batch(tokenizer, [("1+1=", "2"), ("3=", "3")])
     assert packed.input_ids_BL.tolist() == [[1, 4, 75, 4, 83, 5, 2], [1, 6, 83, 6, 2, 0, 0]]
@@ -52,5 +40,5 @@ def test_a_pair_fits_the_context_counting_one_bos():
 
     # <s> 1 + 1 = 2 is six tokens, and the end of sequence needs a seventh position
     pair = {"prompt": "1+1=", "completion": "2"}
-    assert ContextFit(_bos_adding_tokenizer(), context=7, fields=("prompt", "completion"))(pair)
-    assert not ContextFit(_bos_adding_tokenizer(), context=6, fields=("prompt", "completion"))(pair)
+    assert ContextFit(bos_adding_tokenizer(), context=7, fields=("prompt", "completion"))(pair)
+    assert not ContextFit(bos_adding_tokenizer(), context=6, fields=("prompt", "completion"))(pair)
