@@ -87,19 +87,8 @@ def finished_problems(path: Path) -> list[dict]:
     return records
 
 
-SETTINGS = (
-    "benchmark",
-    "model",
-    "data",
-    "split",
-    "n",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "prompt",
-    "chat",
-)
-SETTINGS += ("seed", "dry_run", "timeout_s")
+SETTINGS = ("benchmark", "model", "data", "split", "prompt", "chat", "dry_run", "timeout_s")
+SETTINGS += ("n", "temperature", "top_p", "max_tokens", "seed")
 """What the samples and verdicts of a problem depend on; resuming into a folder needs the same."""
 
 
