@@ -38,6 +38,7 @@ class EvalArgs:
     max_tokens: int = 2048
     prompt: str = "noncot"
     chat: bool = False
+    system_prompt: str | None = None
     out: str | None = None
     dry_run: bool = False
     engines: int = 1
@@ -87,7 +88,7 @@ def finished_problems(path: Path) -> list[dict]:
     return records
 
 
-SETTINGS = ("benchmark", "model", "data", "split", "prompt", "chat", "dry_run", "timeout_s")
+SETTINGS = ("benchmark", "model", "data", "split", "prompt", "chat", "system_prompt", "dry_run", "timeout_s")
 SETTINGS += ("n", "temperature", "top_p", "max_tokens", "seed")
 """What the samples and verdicts of a problem depend on; resuming into a folder needs the same."""
 
@@ -127,6 +128,8 @@ def check_resumable(out: Path, now: dict) -> None:
 
 
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
+    if args.system_prompt is not None and not args.chat:
+        raise ValueError("--system-prompt: only applies with --chat")
     if bad := [k for k in args.k if k > args.n or k < 1]:
         raise ValueError(f"--k {bad}: each k must be between 1 and --n ({args.n})")
     if args.temperature == 0 and args.n > 1:  # greedy decoding repeats one completion n times
@@ -180,7 +183,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     config = model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
     tokenizer = load_tokenizer(args.model)
-    render = prompt_renderer(args.chat, None, tokenizer, "--chat")
+    render = prompt_renderer(args.chat, args.system_prompt, tokenizer, "--chat")
     out, now = Path(args.out or f"runs/eval-{benchmark.name}"), settings(args)
     check_resumable(out, now)
     output_folder(out, "--out")

@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--chat", action="store_true", help="each prompt as the user's turn of the model's chat template"
     )
+    evaluate.add_argument("--system-prompt", help="with --chat: a system turn before the user's")
     evaluate.add_argument("--out", help="output folder (default runs/eval-BENCHMARK); re-running resumes")
     evaluate.add_argument(
         "--dry-run", action="store_true", help="Lean: write the files to check, verify nothing"

@@ -276,3 +276,11 @@ def test_chat_prompts_for_a_model_without_a_chat_template_stop_before_the_output
         "as they are)",
     )
     assert not (tmp_path / "e").exists()
+
+
+def test_a_system_prompt_without_chat_is_refused(tmp_path):
+    result = _grpo("eval", "gsm8k", "--model", "tiny:deepseek_v3", "--system-prompt", "Be brief.")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2,
+        "grpo eval: error: --system-prompt: only applies with --chat",
+    )
