@@ -43,6 +43,9 @@ class RunConfig(Section):
     the run's files beside or above other runs')."""
     output_dir: Path = Path("runs")
     seed: int = 0
+    tensorboard: bool = False
+    """Also write each step's metrics as TensorBoard scalars under the run folder's `tensorboard/`
+    (`tensorboard --logdir runs`)."""
 
     @field_validator("name")
     @classmethod
@@ -404,7 +407,8 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "init", "final", "checkpoints")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "init", "final")
+RUN_OUTPUTS += ("checkpoints",)
 """What `grpo sft` and `grpo train` write in a run folder, besides the `eval_*.jsonl` records."""
 
 

@@ -1,10 +1,13 @@
-"""Run outputs: one JSON line per step, a compact console line, and PNG plots of the curves."""
+"""Run outputs: one JSON line per step (and the same scalars as TensorBoard events where asked), a
+compact console line, and PNG plots of the curves."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+from grpo.config import RecipeError
 from grpo.jsonl import read_objects
 
 CONSOLE_KEYS = (
@@ -27,14 +30,38 @@ PLOT_KEYS = (
 )
 
 
+def check_tensorboard(wanted: bool) -> None:
+    """A RecipeError where `run.tensorboard` asks for events and their writer is not installed (the
+    GPU image of the lent machines lacks it), found before the run folder is touched."""
+    if wanted and importlib.util.find_spec("tensorboardX") is None:
+        raise RecipeError("run.tensorboard: needs the tensorboardX package (pip install tensorboardX)")
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path):
+    """`metrics.jsonl`, one record a step; with `tensorboard`, each record's numbers also as scalars
+    under `tensorboard/`, flushed every step so that a run that stops keeps its curves."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
         self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def console_line(record: dict) -> str:

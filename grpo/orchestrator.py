@@ -18,7 +18,7 @@ from grpo.algorithms.advantages import ADVANTAGES, tied_groups
 from grpo.config import Recipe, check_model_outside_run, start_run_folder
 from grpo.data import ContextFit, eval_prompts, prompt_renderer, train_prompts
 from grpo.errors import ParityError
-from grpo.metrics import MetricsLog, console_line, plot_run
+from grpo.metrics import MetricsLog, check_tensorboard, console_line, plot_run
 from grpo.models.build import check_model, context_length, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
@@ -274,6 +274,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit, reads, render)
     prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads, render)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
+    check_tensorboard(recipe.run.tensorboard)
     # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(
         ray_address,
@@ -284,7 +285,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
         model_path = materialize(
             recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
         )
-        log = MetricsLog(run_dir)
+        log = MetricsLog(run_dir, recipe.run.tensorboard)
         with RewardRuntime(
             reward_entries, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
         ) as rewards:
@@ -315,6 +316,7 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                     session.actors.trainer.call(
                         "save", str(run_dir / "checkpoints" / f"step-{step}"), model_path
                     )
+            log.close()
             after = run_eval("eval_after.jsonl")
             final = session.actors.trainer.call("save", str(run_dir / "checkpoints" / "final"), model_path)
             session.actors.trainer.call("close")

@@ -432,7 +432,12 @@ def test_a_run_starts_from_a_folder_without_the_earlier_runs_outputs(tmp_path):
     from grpo.config import start_run_folder
 
     run = tmp_path / "run"
-    for name in ("checkpoints/step-40/model.safetensors", "final/config.json", "init/config.json"):
+    for name in (
+        "checkpoints/step-40/model.safetensors",
+        "final/config.json",
+        "init/config.json",
+        "tensorboard/e",
+    ):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("earlier")
     for name in ("summary.json", "metrics.jsonl", "curves.png", "eval_before.jsonl", "eval_step40.jsonl"):

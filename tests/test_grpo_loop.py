@@ -31,7 +31,7 @@ def _recipe(tmp_path):
     (tmp_path / "my_reward.py").write_text(DIGITS_REWARD)
     return recipe_from_dict(
         {
-            "run": {"name": "two-steps", "output_dir": str(tmp_path)},
+            "run": {"name": "two-steps", "output_dir": str(tmp_path), "tensorboard": True},
             "model": {"path": "tiny:deepseek_v3"},
             "data": {"source": _rows(tmp_path), "prompt_template": "{q}"},
             "rollout": {"group_size": 4, "max_tokens": 12, "engine_kwargs": {"max_model_len": 128}},
@@ -71,7 +71,11 @@ def test_two_steps_write_the_run_folder(run):
         "summary.json",
         "curves.png",
         "checkpoints",
+        "tensorboard",
     }
+    assert [path.name.startswith("events.out.tfevents.") for path in (run_dir / "tensorboard").iterdir()] == [
+        True
+    ]
     assert summary["steps"] == 2 and summary["eval_prompts"] == 4
     assert 0.0 <= summary["eval_accuracy_before"] <= 1.0
     held_out = [json.loads(line) for line in (run_dir / "eval_after.jsonl").read_text().splitlines()]

@@ -32,3 +32,54 @@ def test_the_curves_of_a_run_are_drawn(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kl": 0.1}\n{"step": 2, "kl": 0.2}\n')
     assert plot_run(tmp_path) == tmp_path / "curves.png"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _scalars(folder) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in `folder`'s event files: TFRecord frames (length, its
+    CRC, an `Event`, its CRC), read without TensorBoard itself."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            scalars += [(v.tag, event.step, round(v.simple_value, 6)) for v in event.summary.value]
+    return scalars
+
+
+def test_metrics_are_written_as_tensorboard_scalars_where_asked(tmp_path):
+    from grpo.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write({"step": 1, "reward/mean": 0.25, "kl": 0.5, "run": "text", "stopped": False})
+    log.write({"step": 2, "reward/mean": 0.75, "kl": 0.125})
+    log.close()
+    assert [line for line in (tmp_path / "metrics.jsonl").read_text().split("\n") if line][1] == (
+        '{"step": 2, "reward/mean": 0.75, "kl": 0.125}'
+    )
+    assert _scalars(tmp_path / "tensorboard") == [
+        ("reward/mean", 1, 0.25),
+        ("kl", 1, 0.5),
+        ("reward/mean", 2, 0.75),
+        ("kl", 2, 0.125),
+    ]
+    (tmp_path / "off").mkdir()
+    MetricsLog(tmp_path / "off").close()
+    assert [path.name for path in (tmp_path / "off").iterdir()] == ["metrics.jsonl"]  # no events by default
+
+
+def test_tensorboard_events_without_their_writer_installed_stop_before_the_run(monkeypatch):
+    import grpo.metrics
+
+    grpo.metrics.check_tensorboard(True)  # installed here
+    monkeypatch.setattr(grpo.metrics.importlib.util, "find_spec", lambda name: None)
+    grpo.metrics.check_tensorboard(False)
+    with pytest.raises(ValueError) as error:
+        grpo.metrics.check_tensorboard(True)
+    assert str(error.value) == "run.tensorboard: needs the tensorboardX package (pip install tensorboardX)"
