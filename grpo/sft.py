@@ -62,7 +62,12 @@ SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss
 
 def check_train_keys(recipe: Recipe) -> None:
     """A RecipeError for a `train` key away from its default that `grpo sft` would ignore, because it
-    is `grpo train`'s (a recipe `grpo sft` wrote itself, defaults and all, passes)."""
+    is `grpo train`'s (a recipe `grpo sft` wrote itself, defaults and all, passes); so is
+    `run.tensorboard`, since `grpo sft` logs no metrics file."""
+    if recipe.run.tensorboard:
+        raise RecipeError(
+            "run.tensorboard: grpo train's, not grpo sft's (grpo sft logs its loss to the console)"
+        )
     defaults = Recipe(model=recipe.model).train  # the recipe's validators fill defaults by dtype
     for key in TrainConfig.model_fields:
         if key not in SFT_TRAIN_KEYS and getattr(recipe.train, key) != getattr(defaults, key):

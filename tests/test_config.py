@@ -407,6 +407,8 @@ def test_grpo_sft_takes_its_own_train_keys_and_a_recipe_it_wrote_itself(tmp_path
     tree = {"model": {"path": "tiny:deepseek_v3", "dtype": "bfloat16"}, "train": {"learning_rate": 1e-4}}
     with pytest.raises(RecipeError, match=r"^train\.learning_rate: grpo train's, not grpo sft's"):
         check_train_keys(recipe_from_dict(tree))
+    with pytest.raises(RecipeError, match=r"^run\.tensorboard: grpo train's, not grpo sft's"):
+        check_train_keys(recipe_from_dict({"model": {"path": "m"}, "run": {"tensorboard": True}}))
     tree["train"] = {"threads": 2, "bf16_moments": True, "routing_bias_gamma": 0.001, "steps": 20}
     recipe = recipe_from_dict(tree)
     check_train_keys(recipe)  # steps: 20 is the default
