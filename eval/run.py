@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from grpo.eval.benchmarks import BENCHMARKS, Benchmark, default_data_dir
@@ -88,14 +88,14 @@ def finished_problems(path: Path) -> list[dict]:
     return records
 
 
-SETTINGS = ("benchmark", "model", "data", "split", "prompt", "chat", "system_prompt", "dry_run", "timeout_s")
-SETTINGS += ("n", "temperature", "top_p", "max_tokens", "seed")
-"""What the samples and verdicts of a problem depend on; resuming into a folder needs the same."""
+NOT_SETTINGS = ("k", "limit", "out", "engines", "ray_address", "reward_workers")
+"""The `EvalArgs` that change no problem's samples or verdicts. Every other one is a setting, which
+resuming into a folder needs the same (a new option is one unless it is listed here)."""
 
 
 def settings(args: EvalArgs) -> dict:
-    """`args`' SETTINGS, a local model or data path resolved (so `./m` and `m` resume alike)."""
-    found = {key: getattr(args, key) for key in SETTINGS}
+    """`args`' settings, a local model or data path resolved (so `./m` and `m` resume alike)."""
+    found = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in NOT_SETTINGS}
     for key in ("model", "data"):
         if found[key] is not None and Path(found[key]).exists():
             found[key] = str(Path(found[key]).resolve())
@@ -112,9 +112,9 @@ def check_resumable(out: Path, now: dict) -> None:
         except json.JSONDecodeError:
             earlier = {}  # every setting then reads as different, and the message names them
         if differ := [
-            f"{key} {earlier.get(key)!r}, not {now[key]!r}"
-            for key in SETTINGS
-            if earlier.get(key) != now[key]
+            f"{key} {earlier.get(key)!r}, not {value!r}"
+            for key, value in now.items()
+            if earlier.get(key) != value
         ]:
             raise ValueError(
                 f"--out {out}: holds problems sampled with other settings ({'; '.join(differ)}); give "

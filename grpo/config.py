@@ -407,8 +407,10 @@ def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "init", "final")
-RUN_OUTPUTS += ("checkpoints",)
+RUN_OUTPUTS = (
+    *("config.yaml", "metrics.jsonl", "summary.json", "curves.png"),
+    *("tensorboard", "init", "final", "checkpoints"),
+)
 """What `grpo sft` and `grpo train` write in a run folder, besides the `eval_*.jsonl` records."""
 
 

@@ -103,21 +103,22 @@ def prompt_renderer(chat: bool, system_prompt: str | None, tokenizer, key: str =
         raise RecipeError(
             f"{key}: the model's tokenizer has no chat template (a base model takes prompts as they are)"
         )
-    return functools.partial(chat_prompt, tokenizer, system_prompt=system_prompt)
+    # every prompt is encoded by `tokenizer(prompt)`: where that adds a BOS itself, the BOS text a
+    # template writes is dropped, so that the text encodes to the template's own token ids
+    adds_bos = tokenizer.bos_token and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return functools.partial(
+        _chat_prompt, tokenizer, system_prompt=system_prompt, drop=tokenizer.bos_token if adds_bos else ""
+    )
 
 
-def chat_prompt(tokenizer, text: str, system_prompt: str | None = None) -> str:
-    """`text` as the user's turn of `tokenizer`'s chat template, the assistant's turn opened. Without
-    the BOS text where the tokenizer adds a BOS itself, since every prompt is encoded by
-    `tokenizer(prompt)`: this text then encodes to the template's own token ids."""
+def _chat_prompt(tokenizer, text: str, system_prompt: str | None, drop: str) -> str:
+    """`text` as the user's turn of `tokenizer`'s chat template, the assistant's turn opened, without
+    a leading `drop`."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     rendered = tokenizer.apply_chat_template(
         [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
-    bos = tokenizer.bos_token
-    if bos and rendered.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return rendered[len(bos) :]
-    return rendered
+    return rendered.removeprefix(drop)
 
 
 def _format(rows: list[dict], config: DataConfig, render: Render = str) -> list[dict]:
@@ -133,22 +134,26 @@ def _format(rows: list[dict], config: DataConfig, render: Render = str) -> list[
 
 
 def _prompt(row: dict, config: DataConfig) -> str:
-    fields = ", ".join(map(str, row))[:80]
     if config.prompt_template is None:
         if row.get(config.prompt_field) is None:
             raise RecipeError(
                 f"data.prompt_field: rows need a {config.prompt_field!r} value "
-                f"(a row of fields {fields} has none)"
+                f"(a row of fields {_fields(row)} has none)"
             )
         return str(row[config.prompt_field])
     try:
         return config.prompt_template.format(**row)
     except KeyError as error:
         raise RecipeError(
-            f"data.prompt_template: rows need a field {error} (a row of fields {fields} has none)"
+            f"data.prompt_template: rows need a field {error} (a row of fields {_fields(row)} has none)"
         ) from None
     except (ValueError, IndexError, AttributeError, TypeError) as error:  # a malformed template
         raise RecipeError(f"data.prompt_template {config.prompt_template!r}: {error}") from None
+
+
+def _fields(row: dict) -> str:
+    """A row named by its fields, in an error message."""
+    return ", ".join(map(str, row))[:80]
 
 
 def train_prompts(

@@ -240,10 +240,10 @@ BRACKETS = (
 
 
 def test_a_chat_prompt_encodes_to_the_templates_own_token_ids():
-    from grpo.data import chat_prompt
+    from grpo.data import prompt_renderer
 
     tokenizer = bos_adding_tokenizer(BRACKETS)
-    text = chat_prompt(tokenizer, "1+1=", system_prompt="Be brief.")
+    text = prompt_renderer(True, "Be brief.", tokenizer)("1+1=")
     # the template's <s> is left to the tokenizer, which adds it when the prompt is encoded
     assert text == "[system] Be brief.\n[user] 1+1=\n[assistant] "
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1="}]
