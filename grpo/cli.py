@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the recipe's run from its latest checkpoint"
+    )
 
     sft = commands.add_parser("sft", help="supervised warm-up from a recipe's data and sft section")
     sft.add_argument("recipe")
@@ -128,7 +131,8 @@ def _dispatch(args) -> int:
         from grpo.config import load_recipe
         from grpo.orchestrator import before_after_table, train
 
-        summary = train(load_recipe(args.recipe, args.overrides), ray_address=args.ray_address)
+        recipe = load_recipe(args.recipe, args.overrides)
+        summary = train(recipe, ray_address=args.ray_address, resume=args.resume)
         print(before_after_table(summary))
     elif args.command == "sft":
         from grpo.config import load_recipe

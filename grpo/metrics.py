@@ -41,14 +41,18 @@ class MetricsLog:
     """`metrics.jsonl`, one record a step; with `tensorboard`, each record's numbers also as scalars
     under `tensorboard/`, flushed every step so that a run that stops keeps its curves."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resumed_after: int = 0):
+        """`resumed_after`: the step a resumed run continues from, whose records are kept; TensorBoard
+        is told to drop the earlier run's scalars of the steps after it."""
         self.path = run_dir / "metrics.jsonl"
-        self.path.write_text("")
+        if not resumed_after:
+            self.path.write_text("")
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = resumed_after + 1 if resumed_after else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:

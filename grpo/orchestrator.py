@@ -23,6 +23,7 @@ from grpo.models.build import check_model, context_length, load_tokenizer, mater
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec, check_engine_kwargs
+from grpo.trainer.checkpoint import begin_checkpoint, continue_run_folder, end_checkpoint, resume_point
 from grpo.trainer.policy_trainer import RolloutBatch
 from grpo.trainer.ranks import TrainerRanks
 
@@ -33,15 +34,17 @@ class Actors:
     engines: list
 
 
-def start_actors(recipe: Recipe, model_path: str, pad_id: int) -> Actors:
+def start_actors(recipe: Recipe, model_path: str, pad_id: int, resume_from: str | None = None) -> Actors:
+    """The trainer and the engines, from `model_path`, or from `resume_from` (a checkpoint of this run
+    the trainer takes its optimizer state from too; its KL reference stays `model_path`)."""
     rollout_config = recipe.rollout
     gpus = 0.0
     if torch.cuda.is_available():
         gpus = 1 / (rollout_config.engines + 1) if rollout_config.colocate else 1.0
     # vLLM sizes its cache from the memory free when it starts: the trainer settles first
-    trainer = TrainerRanks(recipe, model_path, pad_id, gpus_per_rank=gpus)
+    trainer = TrainerRanks(recipe, model_path, pad_id, gpus_per_rank=gpus, resume_from=resume_from)
     engines = start_engines(
-        model_path,
+        resume_from or model_path,
         recipe.model.dtype,
         recipe.run.seed,
         rollout_config.engines,
@@ -235,12 +238,17 @@ def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
 
 
 def start_session(
-    recipe: Recipe, model_path: str, tokenizer, rewards: RewardRuntime, parity_row: dict
+    recipe: Recipe,
+    model_path: str,
+    tokenizer,
+    rewards: RewardRuntime,
+    parity_row: dict,
+    resume_from: str | None = None,
 ) -> Session:
     """Start the actors, then fix the parity sequence (a prompt and the initial policy's greedy
     answer) and check that engines and trainer start from the same weights."""
 
-    actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0)
+    actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0, resume_from)
     prompt = tokenizer(parity_row["prompt"])["input_ids"]
     greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
     parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids
@@ -253,7 +261,19 @@ def start_session(
     return Session(recipe, actors, tokenizer, rewards, parity_ids, logprobs)
 
 
-def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = True) -> dict:
+def save_checkpoint(actors: Actors, path: Path, tokenizer_path: str, step: int, eval_before: dict) -> str:
+    """The policy as a Hugging Face folder at `path`, with what resuming from it needs."""
+    begin_checkpoint(path)
+    actors.trainer.call("save", str(path), tokenizer_path)
+    actors.trainer.call("save_optimizer", str(path))
+    end_checkpoint(path, step, eval_before)
+    return str(path)
+
+
+def train(
+    recipe: Recipe, ray_address: str | None = None, show_progress: bool = True, resume: bool = False
+) -> dict:
+    """One GRPO run; with `resume`, the recipe's run continued from its latest checkpoint."""
     import ray
     from tqdm import tqdm
 
@@ -275,22 +295,29 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
     prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads, render)
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     check_tensorboard(recipe.run.tensorboard)
+    point = resume_point(recipe) if resume else None
     # a cluster to join that does not answer is one more thing to find before the run folder
     start_ray(
         ray_address,
         recipe.train.expert_parallel_size + recipe.rollout.engines * recipe.rollout.cpus_per_engine,
     )
     try:
-        run_dir = start_run_folder(recipe)
+        run_dir = continue_run_folder(recipe, point) if point else start_run_folder(recipe)
         model_path = materialize(
             recipe.model.path, run_dir / "init", recipe.run.seed, recipe.model.tiny_overrides
         )
-        log = MetricsLog(run_dir, recipe.run.tensorboard)
+        done = point.step if point else 0
+        log = MetricsLog(run_dir, recipe.run.tensorboard, resumed_after=done)
         with RewardRuntime(
             reward_entries, recipe.reward_runtime.workers, recipe.reward_runtime.timeout_s
         ) as rewards:
             session = start_session(
-                recipe, model_path, tokenizer, rewards, eval_rows[0] if eval_rows else next(prompts)
+                recipe,
+                model_path,
+                tokenizer,
+                rewards,
+                eval_rows[0] if eval_rows else next(prompts),
+                str(point.checkpoint) if point else None,
             )
 
             def run_eval(name: str) -> dict:
@@ -298,9 +325,16 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                     return {}
                 return evaluate(session.actors, tokenizer, eval_rows, recipe, rewards, run_dir / name)
 
-            before = run_eval("eval_before.jsonl")
+            before = point.eval_before if point else run_eval("eval_before.jsonl")
+            for _ in range(done * recipe.train.prompts_per_step):  # the rows the earlier steps took
+                next(prompts)
             bar = tqdm(
-                range(1, recipe.train.steps + 1), desc="grpo", disable=not show_progress, dynamic_ncols=True
+                range(done + 1, recipe.train.steps + 1),
+                initial=done,
+                total=recipe.train.steps,
+                desc="grpo",
+                disable=not show_progress,
+                dynamic_ncols=True,
             )
             for step in bar:
                 record = grpo_step(
@@ -313,12 +347,14 @@ def train(recipe: Recipe, ray_address: str | None = None, show_progress: bool = 
                 if show_progress:
                     bar.write(console_line(record))
                 if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
-                    session.actors.trainer.call(
-                        "save", str(run_dir / "checkpoints" / f"step-{step}"), model_path
+                    save_checkpoint(
+                        session.actors, run_dir / "checkpoints" / f"step-{step}", model_path, step, before
                     )
             log.close()
             after = run_eval("eval_after.jsonl")
-            final = session.actors.trainer.call("save", str(run_dir / "checkpoints" / "final"), model_path)
+            final = save_checkpoint(
+                session.actors, run_dir / "checkpoints" / "final", model_path, recipe.train.steps, before
+            )
             session.actors.trainer.call("close")
     finally:
         ray.shutdown()

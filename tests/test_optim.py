@@ -34,3 +34,29 @@ def test_updates_below_a_bf16_ulp_accumulate_in_the_fp32_master():
     assert plain.item() == 1.0  # every step rounded away
     assert abs(opt_ours.state[ours]["master"].item() - 0.99) < 1e-5
     assert ours.item() == 0.98828125  # the bf16 value nearest to 0.99 (253/256)
+
+
+def test_a_saved_state_loads_back_with_its_fp32_master_and_bf16_moments():
+    def trained(steps: int):
+        param = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+        optimizer = AdamWBf16Moments([param], lr=1e-3)
+        for _ in range(steps):
+            param.grad = torch.tensor([1.0, -1.0], dtype=torch.bfloat16)
+            optimizer.step()
+        return param, optimizer
+
+    param, optimizer = trained(4)
+    resumed_param = torch.nn.Parameter(param.detach().clone())
+    resumed = AdamWBf16Moments([resumed_param], lr=1e-3)
+    resumed.load_state_dict(optimizer.state_dict())
+    state = resumed.state[resumed_param]
+    assert (state["master"].dtype, state["exp_avg"].dtype, state["step"]) == (
+        torch.float32,
+        torch.bfloat16,
+        4,
+    )
+    for p, o in ((param, optimizer), (resumed_param, resumed)):
+        p.grad = torch.tensor([1.0, -1.0], dtype=torch.bfloat16)
+        o.step()
+    assert torch.equal(resumed.state[resumed_param]["master"], optimizer.state[param]["master"])
+    assert resumed.state[resumed_param]["master"].tolist() != resumed_param.float().tolist()

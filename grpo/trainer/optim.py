@@ -34,6 +34,19 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                 state["master"] = param.detach().float()
         return state
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Torch's loader casts each saved state tensor to its parameter's dtype, which would round a
+        BF16 parameter's FP32 master to BF16 and widen the BF16 moments: put them back as saved."""
+        super().load_state_dict(state_dict)
+        params = [param for group in self.param_groups for param in group["params"]]
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        for param, index in zip(params, saved_ids):
+            if index in state_dict["state"]:
+                self.state[param] = {
+                    key: value.to(param.device) if torch.is_tensor(value) else value
+                    for key, value in state_dict["state"][index].items()
+                }
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

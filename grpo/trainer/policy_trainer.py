@@ -27,6 +27,7 @@ from grpo.models.fused_grad_accumulation import accumulate_into_grad
 from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
+from grpo.trainer.checkpoint import optimizer_file
 from grpo.trainer.optim import build_optimizer
 
 
@@ -111,9 +112,18 @@ class PolicyTrainer:
     backward is Python, and there it ran 2-3x slower (`benchmarks/probe_fp8_step_cpu_gpu.py`); off
     only to measure the difference (`benchmarks/trainer_step_gpu.py`)."""
 
-    def __init__(self, model_path: str, recipe: dict, pad_id: int, rank: int = 0, init_method: str = ""):
+    def __init__(
+        self,
+        model_path: str,
+        recipe: dict,
+        pad_id: int,
+        rank: int = 0,
+        init_method: str = "",
+        resume_from: str | None = None,
+    ):
         """`rank` and `init_method` (a `tcp://host:port` rendezvous) join the expert-parallel group
-        of `train.expert_parallel_size` ranks."""
+        of `train.expert_parallel_size` ranks. `resume_from`, a checkpoint of this run, gives the
+        policy and the optimizer state; the KL reference stays `model_path`, the run's start."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -135,7 +145,7 @@ class PolicyTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.pad_id = pad_id
         converters = converters_for(self.recipe.model)
-        model = load_policy(model_path, self.recipe.model.dtype, converters)
+        model = load_policy(resume_from or model_path, self.recipe.model.dtype, converters)
         if self.group is not None:
             expert_parallel.shard_experts(model, self.group)
         self.reference = None
@@ -150,6 +160,9 @@ class PolicyTrainer:
             model.parameters(), train.learning_rate, train.weight_decay, train.bf16_moments
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if resume_from is not None:
+            saved = torch.load(optimizer_file(resume_from, rank), map_location=self.accelerator.device)
+            self.optimizer.load_state_dict(saved)
         self.model.train()
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
@@ -317,6 +330,12 @@ class PolicyTrainer:
             model.save_pretrained(path, **gathered)
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
+
+    def save_optimizer(self, checkpoint: str) -> None:
+        """Every rank writes its own optimizer state (its experts' moments differ from the others')."""
+        path = optimizer_file(checkpoint, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.optimizer.state_dict(), path)
 
     def close(self) -> None:
         self.weights.close()

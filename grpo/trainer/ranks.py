@@ -35,7 +35,14 @@ def _all(refs: list) -> list:
 
 
 class TrainerRanks:
-    def __init__(self, recipe: Recipe, model_path: str, pad_id: int, gpus_per_rank: float):
+    def __init__(
+        self,
+        recipe: Recipe,
+        model_path: str,
+        pad_id: int,
+        gpus_per_rank: float,
+        resume_from: str | None = None,
+    ):
         import ray
 
         ranks = recipe.train.expert_parallel_size
@@ -49,7 +56,9 @@ class TrainerRanks:
             num_cpus=1, num_gpus=gpus_per_rank, runtime_env={"env_vars": THREAD_ENV}
         )
         config = recipe.model_dump(mode="json")
-        self.actors = [actor.remote(model_path, config, pad_id, rank, init_method) for rank in range(ranks)]
+        self.actors = [
+            actor.remote(model_path, config, pad_id, rank, init_method, resume_from) for rank in range(ranks)
+        ]
         _all([a.__ray_ready__.remote() for a in self.actors])
 
     def call(self, method: str, *args, **kwargs):

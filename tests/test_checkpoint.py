@@ -1,0 +1,175 @@
+"""Resuming a run (`grpo train --resume`): which checkpoint is taken, what of the run folder stays,
+and that a trainer resumed from a checkpoint takes the same next step as the one that kept going."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grpo.config import RecipeError, dump_recipe, recipe_from_dict
+from grpo.models.build import materialize
+from grpo.trainer.checkpoint import (
+    begin_checkpoint,
+    continue_run_folder,
+    end_checkpoint,
+    resume_point,
+)
+from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+
+def _recipe(tmp_path, **train):
+    return recipe_from_dict(
+        {
+            "run": {"name": "r", "output_dir": str(tmp_path)},
+            "model": {"path": "tiny:deepseek_v3"},
+            "train": {"steps": 4, **train},
+        }
+    )
+
+
+def _run_folder(recipe, checkpoints: dict[str, int | None]):
+    """A run folder as a run leaves it: its config, and checkpoints marked resumable at a step (None:
+    one whose writing was cut short)."""
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True)
+    dump_recipe(recipe, run_dir / "config.yaml")
+    for name, step in checkpoints.items():
+        path = run_dir / "checkpoints" / name
+        path.mkdir(parents=True)
+        if step is not None:
+            end_checkpoint(path, step, {"accuracy": 0.25})
+    return run_dir
+
+
+def test_the_latest_complete_checkpoint_is_taken(tmp_path):
+    recipe = _recipe(tmp_path)
+    run_dir = _run_folder(recipe, {"step-1": 1, "step-2": 2, "step-3": None})
+    point = resume_point(recipe)
+    assert (point.checkpoint, point.step, point.eval_before) == (
+        run_dir / "checkpoints" / "step-2",
+        2,
+        {"accuracy": 0.25},
+    )
+
+
+def test_a_checkpoint_being_rewritten_is_not_resumable(tmp_path):
+    recipe = _recipe(tmp_path)
+    run_dir = _run_folder(recipe, {"step-1": 1, "step-2": 2})
+    begin_checkpoint(run_dir / "checkpoints" / "step-2")
+    assert resume_point(recipe).step == 1
+
+
+def test_a_finished_run_resumes_from_final_only_with_more_steps(tmp_path):
+    recipe = _recipe(tmp_path)
+    _run_folder(recipe, {"step-2": 2, "final": 4})
+    with pytest.raises(RecipeError) as error:
+        resume_point(recipe)
+    assert str(error.value) == (
+        f"--resume: {tmp_path}/r/checkpoints/final is step 4, and train.steps is 4; "
+        "raise train.steps to train further"
+    )
+    recipe.train.steps = 6
+    assert resume_point(recipe).checkpoint.name == "final"
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    _run_folder(_recipe(tmp_path), {"step-2": 2})
+    with pytest.raises(RecipeError) as error:
+        resume_point(_recipe(tmp_path, learning_rate=1e-3, steps=8))
+    assert str(error.value) == (
+        f"--resume: {tmp_path}/r was trained with other settings (train.learning_rate 1e-05, not "
+        "0.001); only train.steps may change (give run.name another name to start a new run)"
+    )
+
+
+def test_a_folder_without_a_resumable_checkpoint_is_refused(tmp_path):
+    recipe = _recipe(tmp_path)
+    with pytest.raises(RecipeError, match=r"--resume: .*/r holds no run to resume \(no readable config.yaml\)"):
+        resume_point(recipe)
+    _run_folder(recipe, {"step-2": None})
+    with pytest.raises(RecipeError) as error:
+        resume_point(recipe)
+    assert str(error.value) == (
+        f"--resume: {tmp_path}/r has no checkpoint to resume from (train.checkpoint_interval: N "
+        "writes one every N steps)"
+    )
+
+
+def test_the_run_folder_is_put_back_to_the_checkpoints_step(tmp_path):
+    recipe = _recipe(tmp_path)
+    run_dir = _run_folder(recipe, {"step-2": 2, "step-4": None, "step-12": None})
+    lines = [json.dumps({"step": step}) for step in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "los')
+    for name in ("eval_before.jsonl", "eval_step2.jsonl", "eval_step3.jsonl", "eval_after.jsonl"):
+        (run_dir / name).write_text("{}\n")
+    (run_dir / "summary.json").write_text("{}")
+    continue_run_folder(recipe, resume_point(recipe))
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "eval_before.jsonl",
+        "eval_step2.jsonl",
+        "metrics.jsonl",
+    ]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_the_cli_refuses_to_resume_a_run_that_was_never_started(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: 'tiny:deepseek_v3'}}\nrun: {{name: r, output_dir: {tmp_path}}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo.cli", "train", str(path), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"grpo train: error: --resume: {tmp_path}/r holds no run to resume (no readable config.yaml)",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def _batch(seed: int) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length):
+        return torch.randint(1, 20, (length,), generator=generator).tolist()
+
+    prompts, completions = [ids(4), ids(3), ids(5)], [ids(6), ids(2), ids(8)]
+    return RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], [[] for _ in prompts])
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        {"model": {"dtype": "float32"}, "train": {"bf16_moments": False}},
+        # BF16 parameters with FP32 masters: torch's own loader would round the masters to BF16
+        {"model": {"dtype": "bfloat16"}, "train": {"bf16_moments": True}},
+    ],
+    ids=["fp32-adamw", "bf16-masters"],
+)
+def test_a_trainer_resumed_from_a_checkpoint_takes_the_step_the_first_one_would_have(tmp_path, precision):
+    model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
+    recipe = {
+        "model": {"path": model_path, **precision["model"]},
+        # the KL term reads the reference, which must stay the run's start, not the checkpoint
+        "algorithm": {"beta": 0.1},
+        "train": {"learning_rate": 1e-2, "routing_bias_gamma": 0.01, **precision["train"]},
+    }
+    first = PolicyTrainer(model_path, recipe, pad_id=0)
+    first.train_step(_batch(1))
+    checkpoint = str(tmp_path / "step-1")
+    first.save(checkpoint, model_path)
+    first.save_optimizer(checkpoint)
+    expected = first.train_step(_batch(2))
+
+    resumed = PolicyTrainer(model_path, recipe, pad_id=0, resume_from=checkpoint)
+    got = resumed.train_step(_batch(2))
+    assert got["kl"] > 0 and got["kl"] == expected["kl"]
+    assert got["loss"] == expected["loss"]
+    state, expected_state = resumed._state(), first._state()
+    assert [name for name in expected_state if not torch.equal(state[name], expected_state[name])] == []
