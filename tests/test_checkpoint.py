@@ -86,7 +86,9 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 
 def test_a_folder_without_a_resumable_checkpoint_is_refused(tmp_path):
     recipe = _recipe(tmp_path)
-    with pytest.raises(RecipeError, match=r"--resume: .*/r holds no run to resume \(no readable config.yaml\)"):
+    with pytest.raises(
+        RecipeError, match=r"--resume: .*/r holds no run to resume \(no readable config.yaml\)"
+    ):
         resume_point(recipe)
     _run_folder(recipe, {"step-2": None})
     with pytest.raises(RecipeError) as error:

@@ -2,6 +2,7 @@
 trainer, the reward runtime and the shared-memory weight sync, on the tiny DeepSeek-V3."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -171,3 +172,39 @@ def test_the_loop_starts_from_an_fp8_checkpoint(tmp_path):
     for folder in ("init", "checkpoints/final"):
         config = json.loads((recipe.run_dir / folder / "config.json").read_text())
         assert "quantization_config" not in config
+
+
+def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_trains_on(tmp_path):
+    """A run that stopped while writing step 2's checkpoint continues from step 1's: its step-1
+    record and held-out scores from before training stay, vLLM starts from the checkpoint (the
+    parity check), and the run ends as one of two steps. Then more steps continue it from `final`."""
+    from grpo.trainer.checkpoint import begin_checkpoint, resume_point
+
+    recipe = _recipe(tmp_path)
+    recipe.run.name, recipe.train.checkpoint_interval = "resumed", 1
+    recipe.eval.prompts = 2
+    first = train(recipe, show_progress=False)
+    run_dir, checkpoints = recipe.run_dir, recipe.run_dir / "checkpoints"
+    step1_record = (run_dir / "metrics.jsonl").read_text().split("\n")[0]
+    eval_before = (run_dir / "eval_before.jsonl").read_bytes()
+    begin_checkpoint(checkpoints / "step-2")  # as if the run died while writing it
+    shutil.rmtree(checkpoints / "final")
+    assert resume_point(recipe).checkpoint == checkpoints / "step-1"
+
+    resumed = train(recipe, show_progress=False, resume=True)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2] and lines[0] == step1_record
+    assert json.loads(lines[1])["sync/parity_max_abs_diff"] < 1e-3
+    assert (run_dir / "eval_before.jsonl").read_bytes() == eval_before
+    assert resumed["eval_accuracy_before"] == first["eval_accuracy_before"]
+    assert (
+        resume_point(recipe.model_copy(update={"train": recipe.train.model_copy(update={"steps": 3})})).step
+        == 2
+    )
+
+    recipe.train.steps = 3
+    train(recipe, show_progress=False, resume=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert json.loads((checkpoints / "final" / "trainer_state" / "run.json").read_text())["step"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["final", "step-1", "step-2", "step-3"]
