@@ -177,7 +177,8 @@ class TrainConfig(Section):
     stops. Default by `model.dtype`: 1e-3 in float32; 2.0 in bfloat16, where vLLM's kernels and the
     trainer's round differently (up to 0.93 measured on an H100; a broken sync moved logprobs by 4)."""
     checkpoint_interval: int = Field(0, ge=0)
-    """Save a checkpoint every N steps (0: only the final one)."""
+    """Save a checkpoint every N steps (0: only the final one); each is one `grpo train --resume` can
+    continue from (`grpo.trainer.checkpoint`)."""
     threads: int = Field(0, ge=0)
     """torch CPU threads in the trainer (0: all cores)."""
     bf16_moments: bool = False

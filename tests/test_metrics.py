@@ -34,23 +34,25 @@ def test_the_curves_of_a_run_are_drawn(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _scalars(folder) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of every scalar in `folder`'s event files: TFRecord frames (length, its
-    CRC, an `Event`, its CRC), read without TensorBoard itself."""
+def _events(folder):
+    """The `Event`s of `folder`'s event files: TFRecord frames (length, its CRC, an `Event`, its CRC),
+    read without TensorBoard itself."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
 
-    scalars = []
     for path in sorted(folder.iterdir()):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            yield Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
-            scalars += [(v.tag, event.step, round(v.simple_value, 6)) for v in event.summary.value]
-    return scalars
+
+
+def _scalars(folder) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in `folder`'s event files."""
+    return [(v.tag, e.step, round(v.simple_value, 6)) for e in _events(folder) for v in e.summary.value]
 
 
 def test_metrics_are_written_as_tensorboard_scalars_where_asked(tmp_path):
@@ -83,3 +85,18 @@ def test_tensorboard_events_without_their_writer_installed_stop_before_the_run(m
     with pytest.raises(ValueError) as error:
         grpo.metrics.check_tensorboard(True)
     assert str(error.value) == "run.tensorboard: needs the tensorboardX package (pip install tensorboardX)"
+
+
+def test_a_resumed_log_keeps_the_earlier_records_and_tells_tensorboard_to_drop_later_ones(tmp_path):
+    """TensorBoard drops an earlier file's scalars from the step of a session-start event on."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    from grpo.metrics import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    log = MetricsLog(tmp_path, tensorboard=True, resumed_after=2)
+    log.write({"step": 3, "kl": 0.5})
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "kl": 0.5}\n'
+    events = list(_events(tmp_path / "tensorboard"))
+    assert [e.step for e in events if e.session_log.status == SessionLog.START] == [3]
