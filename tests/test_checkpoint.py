@@ -151,8 +151,9 @@ def _batch(seed: int) -> RolloutBatch:
         {"model": {"dtype": "float32"}, "train": {"bf16_moments": False}},
         # BF16 parameters with FP32 masters: torch's own loader would round the masters to BF16
         {"model": {"dtype": "bfloat16"}, "train": {"bf16_moments": True}},
+        {"model": {"dtype": "bfloat16", "fp8": True}, "train": {"bf16_moments": True}},
     ],
-    ids=["fp32-adamw", "bf16-masters"],
+    ids=["fp32-adamw", "bf16-masters", "fp8"],
 )
 def test_a_trainer_resumed_from_a_checkpoint_takes_the_step_the_first_one_would_have(tmp_path, precision):
     model_path = materialize("tiny:deepseek_v3", tmp_path / "init")

@@ -71,7 +71,7 @@ def check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
     key but `MAY_CHANGE`: its checkpoint and metrics would read as this recipe's."""
     try:
         earlier = dict(_leaves(yaml.safe_load((run_dir / "config.yaml").read_text())))
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, yaml.YAMLError):
         raise RecipeError(f"--resume: {run_dir} holds no run to resume (no readable config.yaml)") from None
     now = dict(_leaves(recipe.model_dump(mode="json")))
     differ = [

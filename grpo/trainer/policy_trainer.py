@@ -161,8 +161,9 @@ class PolicyTrainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if resume_from is not None:
-            saved = torch.load(optimizer_file(resume_from, rank), map_location=self.accelerator.device)
-            self.optimizer.load_state_dict(saved)
+            # the optimizer puts each state tensor where its parameter is; torch's AdamW keeps its
+            # step counts on the CPU (loaded onto the GPU, each step would read them back)
+            self.optimizer.load_state_dict(torch.load(optimizer_file(resume_from, rank), map_location="cpu"))
         self.model.train()
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
