@@ -152,7 +152,20 @@ class AlgorithmConfig(Section):
     mu: int = Field(1, ge=1)
     """Optimizer passes over each rollout batch, all against the same old-policy logprobs."""
     drop_tied_groups: bool = False
-    """Leave out groups whose rewards all tie (they carry no signal; DAPO dynamic sampling)."""
+    """Leave out groups whose rewards all tie (they carry no signal)."""
+    resample_rounds: int = Field(0, ge=0)
+    """DAPO's dynamic sampling, with `drop_tied_groups`: up to this many more rounds of sampling per
+    step, each on as many new prompts as the batch lacks groups with signal; the batch then trains on
+    `train.prompts_per_step` such groups, or on those it found. 0: the tied groups are only left out."""
+
+    @model_validator(mode="after")
+    def _resample_replaces_dropped_groups(self) -> AlgorithmConfig:
+        if self.resample_rounds and not self.drop_tied_groups:
+            raise ValueError(
+                "resample_rounds: replaces the tied groups drop_tied_groups leaves out; set "
+                "drop_tied_groups: true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _known_components(self) -> AlgorithmConfig:

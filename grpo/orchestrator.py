@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from grpo.algorithms.advantages import ADVANTAGES, tied_groups
+from grpo.algorithms.advantages import ADVANTAGES, first_untied, tied_groups
 from grpo.config import Recipe, check_model_outside_run, start_run_folder
 from grpo.data import ContextFit, eval_prompts, prompt_renderer, train_prompts
 from grpo.errors import ParityError
@@ -23,7 +24,13 @@ from grpo.models.build import check_model, context_length, load_tokenizer, mater
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec, check_engine_kwargs
-from grpo.trainer.checkpoint import begin_checkpoint, continue_run_folder, end_checkpoint, resume_point
+from grpo.trainer.checkpoint import (
+    ResumePoint,
+    begin_checkpoint,
+    continue_run_folder,
+    end_checkpoint,
+    resume_point,
+)
 from grpo.trainer.policy_trainer import RolloutBatch
 from grpo.trainer.ranks import TrainerRanks
 
@@ -168,6 +175,22 @@ def build_batch(groups, prompt_ids, advantages_BG, keep_B) -> RolloutBatch:
     return batch
 
 
+class PromptStream:
+    """The training rows in order, counting those drawn: a step draws more than
+    `train.prompts_per_step` when it resamples, so a resumed run skips the count its checkpoint holds."""
+
+    def __init__(self, rows: Iterator[dict]):
+        self.rows, self.drawn = rows, 0
+
+    def take(self, count: int) -> list[dict]:
+        self.drawn += count
+        return [next(self.rows) for _ in range(count)]
+
+    def skip_to(self, drawn: int) -> None:
+        assert drawn >= self.drawn, "rows already drawn cannot be skipped"
+        self.take(drawn - self.drawn)
+
+
 @dataclass
 class Session:
     """What one run holds between steps."""
@@ -176,31 +199,62 @@ class Session:
     actors: Actors
     tokenizer: object
     rewards: RewardRuntime
+    prompts: PromptStream
     parity_ids: list[int]
     vllm_logprobs: list[float]
 
 
-def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
+@dataclass
+class Sampled:
+    """A step's groups of completions, scored; several rounds of sampling add up."""
+
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    groups: list
+    scored: list[Scored]
+    rollout_s: float
+    reward_s: float
+
+    def __add__(self, other: Sampled) -> Sampled:
+        return Sampled(*(mine + theirs for mine, theirs in zip(vars(self).values(), vars(other).values())))
+
+    def rewards_BG(self) -> torch.Tensor:
+        return torch.tensor([s.reward for s in self.scored], dtype=torch.float32).view(len(self.rows), -1)
+
+
+def sample(session: Session, rows: list[dict], spec: SamplingSpec) -> Sampled:
+    started = time.perf_counter()
+    prompt_ids = [session.tokenizer(r["prompt"])["input_ids"] for r in rows]
+    groups = rollout(session.actors.engines, prompt_ids, spec)
+    sampled = time.perf_counter()
+    texts = [c.text for group in groups for c in group]
+    scored = session.rewards.score(texts, reward_samples(rows, groups))
+    return Sampled(rows, prompt_ids, groups, scored, sampled - started, time.perf_counter() - sampled)
+
+
+def grpo_step(session: Session, step: int) -> dict:
     """Sample, score, update, sync: one GRPO step. Returns its metrics record."""
-    recipe, actors = session.recipe, session.actors
+    recipe, actors, algo = session.recipe, session.actors, session.recipe.algorithm
+    wanted = recipe.train.prompts_per_step
     spec = SamplingSpec(
         n=recipe.rollout.group_size,
         max_tokens=recipe.rollout.max_tokens,
         temperature=recipe.rollout.temperature,
         top_p=recipe.rollout.top_p,
     )
-    t0 = time.perf_counter()
-    prompt_ids = [session.tokenizer(r["prompt"])["input_ids"] for r in rows]
-    groups = rollout(actors.engines, prompt_ids, spec)
-    completions = [c for group in groups for c in group]
-    t1 = time.perf_counter()
-    scored = session.rewards.score([c.text for c in completions], reward_samples(rows, groups))
+    sampled = sample(session, session.prompts.take(wanted), spec)
+    rounds = 0
+    while rounds < algo.resample_rounds:
+        missing = wanted - int((~tied_groups(sampled.rewards_BG())).sum())
+        if missing <= 0:
+            break
+        sampled, rounds = sampled + sample(session, session.prompts.take(missing), spec), rounds + 1
     t2 = time.perf_counter()
-    rewards_BG = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(rows), spec.n)
+    rewards_BG = sampled.rewards_BG()
     tied_B = tied_groups(rewards_BG)
-    keep_B = ~tied_B if recipe.algorithm.drop_tied_groups else torch.ones_like(tied_B)
-    advantages_BG = ADVANTAGES[recipe.algorithm.advantage](rewards_BG)
-    batch = build_batch(groups, prompt_ids, advantages_BG, keep_B)
+    keep_B = first_untied(tied_B, wanted) if algo.drop_tied_groups else torch.ones_like(tied_B)
+    advantages_BG = ADVANTAGES[algo.advantage](rewards_BG)
+    batch = build_batch(sampled.groups, sampled.prompt_ids, advantages_BG, keep_B)
     train_metrics = actors.trainer.train_step(batch) if batch.prompt_ids else {}
     t3 = time.perf_counter()
     sync_metrics = {}
@@ -214,25 +268,27 @@ def grpo_step(session: Session, step: int, rows: list[dict]) -> dict:
             recipe.model.fp8,
         )
     t4 = time.perf_counter()
-    lengths = [len(c.token_ids) for c in completions]
+    lengths = [len(c.token_ids) for group in sampled.groups for c in group]
     primary = session.rewards.names[0]
     return {
         "step": step,
         "reward/mean": float(rewards_BG.mean()),
         "reward/std": float(rewards_BG.std()),
-        "accuracy": statistics.fmean(s.components[primary].status == "ok" for s in scored),
-        **reward_metrics(scored, session.rewards.names),
+        "accuracy": statistics.fmean(s.components[primary].status == "ok" for s in sampled.scored),
+        **reward_metrics(sampled.scored, session.rewards.names),
         **train_metrics,
         "response_tokens/mean": statistics.fmean(lengths),
         "response_tokens/max": max(lengths),
         "tied_groups": int(tied_B.sum()),
         "dropped_groups": int((~keep_B).sum()),
-        "rollout_tokens_per_s": sum(lengths) / (t1 - t0),
-        "time/rollout_s": t1 - t0,
-        "time/reward_s": t2 - t1,
+        "trained_groups": int(keep_B.sum()),
+        "resample_rounds": rounds,
+        "rollout_tokens_per_s": sum(lengths) / sampled.rollout_s,
+        "time/rollout_s": sampled.rollout_s,
+        "time/reward_s": sampled.reward_s,
         "time/train_s": t3 - t2,
         "time/sync_s": t4 - t3,
-        "time/step_s": t4 - t0,
+        "time/step_s": sampled.rollout_s + sampled.reward_s + t4 - t2,
         **sync_metrics,
     }
 
@@ -242,14 +298,16 @@ def start_session(
     model_path: str,
     tokenizer,
     rewards: RewardRuntime,
-    parity_row: dict,
+    prompts: PromptStream,
+    parity_row: dict | None,
     resume_from: str | None = None,
 ) -> Session:
-    """Start the actors, then fix the parity sequence (a prompt and the initial policy's greedy
-    answer) and check that engines and trainer start from the same weights."""
+    """Start the actors, then fix the parity sequence (a prompt, the first training row's where
+    `parity_row` is None, and the initial policy's greedy answer) and check that engines and trainer
+    start from the same weights."""
 
     actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0, resume_from)
-    prompt = tokenizer(parity_row["prompt"])["input_ids"]
+    prompt = tokenizer((parity_row or prompts.take(1)[0])["prompt"])["input_ids"]
     greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
     parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids
     logprobs, _ = parity(
@@ -258,15 +316,17 @@ def start_session(
         recipe.train.parity_tolerance,
         "before training (engine and trainer loaded different weights)",
     )
-    return Session(recipe, actors, tokenizer, rewards, parity_ids, logprobs)
+    return Session(recipe, actors, tokenizer, rewards, prompts, parity_ids, logprobs)
 
 
-def save_checkpoint(actors: Actors, path: Path, tokenizer_path: str, step: int, eval_before: dict) -> str:
+def save_checkpoint(
+    actors: Actors, path: Path, tokenizer_path: str, step: int, eval_before: dict, rows_drawn: int
+) -> str:
     """The policy as a Hugging Face folder at `path`, with what resuming from it needs."""
     begin_checkpoint(path)
     actors.trainer.call("save", str(path), tokenizer_path)
     actors.trainer.call("save_optimizer", str(path))
-    end_checkpoint(path, step, eval_before)
+    end_checkpoint(ResumePoint(path, step, eval_before, rows_drawn))
     return str(path)
 
 
@@ -292,7 +352,7 @@ def train(
     }
     render = prompt_renderer(recipe.data.chat, recipe.data.system_prompt, tokenizer)
     eval_rows = eval_prompts(recipe.data, recipe.eval.prompts, recipe.run.seed, eval_fit, reads, render)
-    prompts = train_prompts(recipe.data, recipe.run.seed, train_fit, reads, render)
+    prompts = PromptStream(train_prompts(recipe.data, recipe.run.seed, train_fit, reads, render))
     check_engine_kwargs(recipe.rollout.engine_kwargs)
     check_tensorboard(recipe.run.tensorboard)
     point = resume_point(recipe) if resume else None
@@ -316,7 +376,8 @@ def train(
                 model_path,
                 tokenizer,
                 rewards,
-                eval_rows[0] if eval_rows else next(prompts),
+                prompts,
+                eval_rows[0] if eval_rows else None,
                 str(point.checkpoint) if point else None,
             )
 
@@ -326,8 +387,8 @@ def train(
                 return evaluate(session.actors, tokenizer, eval_rows, recipe, rewards, run_dir / name)
 
             before = point.eval_before if point else run_eval("eval_before.jsonl")
-            for _ in range(done * recipe.train.prompts_per_step):  # the rows the earlier steps took
-                next(prompts)
+            if point:  # the rows the earlier steps drew
+                prompts.skip_to(point.rows_drawn)
             bar = tqdm(
                 range(done + 1, recipe.train.steps + 1),
                 initial=done,
@@ -337,9 +398,7 @@ def train(
                 dynamic_ncols=True,
             )
             for step in bar:
-                record = grpo_step(
-                    session, step, [next(prompts) for _ in range(recipe.train.prompts_per_step)]
-                )
+                record = grpo_step(session, step)
                 if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:
                     scores = run_eval(f"eval_step{step}.jsonl")
                     record.update({f"eval/{key}": value for key, value in scores.items()})
@@ -348,12 +407,22 @@ def train(
                     bar.write(console_line(record))
                 if recipe.train.checkpoint_interval and step % recipe.train.checkpoint_interval == 0:
                     save_checkpoint(
-                        session.actors, run_dir / "checkpoints" / f"step-{step}", model_path, step, before
+                        session.actors,
+                        run_dir / "checkpoints" / f"step-{step}",
+                        model_path,
+                        step,
+                        before,
+                        prompts.drawn,
                     )
             log.close()
             after = run_eval("eval_after.jsonl")
             final = save_checkpoint(
-                session.actors, run_dir / "checkpoints" / "final", model_path, recipe.train.steps, before
+                session.actors,
+                run_dir / "checkpoints" / "final",
+                model_path,
+                recipe.train.steps,
+                before,
+                prompts.drawn,
             )
             session.actors.trainer.call("close")
     finally:

@@ -28,3 +28,12 @@ def test_rloo_subtracts_the_mean_of_the_other_completions():
 def test_tied_groups_flags_groups_whose_rewards_are_all_equal():
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
     assert tied_groups(rewards).tolist() == [True, False, True]
+
+
+def test_the_batch_keeps_the_first_groups_with_signal_up_to_the_count_wanted():
+    from grpo.algorithms.advantages import first_untied
+
+    tied = torch.tensor([True, False, False, True, False, False])
+    assert first_untied(tied, 3).tolist() == [False, True, True, False, True, False]
+    assert first_untied(tied, 8).tolist() == [False, True, True, False, True, True]
+    assert first_untied(torch.tensor([True, True]), 2).tolist() == [False, False]

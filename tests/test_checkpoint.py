@@ -11,6 +11,7 @@ import torch
 from grpo.config import RecipeError, dump_recipe, recipe_from_dict
 from grpo.models.build import materialize
 from grpo.trainer.checkpoint import (
+    ResumePoint,
     begin_checkpoint,
     continue_run_folder,
     end_checkpoint,
@@ -39,7 +40,7 @@ def _run_folder(recipe, checkpoints: dict[str, int | None]):
         path = run_dir / "checkpoints" / name
         path.mkdir(parents=True)
         if step is not None:
-            end_checkpoint(path, step, {"accuracy": 0.25})
+            end_checkpoint(ResumePoint(path, step, {"accuracy": 0.25}, rows_drawn=8 * step + 1))
     return run_dir
 
 
@@ -47,11 +48,7 @@ def test_the_latest_complete_checkpoint_is_taken(tmp_path):
     recipe = _recipe(tmp_path)
     run_dir = _run_folder(recipe, {"step-1": 1, "step-2": 2, "step-3": None})
     point = resume_point(recipe)
-    assert (point.checkpoint, point.step, point.eval_before) == (
-        run_dir / "checkpoints" / "step-2",
-        2,
-        {"accuracy": 0.25},
-    )
+    assert point == ResumePoint(run_dir / "checkpoints" / "step-2", 2, {"accuracy": 0.25}, 17)
 
 
 def test_a_checkpoint_being_rewritten_is_not_resumable(tmp_path):

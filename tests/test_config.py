@@ -508,3 +508,12 @@ def test_a_run_folder_given_as_a_model_points_to_its_checkpoint(tmp_path):
         f"--model: {tmp_path}/run has no config.json (not a Hugging Face folder; "
         f"the run's model is {tmp_path}/run/checkpoints/final)"
     )
+
+
+def test_resampling_without_dropping_tied_groups_is_refused():
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "algorithm": {"resample_rounds": 2}})
+    assert str(error.value) == (
+        "recipe: algorithm: resample_rounds: replaces the tied groups drop_tied_groups "
+        "leaves out; set drop_tied_groups: true"
+    )

@@ -174,16 +174,39 @@ def test_the_loop_starts_from_an_fp8_checkpoint(tmp_path):
         assert "quantization_config" not in config
 
 
+ODD_LENGTH_ON_EVEN_ROWS = (
+    "def odd_length(completion, sample):\n"
+    "    return float(len(completion) % 2) if int(sample['q'].split('+')[0]) % 2 == 0 else 0.0\n"
+)
+
+
+def _groups_drawn(records) -> int:
+    return sum(r["trained_groups"] + r["dropped_groups"] for r in records)
+
+
 def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_trains_on(tmp_path):
     """A run that stopped while writing step 2's checkpoint continues from step 1's: its step-1
     record and held-out scores from before training stay, vLLM starts from the checkpoint (the
-    parity check), and the run ends as one of two steps. Then more steps continue it from `final`."""
+    parity check), the training rows continue where step 1 left them, and the run ends as one of
+    two steps. Then more steps continue it from `final`.
+
+    The reward ties on every row of an odd first operand (half the training rows), so every step
+    leaves groups out and samples again (DAPO's dynamic sampling): steps draw different numbers of
+    rows, which the checkpoints count."""
+    from grpo.config import RewardSpec
     from grpo.trainer.checkpoint import begin_checkpoint, resume_point
 
     recipe = _recipe(tmp_path)
+    (tmp_path / "odd_length.py").write_text(ODD_LENGTH_ON_EVEN_ROWS)
+    recipe.rewards = [RewardSpec(name="math"), RewardSpec(name=f"{tmp_path}/odd_length.py:odd_length")]
+    recipe.algorithm.drop_tied_groups, recipe.algorithm.resample_rounds = True, 2
     recipe.run.name, recipe.train.checkpoint_interval = "resumed", 1
     recipe.eval.prompts = 2
     first = train(recipe, show_progress=False)
+    for record in [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]:
+        # any four of the six training rows hold one that ties: every step samples again
+        assert record["resample_rounds"] >= 1 and record["trained_groups"] <= 4
+        assert record["tied_groups"] >= 1 and record["trained_groups"] + record["dropped_groups"] > 4
     run_dir, checkpoints = recipe.run_dir, recipe.run_dir / "checkpoints"
     step1_record = (run_dir / "metrics.jsonl").read_text().split("\n")[0]
     eval_before = (run_dir / "eval_before.jsonl").read_bytes()
@@ -203,5 +226,7 @@ def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_tra
     train(recipe, show_progress=False, resume=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert json.loads((checkpoints / "final" / "trainer_state" / "run.json").read_text())["step"] == 3
+    final_state = json.loads((checkpoints / "final" / "trainer_state" / "run.json").read_text())
+    # the held-out rows give the parity sequence, so every row drawn went to a step's groups
+    assert (final_state["step"], final_state["rows_drawn"]) == (3, _groups_drawn(records))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["final", "step-1", "step-2", "step-3"]

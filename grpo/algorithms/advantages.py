@@ -48,3 +48,14 @@ ADVANTAGES: dict[str, AdvantageFn] = {
 def tied_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
     """`tied_B`: True where every completion of a prompt got the same reward (no learning signal)."""
     return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+
+
+def first_untied(tied_B: torch.Tensor, wanted: int) -> torch.Tensor:
+    """`keep_B`: the first `wanted` groups with a learning signal (DAPO's dynamic sampling fills its
+    batch with those and leaves the rest).
+
+    >>> first_untied(torch.tensor([False, True, False, False]), 2).tolist()
+    [True, False, True, False]
+    """
+    untied_B = ~tied_B
+    return untied_B & (untied_B.cumsum(dim=0) <= wanted)

@@ -2,8 +2,9 @@
 
 A checkpoint (`runs/<name>/checkpoints/step-N`, and `final`) is a Hugging Face model folder. Beside
 the weights it holds what continuing needs and they lack, under `trainer_state/`: each trainer rank's
-optimizer state (AdamW's moments, and the FP32 masters of BF16 parameters) and `run.json`, the step
-and the held-out scores from before training (the summary compares against them). `run.json` is
+optimizer state (AdamW's moments, and the FP32 masters of BF16 parameters) and `run.json`: the step,
+the held-out scores from before training (the summary compares against them) and how many training
+rows the run had drawn. `run.json` is
 removed before a checkpoint is written and written last, so a checkpoint cut short is never taken.
 
 What a resumed run does not reproduce: vLLM's sampling is not seeded, so the completions of the
@@ -33,6 +34,8 @@ class ResumePoint:
     checkpoint: Path
     step: int
     eval_before: dict
+    rows_drawn: int
+    """Training rows the run had drawn (more than the steps' prompts where it resampled)."""
 
 
 def optimizer_file(checkpoint: str | Path, rank: int) -> Path:
@@ -45,15 +48,19 @@ def begin_checkpoint(checkpoint: Path) -> None:
     (checkpoint / STATE / RUN_STATE).unlink(missing_ok=True)
 
 
-def end_checkpoint(checkpoint: Path, step: int, eval_before: dict) -> None:
-    (checkpoint / STATE).mkdir(parents=True, exist_ok=True)
-    (checkpoint / STATE / RUN_STATE).write_text(json.dumps({"step": step, "eval_before": eval_before}))
+def end_checkpoint(point: ResumePoint) -> None:
+    """Mark `point.checkpoint`, written, as resumable."""
+    (point.checkpoint / STATE).mkdir(parents=True, exist_ok=True)
+    state = {"step": point.step, "eval_before": point.eval_before, "rows_drawn": point.rows_drawn}
+    (point.checkpoint / STATE / RUN_STATE).write_text(json.dumps(state))
 
 
 def _resumable(checkpoint: Path) -> ResumePoint | None:
     try:
         state = json.loads((checkpoint / STATE / RUN_STATE).read_text())
-        return ResumePoint(checkpoint, int(state["step"]), dict(state["eval_before"]))
+        return ResumePoint(
+            checkpoint, int(state["step"]), dict(state["eval_before"]), int(state["rows_drawn"])
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
