@@ -223,13 +223,14 @@ class Sampled:
 
 
 def sample(session: Session, rows: list[dict], spec: SamplingSpec) -> Sampled:
+    """A group of completions for each row, scored."""
     started = time.perf_counter()
     prompt_ids = [session.tokenizer(r["prompt"])["input_ids"] for r in rows]
     groups = rollout(session.actors.engines, prompt_ids, spec)
-    sampled = time.perf_counter()
+    rolled_out = time.perf_counter()
     texts = [c.text for group in groups for c in group]
     scored = session.rewards.score(texts, reward_samples(rows, groups))
-    return Sampled(rows, prompt_ids, groups, scored, sampled - started, time.perf_counter() - sampled)
+    return Sampled(rows, prompt_ids, groups, scored, rolled_out - started, time.perf_counter() - rolled_out)
 
 
 def grpo_step(session: Session, step: int) -> dict:
@@ -249,14 +250,14 @@ def grpo_step(session: Session, step: int) -> dict:
         if missing <= 0:
             break
         sampled, rounds = sampled + sample(session, session.prompts.take(missing), spec), rounds + 1
-    t2 = time.perf_counter()
+    update_started = time.perf_counter()
     rewards_BG = sampled.rewards_BG()
     tied_B = tied_groups(rewards_BG)
     keep_B = first_untied(tied_B, wanted) if algo.drop_tied_groups else torch.ones_like(tied_B)
     advantages_BG = ADVANTAGES[algo.advantage](rewards_BG)
     batch = build_batch(sampled.groups, sampled.prompt_ids, advantages_BG, keep_B)
     train_metrics = actors.trainer.train_step(batch) if batch.prompt_ids else {}
-    t3 = time.perf_counter()
+    updated = time.perf_counter()
     sync_metrics = {}
     if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
         session.vllm_logprobs, sync_metrics = sync_weights(
@@ -267,7 +268,7 @@ def grpo_step(session: Session, step: int) -> dict:
             step,
             recipe.model.fp8,
         )
-    t4 = time.perf_counter()
+    synced = time.perf_counter()
     lengths = [len(c.token_ids) for group in sampled.groups for c in group]
     primary = session.rewards.names[0]
     return {
@@ -286,9 +287,9 @@ def grpo_step(session: Session, step: int) -> dict:
         "rollout_tokens_per_s": sum(lengths) / sampled.rollout_s,
         "time/rollout_s": sampled.rollout_s,
         "time/reward_s": sampled.reward_s,
-        "time/train_s": t3 - t2,
-        "time/sync_s": t4 - t3,
-        "time/step_s": sampled.rollout_s + sampled.reward_s + t4 - t2,
+        "time/train_s": updated - update_started,
+        "time/sync_s": synced - updated,
+        "time/step_s": sampled.rollout_s + sampled.reward_s + synced - update_started,
         **sync_metrics,
     }
 
