@@ -431,6 +431,7 @@ def train(
     summary = {
         "run": recipe.run.name,
         "steps": recipe.train.steps,
+        "resumed_after_step": point.step if point else None,
         "eval_prompts": len(eval_rows),
         "prompts_left_out_too_long": {"train": train_fit.too_long, "eval": eval_fit.too_long},
         "eval_accuracy_before": before.get("accuracy"),
@@ -464,9 +465,11 @@ def before_after_table(summary: dict) -> str:
     for label, before, after in rows:
         if summary.get(before) is not None:
             lines.append(f"{label:36}{summary[before]:>8.3f}{summary[after]:>8.3f}")
-    lines.append(
-        f"{summary['steps']} GRPO steps in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}"
+    done = summary.get("resumed_after_step") or 0
+    ran = f"{summary['steps'] - done} GRPO steps" + (
+        f" ({done + 1}-{summary['steps']}, resumed)" if done else ""
     )
+    lines.append(f"{ran} in {summary['wall_time_s']:.0f} s; checkpoint: {summary['final_checkpoint']}")
     if left_out := {part: n for part, n in summary["prompts_left_out_too_long"].items() if n}:
         counts = ", ".join(f"{n} {part}" for part, n in left_out.items())
         lines.append(f"prompts left out as too long for the engines' context: {counts}")

@@ -173,3 +173,27 @@ def test_a_trainer_resumed_from_a_checkpoint_takes_the_step_the_first_one_would_
     assert got["loss"] == expected["loss"]
     state, expected_state = resumed._state(), first._state()
     assert [name for name in expected_state if not torch.equal(state[name], expected_state[name])] == []
+
+
+def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran():
+    from grpo.orchestrator import before_after_table
+
+    summary = {
+        "steps": 130,
+        "resumed_after_step": 120,
+        "wall_time_s": 112.4,
+        "final_checkpoint": "runs/x/checkpoints/final",
+        "eval_temperature": 0.0,
+        "eval_samples_per_prompt": 1,
+        "eval_accuracy_before": 0.05,
+        "eval_accuracy_after": 0.164,
+        "prompts_left_out_too_long": {"train": 0, "eval": 0},
+    }
+    assert before_after_table(summary).splitlines() == [
+        f"{'':36}  before   after",
+        f"{'held-out accuracy (greedy)':36}   0.050   0.164",
+        "10 GRPO steps (121-130, resumed) in 112 s; checkpoint: runs/x/checkpoints/final",
+    ]
+    assert before_after_table({**summary, "resumed_after_step": None}).splitlines()[-1] == (
+        "130 GRPO steps in 112 s; checkpoint: runs/x/checkpoints/final"
+    )
