@@ -188,7 +188,8 @@ class RewardRuntime:
 
     def score(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> list[Scored]:
         assert len(completions) == len(samples)
-        keys, jobs = [], {}
+        keys: list[list[tuple[int, str, str]]] = []
+        jobs: dict[tuple[int, str, str], tuple[int, str, dict]] = {}
         for completion, sample in zip(completions, samples):
             sample_key = json.dumps(sample, sort_keys=True, default=str)
             row = []
@@ -222,12 +223,12 @@ class RewardRuntime:
             wait_s = max(0.0, min(w.started for w in busy) + self.timeout_s - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)
             for worker in busy:
+                job = worker.job
+                assert job is not None
                 if worker.conn in ready:
                     try:
                         value, status, message = worker.conn.recv()
-                        results[worker.job] = Outcome(
-                            value, status, message, time.monotonic() - worker.started
-                        )
+                        results[job] = Outcome(value, status, message, time.monotonic() - worker.started)
                         worker.job = None
                         continue
                     except EOFError:
@@ -238,6 +239,8 @@ class RewardRuntime:
                     continue
                 worker.kill()  # the call's time includes the kill
                 outcome.seconds = time.monotonic() - worker.started
-                results[worker.job] = outcome
+                results[job] = outcome
                 self._workers[self._workers.index(worker)] = _Worker(self._context, self.specs)
-        return [r for r in results if r is not None]
+        outcomes = [r for r in results if r is not None]
+        assert len(outcomes) == len(jobs), "every job ends with an outcome"
+        return outcomes
