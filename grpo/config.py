@@ -175,6 +175,22 @@ class AlgorithmConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters (`grpo.models.lora`): only they train; vLLM receives the merged weights."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    """The adapters' output is scaled by alpha / rank."""
+    targets: list[str] = [
+        *("q_proj", "k_proj", "v_proj", "o_proj"),
+        *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+        *("gate_proj", "up_proj", "down_proj"),
+    ]
+    """Names of the linear layers that get adapters, matched as the last part of a module's name
+    (the default covers Llama, Qwen and DeepSeek attention and MLPs; routed experts held as one
+    grouped weight get none)."""
+
+
 class TrainConfig(Section):
     steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
@@ -204,6 +220,9 @@ class TrainConfig(Section):
     balance_loss_alpha: float = Field(0.0, ge=0.0)
     """Weight of DeepSeek-V3's sequence-wise balance loss in `grpo train` and `grpo sft` (0: off).
     Needs `model.moe: grouped`."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (`{rank: 16, alpha: 32}`); the checkpoints hold the
+    merged weights. Not with `model.fp8` or `expert_parallel_size` above 1."""
     expert_parallel_size: int = Field(1, ge=1)
     """Trainer ranks in `grpo train` (`grpo sft` refuses more than 1), one process each (gloo on CPU,
     NCCL on GPUs, on one host): the routed experts are sharded over them and the rollout batch is
@@ -307,6 +326,16 @@ class Recipe(Section):
                     f"rewards: {seen[reward.label]} and {reward.name} would both log as {reward.label!r}; "
                     "give one function another name"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_on_plain_layers(self) -> Recipe:
+        if self.train.lora is not None and self.model.fp8:
+            raise ValueError("train.lora: the FP8 layers take no LoRA adapters; set model.fp8: false")
+        if self.train.lora is not None and self.train.expert_parallel_size > 1:
+            raise ValueError(
+                "train.lora: not with expert_parallel_size above 1 (the adapters are not sharded)"
+            )
         return self
 
     @model_validator(mode="after")

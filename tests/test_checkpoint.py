@@ -197,3 +197,40 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran():
     assert before_after_table({**summary, "resumed_after_step": None}).splitlines()[-1] == (
         "130 GRPO steps in 112 s; checkpoint: runs/x/checkpoints/final"
     )
+
+
+def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.models.build import converters_for, load_policy
+
+    model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
+    recipe = {
+        "model": {"path": model_path},
+        "train": {"learning_rate": 1e-2, "routing_bias_gamma": 0.01, "lora": {"rank": 4, "alpha": 8}},
+    }
+    trainer = PolicyTrainer(model_path, recipe, pad_id=0)
+    trainer.train_step(_batch(1))
+    state = trainer._state()
+    init = load_policy(model_path, "float32", converters_for(trainer.recipe.model)).state_dict()
+    assert sorted(state) == sorted(init)  # the base model's names, no adapter tensors
+    changed = {name for name in init if not torch.equal(state[name], init[name])}
+    # adapted layers move by their deltas; the routed experts and the embedding stay frozen
+    assert "model.layers.0.self_attn.q_b_proj.weight" in changed
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in changed
+    assert not any(".mlp.experts." in name or "embed_tokens" in name for name in changed)
+    q_b = trainer.model.model.layers[0].self_attn.q_b_proj
+    delta = (q_b.lora_B @ q_b.lora_A) * (8 / 4)
+    assert torch.equal(state["model.layers.0.self_attn.q_b_proj.weight"], q_b.weight + delta)
+    assert torch.equal(q_b.weight, init["model.layers.0.self_attn.q_b_proj.weight"])
+
+    checkpoint = str(tmp_path / "step-1")
+    trainer.save(checkpoint, model_path)
+    trainer.save_optimizer(checkpoint)
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    assert all(torch.equal(saved[name], state[name]) for name in state)
+    expected = trainer.train_step(_batch(2))
+    resumed = PolicyTrainer(model_path, recipe, pad_id=0, resume_from=checkpoint)
+    assert resumed.train_step(_batch(2))["loss"] == expected["loss"]
+    after, expected_state = resumed._state(), trainer._state()
+    assert [name for name in after if not torch.equal(after[name], expected_state[name])] == []

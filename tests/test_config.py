@@ -517,3 +517,39 @@ def test_resampling_without_dropping_tied_groups_is_refused():
         "recipe: algorithm: resample_rounds: replaces the tied groups drop_tied_groups "
         "leaves out; set drop_tied_groups: true"
     )
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            {"model": {"path": "m", "fp8": True}, "train": {"lora": {"rank": 8}}},
+            "train.lora: the FP8 layers take no LoRA adapters; set model.fp8: false",
+        ),
+        (
+            {"model": {"path": "m"}, "train": {"lora": {}, "expert_parallel_size": 2}},
+            "train.lora: not with expert_parallel_size above 1 (the adapters are not sharded)",
+        ),
+        (
+            {"model": {"path": "m"}, "train": {"lora": {"rank": 0}}},
+            "train.lora.rank: Input should be greater than",
+        ),
+    ],
+)
+def test_lora_where_it_cannot_apply_is_refused(section, message):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict(section)
+    assert str(error.value).startswith(f"recipe: {message}")
+
+
+def test_lora_targets_that_name_no_linear_layer_are_refused():
+    from transformers import AutoModelForCausalLM
+
+    from grpo.config import LoraConfig
+    from grpo.models.lora import add_lora
+    from grpo.models.tiny import tiny_deepseek_v3_config
+
+    model = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(vocab_size=100))
+    with pytest.raises(RecipeError) as error:
+        add_lora(model, LoraConfig(targets=["wq"]))
+    assert str(error.value) == "train.lora.targets: no linear layer of the model is named wq"

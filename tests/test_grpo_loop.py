@@ -230,3 +230,19 @@ def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_tra
     # the held-out rows give the parity sequence, so every row drawn went to a step's groups
     assert (final_state["step"], final_state["rows_drawn"]) == (3, _groups_drawn(records))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["final", "step-1", "step-2", "step-3"]
+
+
+def test_a_lora_run_sends_vllm_the_merged_weights(tmp_path):
+    """With `train.lora` only the adapters train; vLLM receives the merged weights (the parity check
+    after the sync passes) and the final checkpoint is a plain model whose adapted layers moved."""
+    recipe = _recipe(tmp_path)
+    recipe.run.name, recipe.train.lora = "lora", {"rank": 4, "alpha": 8}
+    recipe.train.steps, recipe.eval.prompts, recipe.eval.interval = 1, 0, 0
+    train(recipe, show_progress=False)
+    [record] = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["sync/logprob_shift"] > 1e-3 and record["sync/parity_max_abs_diff"] < 1e-3
+    before, after = _state(recipe.run_dir / "init"), _state(recipe.run_dir / "checkpoints" / "final")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in changed
+    assert not any(".mlp.experts." in name or "embed_tokens" in name for name in changed)

@@ -42,6 +42,11 @@ def optimizer_file(checkpoint: str | Path, rank: int) -> Path:
     return Path(checkpoint) / STATE / f"optimizer-rank{rank}.pt"
 
 
+def adapter_file(checkpoint: str | Path) -> Path:
+    """A LoRA run's adapters and buffers (`grpo.models.lora.adapter_state`)."""
+    return Path(checkpoint) / STATE / "adapter.safetensors"
+
+
 def begin_checkpoint(checkpoint: Path) -> None:
     """Unmark `checkpoint` as resumable until `end_checkpoint`: a crash between them leaves weights
     and optimizer states of different steps."""

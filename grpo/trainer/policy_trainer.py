@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
 from grpo.config import Recipe
@@ -24,10 +25,11 @@ from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.fused_grad_accumulation import accumulate_into_grad
+from grpo.models.lora import adapter_state, add_lora, merged_state
 from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
-from grpo.trainer.checkpoint import optimizer_file
+from grpo.trainer.checkpoint import adapter_file, optimizer_file
 from grpo.trainer.optim import build_optimizer
 
 
@@ -145,7 +147,15 @@ class PolicyTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.pad_id = pad_id
         converters = converters_for(self.recipe.model)
-        model = load_policy(resume_from or model_path, self.recipe.model.dtype, converters)
+        lora = train.lora
+        # a LoRA run's checkpoints hold merged weights: it resumes from its start and its adapters
+        model = load_policy(
+            model_path if lora else (resume_from or model_path), self.recipe.model.dtype, converters
+        )
+        if lora is not None:
+            add_lora(model, lora)
+            if resume_from is not None:
+                model.load_state_dict(load_file(str(adapter_file(resume_from))), strict=False)
         if self.group is not None:
             expert_parallel.shard_experts(model, self.group)
         self.reference = None
@@ -157,7 +167,10 @@ class PolicyTrainer:
         for layer in moe_layers(model):
             layer.balance_loss_alpha = train.balance_loss_alpha
         optimizer = build_optimizer(
-            model.parameters(), train.learning_rate, train.weight_decay, train.bf16_moments
+            [p for p in model.parameters() if p.requires_grad],
+            train.learning_rate,
+            train.weight_decay,
+            train.bf16_moments,
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if resume_from is not None:
@@ -309,6 +322,8 @@ class PolicyTrainer:
     def _state(self) -> dict[str, torch.Tensor]:
         """The model's weights under their unsharded names (a collective with several ranks)."""
         model = self.accelerator.unwrap_model(self.model)
+        if self.recipe.train.lora is not None:
+            return merged_state(model)
         return model.state_dict() if self.group is None else expert_parallel.full_state_dict(model)
 
     def publish_weights(self) -> Manifest | None:
@@ -326,17 +341,23 @@ class PolicyTrainer:
         from transformers import AutoTokenizer
 
         model = self.accelerator.unwrap_model(self.model)
-        gathered = {} if self.group is None else {"state_dict": expert_parallel.full_state_dict(model)}
+        # the model's own state dict is not the checkpoint's where experts are sharded or LoRA layers hold
+        # base and adapters apart; `_state` is the checkpoint's (a collective with several ranks)
+        own = self.group is None and self.recipe.train.lora is None
+        state = {} if own else {"state_dict": self._state()}
         if self.rank == 0:
-            model.save_pretrained(path, **gathered)
+            model.save_pretrained(path, **state)
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
 
     def save_optimizer(self, checkpoint: str) -> None:
-        """Every rank writes its own optimizer state (its experts' moments differ from the others')."""
+        """Every rank writes its own optimizer state (its experts' moments differ from the others');
+        a LoRA run also its adapters, which the merged weights beside them do not give back."""
         path = optimizer_file(checkpoint, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.optimizer.state_dict(), path)
+        if self.recipe.train.lora is not None:
+            save_file(adapter_state(self.accelerator.unwrap_model(self.model)), str(adapter_file(checkpoint)))
 
     def close(self) -> None:
         self.weights.close()
