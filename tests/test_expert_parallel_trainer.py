@@ -85,12 +85,18 @@ def _rank_main(rank: int, model_path: str, init_method: str, expected_file: str,
     os._exit(0)
 
 
-def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
-    from transformers import AutoModelForCausalLM
-
+def _gpus_for_two_ranks() -> int:
+    """0 on the CPU (gloo), or the GPUs, one per rank; a skip where there is only one."""
     gpus = torch.cuda.device_count()
     if gpus == 1:
         pytest.skip("CUDA is there, so the trainer picks NCCL, which needs a GPU per rank: found 1")
+    return gpus
+
+
+def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    gpus = _gpus_for_two_ranks()
 
     model_path = materialize("tiny:deepseek_v3", tmp_path / "model")
     expected_state, expected_metrics = _reference(model_path)
@@ -132,9 +138,7 @@ def _resume_rank_main(
 
 
 def test_expert_parallel_ranks_resume_each_with_its_own_optimizer_state(tmp_path):
-    gpus = torch.cuda.device_count()
-    if gpus == 1:
-        pytest.skip("CUDA is there, so the trainer picks NCCL, which needs a GPU per rank: found 1")
+    gpus = _gpus_for_two_ranks()
     model_path = materialize("tiny:deepseek_v3", tmp_path / "model")
     init_methods = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     checkpoint = str(tmp_path / "step-1")
