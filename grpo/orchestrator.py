@@ -342,7 +342,7 @@ def train(
     # Everything a recipe can get wrong is checked before the run folder is touched, so that a
     # typo does not overwrite an earlier run's config.yaml and metrics.
     check_model_outside_run(recipe)
-    config = check_model(recipe.model, recipe.train.expert_parallel_size)
+    config = check_model(recipe.model, recipe.train.expert_parallel_size, recipe.train.lora)
     tokenizer = load_tokenizer(recipe.model.path)
     context = context_length(config, recipe.rollout.engine_kwargs)
     train_fit, eval_fit = ContextFit(tokenizer, context), ContextFit(tokenizer, context)

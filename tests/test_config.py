@@ -542,14 +542,15 @@ def test_lora_where_it_cannot_apply_is_refused(section, message):
     assert str(error.value).startswith(f"recipe: {message}")
 
 
-def test_lora_targets_that_name_no_linear_layer_are_refused():
-    from transformers import AutoModelForCausalLM
-
-    from grpo.config import LoraConfig
-    from grpo.models.lora import add_lora
-    from grpo.models.tiny import tiny_deepseek_v3_config
-
-    model = AutoModelForCausalLM.from_config(tiny_deepseek_v3_config(vocab_size=100))
-    with pytest.raises(RecipeError) as error:
-        add_lora(model, LoraConfig(targets=["wq"]))
-    assert str(error.value) == "train.lora.targets: no linear layer of the model is named wq"
+def test_lora_targets_that_name_no_linear_layer_are_refused_before_the_run_folder(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"model: {{path: 'tiny:deepseek_v3'}}\nrun: {{name: r, output_dir: {tmp_path}}}\n"
+        "train: {lora: {targets: [wq]}}\n"
+    )
+    result = _cli("train", str(path))
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: train.lora.targets: no linear layer of the model is named wq",
+    )
+    assert not (tmp_path / "r").exists()

@@ -107,14 +107,14 @@ def _convert_to_fp8(model: torch.nn.Module, exclude: tuple[str, ...]) -> None:
         raise RecipeError(f"model.fp8_exclude: {error}") from None
 
 
-def check_model(model_section, expert_parallel_size: int = 1):
+def check_model(model_section, expert_parallel_size: int = 1, lora=None):
     """Check what a recipe can get wrong about its model, so that a run stops before it writes
     anything or starts a worker: the path, the converters (applied to the model built on the meta
-    device, no weights read) and the routed experts' split over `expert_parallel_size` ranks.
-    Returns the model's transformers config."""
+    device, no weights read), LoRA's targets (`train.lora`) and the routed experts' split over
+    `expert_parallel_size` ranks. Returns the model's transformers config."""
     config = model_config(model_section.path, model_section.tiny_overrides)
     _fp8_folder(model_section.path, config)
-    if not model_section.fp8_exclude and expert_parallel_size == 1:  # nothing else can fail
+    if not model_section.fp8_exclude and expert_parallel_size == 1 and lora is None:  # nothing else can fail
         return config
     from transformers import AutoModelForCausalLM
 
@@ -125,6 +125,10 @@ def check_model(model_section, expert_parallel_size: int = 1):
         model = AutoModelForCausalLM.from_config(config)
     for convert in converters_for(model_section):
         convert(model)
+    if lora is not None:
+        from grpo.models.lora import add_lora
+
+        add_lora(model, lora)
     for layer in moe_layers(model):
         try:
             experts_per_rank(layer.experts.num_experts, expert_parallel_size)
