@@ -326,7 +326,7 @@ def save_checkpoint(
     """The policy as a Hugging Face folder at `path`, with what resuming from it needs."""
     begin_checkpoint(path)
     actors.trainer.call("save", str(path), tokenizer_path)
-    actors.trainer.call("save_optimizer", str(path))
+    actors.trainer.call("save_training_state", str(path))
     end_checkpoint(ResumePoint(path, step, eval_before, rows_drawn))
     return str(path)
 

@@ -164,7 +164,7 @@ def test_a_trainer_resumed_from_a_checkpoint_takes_the_step_the_first_one_would_
     first.train_step(_batch(1))
     checkpoint = str(tmp_path / "step-1")
     first.save(checkpoint, model_path)
-    first.save_optimizer(checkpoint)
+    first.save_training_state(checkpoint)
     expected = first.train_step(_batch(2))
 
     resumed = PolicyTrainer(model_path, recipe, pad_id=0, resume_from=checkpoint)
@@ -226,7 +226,7 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
 
     checkpoint = str(tmp_path / "step-1")
     trainer.save(checkpoint, model_path)
-    trainer.save_optimizer(checkpoint)
+    trainer.save_training_state(checkpoint)
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     assert all(torch.equal(saved[name], state[name]) for name in state)
     expected = trainer.train_step(_batch(2))

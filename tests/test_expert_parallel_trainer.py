@@ -123,7 +123,7 @@ def _resume_rank_main(
     first = PolicyTrainer(model_path, recipe, PAD, rank, init_methods[0])
     first.train_step(_batch().shard(rank, 2))
     first.save(checkpoint, model_path)
-    first.save_optimizer(checkpoint)
+    first.save_training_state(checkpoint)
     first.train_step(_batch().shard(rank, 2))
     expected = first._state()
     first.close()

@@ -154,8 +154,9 @@ class PolicyTrainer:
         )
         if lora is not None:
             add_lora(model, lora)
-            if resume_from is not None:
-                model.load_state_dict(load_file(str(adapter_file(resume_from))), strict=False)
+            if resume_from is not None:  # the base weights are the start's; the file has the rest
+                loaded = model.load_state_dict(load_file(str(adapter_file(resume_from))), strict=False)
+                assert not loaded.unexpected_keys, loaded.unexpected_keys
         if self.group is not None:
             expert_parallel.shard_experts(model, self.group)
         self.reference = None
@@ -350,7 +351,7 @@ class PolicyTrainer:
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
 
-    def save_optimizer(self, checkpoint: str) -> None:
+    def save_training_state(self, checkpoint: str) -> None:
         """Every rank writes its own optimizer state (its experts' moments differ from the others');
         a LoRA run also its adapters, which the merged weights beside them do not give back."""
         path = optimizer_file(checkpoint, self.rank)
