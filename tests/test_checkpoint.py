@@ -207,12 +207,20 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
     model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
     recipe = {
         "model": {"path": model_path},
+        # the KL reference is the policy with its adapters off and its starting routing biases
+        "algorithm": {"beta": 0.1},
         "train": {"learning_rate": 1e-2, "routing_bias_gamma": 0.01, "lora": {"rank": 4, "alpha": 8}},
     }
     trainer = PolicyTrainer(model_path, recipe, pad_id=0)
     trainer.train_step(_batch(1))
     state = trainer._state()
-    init = load_policy(model_path, "float32", converters_for(trainer.recipe.model)).state_dict()
+    started = load_policy(model_path, "float32", converters_for(trainer.recipe.model))
+    init = started.state_dict()
+    micro_batches = trainer._micro_batches(_batch(2))
+    with trainer.reference_scope():
+        reference = trainer._frozen_logprobs(trainer.reference, micro_batches)
+    assert all(map(torch.equal, reference, trainer._frozen_logprobs(started, micro_batches)))
+    assert all(torch.equal(tensor, state[name]) for name, tensor in trainer._state().items())
     assert sorted(state) == sorted(init)  # the base model's names, no adapter tensors
     changed = {name for name in init if not torch.equal(state[name], init[name])}
     # adapted layers move by their deltas; the routed experts and the embedding stay frozen

@@ -4,8 +4,8 @@ update and freezes every other weight (Hu et al., 2021).
 `LoraLinear` keeps its base layer's `weight` and `bias` under their own names, so the model's names
 stay the base model's. What leaves the trainer (the weights vLLM receives, the checkpoints) is the
 merged model, each adapted weight plus its update, computed on copies so that the frozen base never
-drifts by merge-and-unmerge rounding. A resumed run rebuilds the model from the run's start and loads
-`adapter_state`.
+drifts by merge-and-unmerge rounding. The KL reference is the same model as it started (`as_started`),
+not a second copy. A resumed run rebuilds the model from the run's start and loads `adapter_state`.
 
 Why not peft: on transformers 5, peft rewrites a DeepSeek-V3 or Qwen3-MoE config's `gate_proj`,
 `up_proj` and `down_proj` targets into parametrizations of the fused routed-expert weights
@@ -15,6 +15,7 @@ those fused weights are the project's grouped MoE layer here, which runs its own
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,7 +26,9 @@ from grpo.config import LoraConfig, RecipeError
 
 class LoraLinear(torch.nn.Module):
     """`x W^T + b + (x A^T) B^T * alpha / rank`, with W and b frozen; B starts at zero, so the layer
-    starts as its base."""
+    starts as its base. With `enabled` off it is its base, to the bit."""
+
+    enabled = True
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -37,10 +40,10 @@ class LoraLinear(torch.nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            F.linear(x, self.weight, self.bias)
-            + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        )
+        base = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
+        return base + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -60,6 +63,32 @@ def add_lora(model: torch.nn.Module, spec: LoraConfig) -> None:
         raise RecipeError(
             f"train.lora.targets: no linear layer of the model is named {' or '.join(spec.targets)}"
         )
+
+
+@contextlib.contextmanager
+def as_started(model: torch.nn.Module, started_buffers: dict[str, torch.Tensor]):
+    """The model as its run started, for the KL reference without a second copy of the weights:
+    adapters off, and the buffers it started with (the routing biases move during training; the
+    load statistics a forward adds up go to copies)."""
+    layers = [module for module in model.modules() if isinstance(module, LoraLinear)]
+    current = dict(model.named_buffers())
+    _put_buffers(
+        model, {name: started_buffers[name].to(tensor.device, copy=True) for name, tensor in current.items()}
+    )
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+        _put_buffers(model, current)
+
+
+def _put_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    for name, tensor in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = tensor
 
 
 def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ Tensors named `_BL1` are aligned with next-token targets (length L - 1).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.fused_grad_accumulation import accumulate_into_grad
-from grpo.models.lora import adapter_state, add_lora, merged_state
+from grpo.models.lora import adapter_state, add_lora, as_started, merged_state
 from grpo.models.moe import balance_loss, moe_layers, real_tokens, update_routing_bias
 from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
@@ -154,13 +155,15 @@ class PolicyTrainer:
         )
         if lora is not None:
             add_lora(model, lora)
+            started_buffers = {name: tensor.detach().clone() for name, tensor in model.named_buffers()}
             if resume_from is not None:  # the base weights are the start's; the file has the rest
                 loaded = model.load_state_dict(load_file(str(adapter_file(resume_from))), strict=False)
                 assert not loaded.unexpected_keys, loaded.unexpected_keys
         if self.group is not None:
             expert_parallel.shard_experts(model, self.group)
         self.reference = None
-        if self.recipe.algorithm.beta > 0:
+        self.reference_scope = contextlib.nullcontext
+        if self.recipe.algorithm.beta > 0 and lora is None:
             self.reference = (
                 load_policy(model_path, self.recipe.model.dtype, converters).eval().requires_grad_(False)
             )
@@ -174,6 +177,9 @@ class PolicyTrainer:
             train.bf16_moments,
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.recipe.algorithm.beta > 0 and lora is not None:  # the policy as it started
+            self.reference = self.model
+            self.reference_scope = functools.partial(as_started, model, started_buffers)
         if resume_from is not None:
             # the optimizer puts each state tensor where its parameter is; torch's AdamW keeps its
             # step counts on the CPU (loaded onto the GPU, each step would read them back)
@@ -229,9 +235,10 @@ class PolicyTrainer:
         aggregate = AGGREGATIONS[algo.loss_aggregation]
         advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=self.accelerator.device)
         micro_batches = self._micro_batches(batch)
-        reference = (
-            self._frozen_logprobs(self.reference, micro_batches) if self.reference is not None else None
-        )
+        reference = None
+        if self.reference is not None:
+            with self.reference_scope():
+                reference = self._frozen_logprobs(self.reference, micro_batches)
         # With mu == 1 the old policy is the current one: detaching the live logprobs is exact and
         # saves a forward pass. With mu > 1 every pass must see the logprobs from before the first.
         old = self._frozen_logprobs(self.model, micro_batches) if algo.mu > 1 else None
