@@ -21,6 +21,8 @@ from pathlib import Path
 from grpo.eval.benchmarks import BENCHMARKS, Benchmark, default_data_dir
 from grpo.eval.passk import pass_at_k
 
+from grpo.config import changed_settings
+
 CHUNK = 16  # problems sampled and verified together, then appended to problems.jsonl
 
 
@@ -111,11 +113,7 @@ def check_resumable(out: Path, now: dict) -> None:
             earlier = json.loads(path.read_text())
         except json.JSONDecodeError:
             earlier = {}  # every setting then reads as different, and the message names them
-        if differ := [
-            f"{key} {earlier.get(key)!r}, not {value!r}"
-            for key, value in now.items()
-            if earlier.get(key) != value
-        ]:
+        if differ := changed_settings(earlier, now):
             raise ValueError(
                 f"--out {out}: holds problems sampled with other settings ({'; '.join(differ)}); give "
                 "another --out, or move it away to start over"

@@ -7,7 +7,7 @@ key, not a silently ignored setting. `load_recipe` turns every problem into one 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -444,6 +444,27 @@ def recipe_from_dict(tree: dict, source: str = "recipe", overrides: Sequence[str
         return Recipe.model_validate(tree)
     except ValidationError as error:
         raise RecipeError(_one_line(error, source, overrides)) from None
+
+
+def changed_settings(earlier, now: Mapping, may_change: Sequence[str] = ()) -> list[str]:
+    """`KEY EARLIER, not NOW` for each setting whose value differs, nested sections named by dotted
+    keys (`train.learning_rate`), in `now`'s order; the keys in `may_change` are left out. What a run
+    folder recorded (`earlier`) may be anything its file held: every setting then reads as changed."""
+    before, after = dict(_leaves(earlier)), dict(_leaves(now))
+    keys = [*after, *(key for key in before if key not in after)]
+    return [
+        f"{key} {before.get(key)!r}, not {after.get(key)!r}"
+        for key in keys
+        if key not in may_change and before.get(key) != after.get(key)
+    ]
+
+
+def _leaves(tree, prefix: str = ""):
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

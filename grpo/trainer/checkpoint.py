@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo.config import Recipe, RecipeError, dump_recipe
+from grpo.config import Recipe, RecipeError, changed_settings, dump_recipe
 
 STATE = "trainer_state"
 RUN_STATE = "run.json"
@@ -70,27 +70,14 @@ def _resumable(checkpoint: Path) -> ResumePoint | None:
         return None
 
 
-def _leaves(tree, prefix: str = ""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], tree
-
-
 def check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
     """A RecipeError where the recipe differs from the one `run_dir`'s run was trained with, in any
     key but `MAY_CHANGE`: its checkpoint and metrics would read as this recipe's."""
     try:
-        earlier = dict(_leaves(yaml.safe_load((run_dir / "config.yaml").read_text())))
+        earlier = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         raise RecipeError(f"--resume: {run_dir} holds no run to resume (no readable config.yaml)") from None
-    now = dict(_leaves(recipe.model_dump(mode="json")))
-    differ = [
-        f"{key} {earlier.get(key)!r}, not {now.get(key)!r}"
-        for key in sorted(earlier.keys() | now.keys())
-        if key not in MAY_CHANGE and earlier.get(key) != now.get(key)
-    ]
+    differ = changed_settings(earlier, recipe.model_dump(mode="json"), MAY_CHANGE)
     if differ:
         raise RecipeError(
             f"--resume: {run_dir} was trained with other settings ({'; '.join(differ)}); only "

@@ -148,7 +148,7 @@ class PolicyTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.pad_id = pad_id
         converters = converters_for(self.recipe.model)
-        lora = train.lora
+        self.lora = lora = train.lora
         # a LoRA run's checkpoints hold merged weights: it resumes from its start and its adapters
         model = load_policy(
             model_path if lora else (resume_from or model_path), self.recipe.model.dtype, converters
@@ -330,7 +330,7 @@ class PolicyTrainer:
     def _state(self) -> dict[str, torch.Tensor]:
         """The model's weights under their unsharded names (a collective with several ranks)."""
         model = self.accelerator.unwrap_model(self.model)
-        if self.recipe.train.lora is not None:
+        if self.lora is not None:
             return merged_state(model)
         return model.state_dict() if self.group is None else expert_parallel.full_state_dict(model)
 
@@ -351,7 +351,7 @@ class PolicyTrainer:
         model = self.accelerator.unwrap_model(self.model)
         # the model's own state dict is not the checkpoint's where experts are sharded or LoRA layers hold
         # base and adapters apart; `_state` is the checkpoint's (a collective with several ranks)
-        own = self.group is None and self.recipe.train.lora is None
+        own = self.group is None and self.lora is None
         state = {} if own else {"state_dict": self._state()}
         if self.rank == 0:
             model.save_pretrained(path, **state)
@@ -364,7 +364,7 @@ class PolicyTrainer:
         path = optimizer_file(checkpoint, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.optimizer.state_dict(), path)
-        if self.recipe.train.lora is not None:
+        if self.lora is not None:
             save_file(adapter_state(self.accelerator.unwrap_model(self.model)), str(adapter_file(checkpoint)))
 
     def close(self) -> None:
