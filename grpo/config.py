@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -181,14 +181,18 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0.0)
     """The adapters' output is scaled by alpha / rank."""
-    targets: list[str] = [
-        *("q_proj", "k_proj", "v_proj", "o_proj"),
-        *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
-        *("gate_proj", "up_proj", "down_proj"),
-    ]
+    targets: list[Annotated[str, Field(min_length=1)]] = Field(
+        [
+            *("q_proj", "k_proj", "v_proj", "o_proj"),
+            *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+            *("gate_proj", "up_proj", "down_proj"),
+        ],
+        min_length=1,
+    )
     """Names of the linear layers that get adapters, matched as the last part of a module's name
     (the default covers Llama, Qwen and DeepSeek attention and MLPs; routed experts held as one
-    grouped weight get none)."""
+    grouped weight get none). Each name of a list you give must name a linear layer of the model;
+    of the default's names, those of other model families are skipped."""
 
 
 class TrainConfig(Section):
@@ -395,13 +399,18 @@ def _one_line(error: ValidationError, source: str, overrides: Sequence[str]) -> 
     where = ".".join(str(part) for part in first["loc"])  # empty for a check across sections
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     message = message.removeprefix("Value error, ")  # a check across sections names its keys itself
-    given = {item.partition("=")[0].strip(): item for item in overrides}
-    if where in given:
-        source = f"--set {given[where]!r}"
-        if isinstance(first.get("input"), (dict, list)):  # `{q}` or `[a]` unquoted
-            message += " (YAML read the value as a mapping or list; quote it)"
+    # the `--set` of this key or of a section above it (`train.lora.targets=['']` for `...targets.0`)
+    given = [item for item in overrides if _covers(item.partition("=")[0].strip(), where)]
+    if given:
+        source = f"--set {given[-1]!r}"
+        if first["type"].endswith("_type") and isinstance(first.get("input"), (dict, list)):
+            message += " (YAML read the value as a mapping or list; quote it)"  # `{q}` or `[a]` unquoted
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{source}: {where}: {message}{more}" if where else f"{source}: {message}{more}"
+
+
+def _covers(dotted: str, where: str) -> bool:
+    return where == dotted or where.startswith(f"{dotted}.")
 
 
 class _DuplicateKey(yaml.YAMLError):

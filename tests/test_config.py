@@ -102,6 +102,15 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
             "--set 'data.prompt_template={q}': data.prompt_template: Input should be a valid string "
             "(YAML read the value as a mapping or list; quote it)",
         ),
+        (
+            "train.lora.targets=['']",
+            "--set \"train.lora.targets=['']\": train.lora.targets.0: String should have at least 1 character",
+        ),
+        (
+            "train.lora.targets=[]",
+            "--set 'train.lora.targets=[]': train.lora.targets: List should have at least 1 item after "
+            "validation, not 0\n",
+        ),
     ],
 )
 def test_a_bad_override_is_named_rather_than_the_recipe(tmp_path, override, message):
@@ -109,7 +118,7 @@ def test_a_bad_override_is_named_rather_than_the_recipe(tmp_path, override, mess
     path.write_text("model: {path: m}\n")
     with pytest.raises(RecipeError) as error:
         load_recipe(path, [override])
-    assert str(error.value).startswith(message)
+    assert f"{error.value}\n".startswith(message)
 
 
 def test_an_override_names_a_list_item_by_its_index(tmp_path):
@@ -546,11 +555,13 @@ def test_lora_targets_that_name_no_linear_layer_are_refused_before_the_run_folde
     path = tmp_path / "r.yaml"
     path.write_text(
         f"model: {{path: 'tiny:deepseek_v3'}}\nrun: {{name: r, output_dir: {tmp_path}}}\n"
-        "train: {lora: {targets: [wq]}}\n"
+        "train: {lora: {targets: [q_b_proj, kv_b_prj]}}\n"  # one of the two misspelt
     )
     result = _cli("train", str(path))
     assert (result.returncode, result.stderr.strip()) == (
         2,
-        "grpo train: error: train.lora.targets: no linear layer of the model is named wq",
+        "grpo train: error: train.lora.targets: no linear layer of the model is named kv_b_prj (its linear "
+        "layers: down_proj, gate_proj, kv_a_proj_with_mqa, kv_b_proj, lm_head, o_proj, q_a_proj, q_b_proj, "
+        "up_proj)",
     )
     assert not (tmp_path / "r").exists()

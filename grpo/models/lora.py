@@ -53,15 +53,24 @@ def add_lora(model: torch.nn.Module, spec: LoraConfig) -> None:
     """Freeze every parameter, then give each `nn.Linear` whose name ends in one of `spec.targets` a
     trainable update."""
     model.requires_grad_(False)
-    adapted = []
+    linear_names, adapted = set(), set()
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
-        if type(module) is torch.nn.Linear and leaf in spec.targets:
-            model.get_submodule(parent_name).register_module(leaf, LoraLinear(module, spec.rank, spec.alpha))
-            adapted.append(name)
-    if not adapted:
+        if type(module) is torch.nn.Linear:
+            linear_names.add(leaf)
+            if leaf in spec.targets:
+                model.get_submodule(parent_name).register_module(
+                    leaf, LoraLinear(module, spec.rank, spec.alpha)
+                )
+                adapted.add(leaf)
+    # the default names several model families' layers; a list the recipe gives is meant in full,
+    # so a misspelt name there is refused rather than left without adapters
+    given = spec.targets != LoraConfig.model_fields["targets"].default
+    missing = [target for target in spec.targets if target not in adapted] if given or not adapted else []
+    if missing:
         raise RecipeError(
-            f"train.lora.targets: no linear layer of the model is named {' or '.join(spec.targets)}"
+            f"train.lora.targets: no linear layer of the model is named {' or '.join(missing)}"
+            f" (its linear layers: {', '.join(sorted(linear_names))})"
         )
 
 
