@@ -16,6 +16,7 @@ from grpo.trainer.checkpoint import (
     continue_run_folder,
     end_checkpoint,
     resume_point,
+    trainer_state_files,
 )
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
@@ -40,6 +41,9 @@ def _run_folder(recipe, checkpoints: dict[str, int | None]):
         path = run_dir / "checkpoints" / name
         path.mkdir(parents=True)
         if step is not None:
+            for file in trainer_state_files(recipe, path):
+                file.parent.mkdir(exist_ok=True)
+                file.write_bytes(b"")
             end_checkpoint(ResumePoint(path, step, {"accuracy": 0.25}, rows_drawn=8 * step + 1))
     return run_dir
 
@@ -69,6 +73,26 @@ def test_a_finished_run_resumes_from_final_only_with_more_steps(tmp_path):
     )
     recipe.train.steps = 6
     assert resume_point(recipe).checkpoint.name == "final"
+
+
+@pytest.mark.parametrize(
+    ("train", "removed"),
+    [
+        ({}, "optimizer-rank0.pt"),
+        ({"expert_parallel_size": 2}, "optimizer-rank1.pt"),
+        ({"lora": {}}, "adapter.safetensors"),
+    ],
+)
+def test_a_checkpoint_whose_trainer_state_was_removed_is_named(tmp_path, train, removed):
+    recipe = _recipe(tmp_path, **train)
+    run_dir = _run_folder(recipe, {"step-1": 1, "step-2": 2})
+    (run_dir / "checkpoints" / "step-2" / "trainer_state" / removed).unlink()
+    with pytest.raises(RecipeError) as error:
+        resume_point(recipe)
+    assert str(error.value) == (
+        f"--resume: {run_dir}/checkpoints/step-2 lacks trainer_state/{removed} (remove that checkpoint "
+        "folder to resume from an earlier one)"
+    )
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

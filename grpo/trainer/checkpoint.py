@@ -47,6 +47,13 @@ def adapter_file(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / STATE / "adapter.safetensors"
 
 
+def trainer_state_files(recipe: Recipe, checkpoint: Path) -> list[Path]:
+    """What the trainer loads from `checkpoint` besides the weights: each rank's optimizer state,
+    and a LoRA run's adapters."""
+    files = [optimizer_file(checkpoint, rank) for rank in range(recipe.train.expert_parallel_size)]
+    return [*files, adapter_file(checkpoint)] if recipe.train.lora else files
+
+
 def begin_checkpoint(checkpoint: Path) -> None:
     """Unmark `checkpoint` as resumable until `end_checkpoint`: a crash between them leaves weights
     and optimizer states of different steps."""
@@ -97,6 +104,12 @@ def resume_point(recipe: Recipe) -> ResumePoint:
             "writes one every N steps)"
         )
     latest = max(points, key=lambda point: point.step)
+    missing = [path for path in trainer_state_files(recipe, latest.checkpoint) if not path.is_file()]
+    if missing:  # marked complete, so removed since: say so rather than fail in the trainer
+        raise RecipeError(
+            f"--resume: {latest.checkpoint} lacks {', '.join(str(path.relative_to(latest.checkpoint)) for path in missing)}"
+            " (remove that checkpoint folder to resume from an earlier one)"
+        )
     if latest.step >= recipe.train.steps:
         raise RecipeError(
             f"--resume: {latest.checkpoint} is step {latest.step}, and train.steps is "
