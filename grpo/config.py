@@ -151,6 +151,15 @@ class AlgorithmConfig(Section):
     """k3 KL coefficient to the frozen reference; 0 builds no reference model at all."""
     mu: int = Field(1, ge=1)
     """Optimizer passes over each rollout batch, all against the same old-policy logprobs."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """`token`: each token's ratio pi / pi_old is clipped (PPO, GRPO). `sequence`: GSPO's, one
+    length-normalised ratio per completion, clipped as a whole (GSPO clips it with small bounds,
+    eps_low 3e-4 and eps_high 4e-4). The two differ only with mu > 1: in one pass the ratio is 1."""
+    sampler_ratio_cap: float | None = Field(None, ge=1.0)
+    """Truncated importance sampling: weight each token's policy-gradient term by
+    min(pi_old / pi_vllm, cap), correcting for the sampling engine's logprobs differing from the
+    trainer's (FP8 rollouts, other kernels). Both are logprobs of the untempered model, so it corrects
+    that difference, not the sampling temperature. Off (None) by default; 2 is TRL's and verl's cap."""
     drop_tied_groups: bool = False
     """Leave out groups whose rewards all tie (they carry no signal)."""
     resample_rounds: int = Field(0, ge=0)

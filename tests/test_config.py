@@ -565,3 +565,19 @@ def test_lora_targets_that_name_no_linear_layer_are_refused_before_the_run_folde
         "up_proj)",
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "message"),
+    [
+        ({"ratio_level": "sentence"}, "algorithm.ratio_level: Input should be 'token' or 'sequence'"),
+        (
+            {"sampler_ratio_cap": 0.5},
+            "algorithm.sampler_ratio_cap: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_gspo_and_the_sampler_correction_take_only_values_that_mean_something(algorithm, message):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "algorithm": algorithm})
+    assert str(error.value) == f"recipe: {message}"

@@ -141,17 +141,20 @@ def test_the_final_checkpoint_loads_in_transformers(run):
 def test_two_expert_parallel_trainer_ranks_run_the_loop(tmp_path):
     """The same loop with the routed experts sharded over two trainer ranks (gloo): the weights rank 0
     gathers and publishes reach vLLM intact (the parity check after each sync), and the final
-    checkpoint holds the whole experts."""
+    checkpoint holds the whole experts. It runs GSPO's ratio with the sampler correction: vLLM's
+    sampling logprobs line up with the trainer's token by token, so none reaches the cap."""
     from transformers import AutoModelForCausalLM
 
     recipe = _recipe(tmp_path)
     recipe.run.name, recipe.train.expert_parallel_size = "expert-parallel", 2
     recipe.eval.prompts, recipe.eval.interval = 0, 0
+    recipe.algorithm.ratio_level, recipe.algorithm.sampler_ratio_cap = "sequence", 2.0
     train(recipe, show_progress=False)
     records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert record["sync/logprob_shift"] > 1e-3
         assert record["sync/parity_max_abs_diff"] < 1e-3
+        assert record["sampler_logprob_diff"] < 1e-3 and record["sampler_ratio_capped"] == 0.0
     final = AutoModelForCausalLM.from_pretrained(recipe.run_dir / "checkpoints" / "final")
     assert final.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
 

@@ -8,6 +8,8 @@ from grpo.algorithms.losses import (
     BatchTotals,
     clipped_surrogate,
     grpo_loss,
+    log_ratio,
+    sampler_correction,
     seq_mean_token_mean,
     seq_mean_token_sum_norm,
     token_mean,
@@ -41,11 +43,11 @@ def test_clipping_uses_separate_low_and_high_bounds():
     old = torch.zeros(1, 4)
     # ratios 0.5, 0.9, 1.1, 1.5
     logp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
-    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.3)
+    loss, clipped = clipped_surrogate(logp - old, torch.tensor([1.0]), eps_low=0.2, eps_high=0.3)
     # positive advantage: min(r, clip(r, 0.8, 1.3)) -> 0.5, 0.9, 1.1, 1.3
     assert torch.allclose(loss, -torch.tensor([[0.5, 0.9, 1.1, 1.3]]))
     assert clipped.tolist() == [[False, False, False, True]]
-    loss, clipped = clipped_surrogate(logp, old, torch.tensor([-1.0]), eps_low=0.2, eps_high=0.3)
+    loss, clipped = clipped_surrogate(logp - old, torch.tensor([-1.0]), eps_low=0.2, eps_high=0.3)
     # negative advantage: min(-r, -clip(r)) -> -0.8, -0.9, -1.1, -1.5
     assert torch.allclose(loss, torch.tensor([[0.8, 0.9, 1.1, 1.5]]))
     assert clipped.tolist() == [[True, False, False, False]]
@@ -100,15 +102,103 @@ def test_grpo_loss_refuses_a_reference_when_beta_is_zero():
         )
 
 
+def test_the_sequence_level_ratio_is_each_completions_mean_log_ratio_given_to_every_token():
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.25, 0.75, 9.0], [0.0, 0.25, 0.5]])  # 9.0 is padding
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.equal(log_ratio(logp, old, mask, "token"), logp)
+    assert log_ratio(logp, old, mask, "sequence").tolist() == [[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
+
+
+def test_gspo_clips_a_completion_as_a_whole():
+    # token ratios e^-0.1 and e^0.5 (the first inside 1 +- 0.2, the second above); their mean e^0.2 is
+    # above 1.2 too, so under GSPO both tokens lose their gradient
+    logp, old, mask = torch.tensor([[-0.1, 0.5]]), torch.zeros(1, 2), torch.ones(1, 2)
+    for level, expected in (("token", [[False, True]]), ("sequence", [[True, True]])):
+        _, clipped = clipped_surrogate(log_ratio(logp, old, mask, level), torch.tensor([1.0]), 0.2, 0.2)
+        assert clipped.tolist() == expected
+
+
+@pytest.mark.parametrize("aggregate", [seq_mean_token_mean, token_mean, seq_mean_token_sum_norm])
+def test_in_one_pass_the_sequence_level_update_is_the_token_levels(aggregate):
+    # with pi_old = pi (mu: 1) every ratio is 1, and the two levels give the same gradient
+    grads = []
+    for level in ("token", "sequence"):
+        logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]], requires_grad=True)
+        loss, _ = grpo_loss(
+            logp,
+            logp.detach(),
+            None,
+            torch.tensor([1.0, -0.5]),
+            MASK,
+            TOTALS,
+            eps_low=0.2,
+            eps_high=0.2,
+            beta=0.0,
+            aggregate=aggregate,
+            ratio_level=level,
+        )
+        loss.backward()
+        grads.append(logp.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=0.0)
+    assert grads[0][0, 2] == 0.0  # padding
+
+
+def test_the_sampler_correction_weighs_tokens_by_the_capped_ratio_of_old_policy_to_sampler():
+    old = torch.tensor([[0.0, -1.0, 2.0]])
+    weight, capped = sampler_correction(old, torch.zeros(1, 3), cap=3.0)
+    assert weight.tolist() == [[1.0, torch.exp(torch.tensor(-1.0)).item(), 3.0]]
+    assert capped.tolist() == [[False, False, True]]
+    # the weights scale the policy-gradient term and carry no gradient of their own
+    logp = old.clone().requires_grad_()
+    loss, metrics = grpo_loss(
+        logp,
+        logp.detach(),
+        None,
+        torch.tensor([1.0]),
+        torch.ones(1, 3),
+        BatchTotals(sequences=1, tokens=3, max_completion_tokens=3),
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.0,
+        aggregate=token_mean,
+        weight_BT=sampler_correction(logp, torch.zeros(1, 3), cap=3.0)[0],
+    )
+    loss.backward()
+    assert torch.allclose(logp.grad, -weight / 3, rtol=1e-6, atol=0.0)
+    assert metrics["policy_loss"].item() == pytest.approx(-(1.0 + math.exp(-1.0) + 3.0) / 3)
+
+
 def test_the_sampler_gap_compares_each_completion_token_with_the_engines_logprob():
-    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+    from grpo.trainer.policy_trainer import pack, sampler_gap
 
     # row 0: prompt of 2 tokens, so its completion's logprobs start at position 1; row 1 has none
-    batch = RolloutBatch(
-        prompt_ids=[[5, 6], [7]],
-        completion_ids=[[8, 9], []],
-        advantages=[1.0, -1.0],
-        sampler_logprobs=[[-0.5, -1.0], []],
-    )
+    packed = pack([[5, 6], [7]], [[8, 9], [10]], pad_id=0, sampler_logprobs=[[-0.5, -1.0], []])
     old_BL1 = torch.tensor([[-9.0, -0.25, -1.5], [-9.0, -9.0, -9.0]])
-    assert PolicyTrainer._sampler_gap(batch, slice(0, 2), old_BL1) == 0.25 + 0.5
+    assert sampler_gap(old_BL1, packed).item() == 0.25 + 0.5
+
+
+def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logprob(tmp_path):
+    from grpo.models.build import materialize
+    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+    model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
+    recipe = {"model": {"path": model_path}, "algorithm": {"sampler_ratio_cap": 3.0}}
+    trainer = PolicyTrainer(model_path, recipe, pad_id=0)
+    prompts, completions = [[1, 4, 5], [1, 6], [1, 7, 8]], [[9, 10, 11, 12, 13, 14], [15, 16], [17] * 8]
+    own = [
+        logprobs[len(prompt) - 1 :]
+        for prompt, logprobs in zip(
+            prompts, trainer.sequence_logprobs([p + c for p, c in zip(prompts, completions)])
+        )
+    ]
+    # the engine gave rows 0 and 1 half the trainer's probability (weight 2), row 2 a tenth (capped at 3)
+    shifts = [math.log(2), math.log(2), math.log(10)]
+    sampler = [[value - shift for value in row] for row, shift in zip(own, shifts)]
+    metrics = trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler))
+    # at ratio 1 the loss is -mean(A * weight): -(2 * 1 - 2 * 0.5 - 3 * 0.5) / 3
+    assert metrics["policy_loss"] == pytest.approx(0.5 / 3, rel=1e-5)
+    assert metrics["sampler_ratio_capped"] == 8 / 16  # row 2's tokens of the 16
+    assert metrics["sampler_logprob_diff"] == pytest.approx(
+        (8 * math.log(2) + 8 * math.log(10)) / 16, rel=1e-5
+    )

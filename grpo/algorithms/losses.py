@@ -52,9 +52,26 @@ AGGREGATIONS: dict[str, Aggregate] = {
 }
 
 
+def log_ratio(
+    logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """`log(pi / pi_old)` of each token (`token`: PPO's and GRPO's), or GSPO's sequence-level ratio
+    (`sequence`, Zheng et al., 2025): the mean over the completion's tokens, given to each of them,
+    so one completion is clipped as a whole rather than token by token."""
+    log_ratio_BT = logp_BT - old_logp_BT
+    if level == "token":
+        return log_ratio_BT
+    per_sequence_B1 = (log_ratio_BT * mask_BT).sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(
+        min=1.0
+    )
+    return per_sequence_B1.expand_as(log_ratio_BT)
+
+
+RATIO_LEVELS = ("token", "sequence")
+
+
 def clipped_surrogate(
-    logp_BT: torch.Tensor,
-    old_logp_BT: torch.Tensor,
+    log_ratio_BT: torch.Tensor,
     advantages_B: torch.Tensor,
     eps_low: float,
     eps_high: float,
@@ -63,13 +80,24 @@ def clipped_surrogate(
 
     Returns `(loss_BT, clipped_BT)`: the loss to minimise and where clipping removed the gradient.
     """
-    ratio_BT = torch.exp(logp_BT - old_logp_BT)
+    ratio_BT = torch.exp(log_ratio_BT)
     adv_B1 = advantages_B.unsqueeze(1)
     unclipped_BT = ratio_BT * adv_B1
     clipped_ratio_BT = ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high)
     clipped_BT = clipped_ratio_BT * adv_B1
     loss_BT = -torch.minimum(unclipped_BT, clipped_BT)
     return loss_BT, (clipped_BT < unclipped_BT)
+
+
+def sampler_correction(
+    old_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (Yao et al., 2025): the completions were sampled by vLLM, whose
+    logprobs differ from the trainer's (other kernels, FP8 rollouts), so each token's policy-gradient
+    term is weighted by `min(pi_old / pi_sampler, cap)`. Returns the weights (no gradient) and where
+    the cap cut them."""
+    ratio_BT = torch.exp(old_logp_BT.detach() - sampler_logp_BT)
+    return ratio_BT.clamp(max=cap), ratio_BT > cap
 
 
 def grpo_loss(
@@ -84,14 +112,21 @@ def grpo_loss(
     eps_high: float,
     beta: float,
     aggregate: Aggregate,
+    ratio_level: str = "token",
+    weight_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate plus `beta` x k3 KL to the reference, aggregated by `aggregate`.
+    """Clipped surrogate (weighted per token by `weight_BT`, e.g. `sampler_correction`'s) plus
+    `beta` x k3 KL to the reference, aggregated by `aggregate`.
 
     Returns `(loss, metrics)`; metric values are sums normalised like the loss, so they also add up
     across micro-batches. `ref_logp_BT` is None exactly when `beta == 0`.
     """
     assert (ref_logp_BT is None) == (beta == 0.0), "a reference is needed iff beta > 0"
-    pg_loss_BT, clipped_BT = clipped_surrogate(logp_BT, old_logp_BT, advantages_B, eps_low, eps_high)
+    pg_loss_BT, clipped_BT = clipped_surrogate(
+        log_ratio(logp_BT, old_logp_BT, mask_BT, ratio_level), advantages_B, eps_low, eps_high
+    )
+    if weight_BT is not None:
+        pg_loss_BT = pg_loss_BT * weight_BT
     loss_BT = pg_loss_BT
     metrics = {"clip_fraction": token_mean(clipped_BT.float(), mask_BT, totals)}
     if ref_logp_BT is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss
+from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss, sampler_correction, token_mean
 from grpo.config import Recipe
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
@@ -59,13 +59,23 @@ class Packed:
     input_ids_BL: torch.Tensor
     attention_mask_BL: torch.Tensor
     completion_mask_BL1: torch.Tensor
+    sampler_logp_BL1: torch.Tensor
+    """vLLM's logprob of each completion token it sampled, at the token's target position."""
+    sampler_mask_BL1: torch.Tensor
+    """1.0 where `sampler_logp_BL1` holds one (none in SFT, the parity check, or greedy sampling)."""
 
     def to(self, device) -> Packed:
         return Packed(*(tensor.to(device) for tensor in vars(self).values()))
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
-    """Right-pad prompt+completion; mark the target positions that are completion tokens."""
+def pack(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    sampler_logprobs: list[list[float]] | None = None,
+) -> Packed:
+    """Right-pad prompt+completion; mark the target positions that are completion tokens, and place
+    the sampling engine's logprobs of them where given."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     width = max(lengths)
     # one tensor from nested lists, not a tensor and three slice writes per row: 0.6x the CPU time
@@ -79,7 +89,14 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     targets = positions[1:]  # position t + 1 is the target of logits at t
     starts = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
     completion_mask = ((targets >= starts) & (targets < ends)).float()
-    return Packed(input_ids, attention, completion_mask)
+    sampler = sampler_logprobs or [[] for _ in prompts]
+    sampler_logp = torch.tensor(
+        [[0.0] * (len(p) - 1) + s + [0.0] * (width - len(p) - len(s)) for p, s in zip(prompts, sampler)],
+        dtype=torch.float32,
+    )
+    sampler_ends = starts + torch.tensor([len(s) for s in sampler]).unsqueeze(1)
+    sampler_mask = ((targets >= starts) & (targets < sampler_ends)).float()
+    return Packed(input_ids, attention, completion_mask, sampler_logp, sampler_mask)
 
 
 def token_logprobs(model, packed: Packed, with_entropy: bool = False):
@@ -96,6 +113,11 @@ def token_logprobs(model, packed: Packed, with_entropy: bool = False):
     return logp_BL1, entropy_BL1
 
 
+def sampler_gap(old_BL1: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Sum over tokens of |old-policy logprob - vLLM's sampling logprob| (the rollout/train mismatch)."""
+    return ((old_BL1 - packed.sampler_logp_BL1).abs() * packed.sampler_mask_BL1).sum()
+
+
 # the additive metrics of a train step: sums over the batch's rows and tokens with global
 # normalizers, so expert-parallel ranks add theirs up
 ADDITIVE = (
@@ -105,6 +127,7 @@ ADDITIVE = (
     "clip_fraction",
     "entropy",
     "sampler_logprob_diff",
+    "sampler_ratio_capped",
     "moe/balance_loss",
 )
 
@@ -196,7 +219,9 @@ class PolicyTrainer:
         micro_batches = []
         for start in range(0, len(batch.prompt_ids), size):
             rows = slice(start, start + size)
-            packed = pack(batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id)
+            packed = pack(
+                batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id, batch.sampler_logprobs[rows]
+            )
             micro_batches.append((rows, packed.to(self.accelerator.device)))
         return micro_batches
 
@@ -245,11 +270,15 @@ class PolicyTrainer:
         sums: dict[str, float] = {"time/logprobs_s": time.perf_counter() - start}
         # metrics stay on the device until the step's work is queued (reading one waits for the GPU)
         pending: list[tuple[str, torch.Tensor | float]] = []
-        gaps: list[tuple[slice, torch.Tensor]] = []
+        gaps: list[torch.Tensor] = []
         for pass_index in range(algo.mu):
             for index, (rows, packed) in enumerate(micro_batches):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
                 old_BL1 = old[index] if old is not None else logp_BL1.detach()
+                weight_BL1 = capped_BL1 = None
+                if algo.sampler_ratio_cap is not None:  # a token vLLM gave no logprob keeps weight 1
+                    sampler_BL1 = torch.where(packed.sampler_mask_BL1 > 0, packed.sampler_logp_BL1, old_BL1)
+                    weight_BL1, capped_BL1 = sampler_correction(old_BL1, sampler_BL1, algo.sampler_ratio_cap)
                 loss, metrics = grpo_loss(
                     logp_BL1,
                     old_BL1,
@@ -261,7 +290,13 @@ class PolicyTrainer:
                     eps_high=algo.eps_high,
                     beta=algo.beta,
                     aggregate=aggregate,
+                    ratio_level=algo.ratio_level,
+                    weight_BT=weight_BL1,
                 )
+                if capped_BL1 is not None:
+                    metrics["sampler_ratio_capped"] = token_mean(
+                        capped_BL1.float(), packed.completion_mask_BL1, totals
+                    )
                 balance = balance_loss(self.model)
                 if balance is not None:  # a mean over rows: weight it by the micro-batch's share of rows
                     balance = balance * len(packed.input_ids_BL) / totals.sequences
@@ -274,7 +309,7 @@ class PolicyTrainer:
                 metrics["loss"] = loss.detach()
                 pending.extend(metrics.items())
                 if pass_index == 0:  # the old policy's logprobs are the same in every pass
-                    gaps.append((rows, old_BL1))
+                    gaps.append(sampler_gap(old_BL1, packed))
             pending.append(("grad_norm", self._clip_gradients()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -283,9 +318,7 @@ class PolicyTrainer:
                 sums[key] = sums.get(key, 0.0) + value / algo.mu
         for key, value in pending:
             sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
-        sums["sampler_logprob_diff"] = sum(
-            self._sampler_gap(batch, rows, old_BL1) / totals.tokens for rows, old_BL1 in gaps
-        )
+        sums["sampler_logprob_diff"] = float(sum(gaps)) / totals.tokens
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
@@ -312,19 +345,6 @@ class PolicyTrainer:
             return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         expert_parallel.sum_replicated_gradients(self.model, self.group)
         return expert_parallel.clip_grad_norm_(self.model, max_norm, self.group)
-
-    @staticmethod
-    def _sampler_gap(batch: RolloutBatch, rows: slice, old_BL1: torch.Tensor) -> float:
-        """Sum over tokens of |old-policy logprob - vLLM sampler logprob| (rollout/train mismatch)."""
-        old_BL1 = old_BL1.cpu()  # one transfer for the micro-batch, not one per row (detached already)
-        total = 0.0
-        for row, (prompt, sampler) in enumerate(zip(batch.prompt_ids[rows], batch.sampler_logprobs[rows])):
-            if not sampler:
-                continue
-            start = len(prompt) - 1
-            trainer = old_BL1[row, start : start + len(sampler)]
-            total += float((trainer - torch.tensor(sampler)).abs().sum())
-        return total
 
     # ---- export ---------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
