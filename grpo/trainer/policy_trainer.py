@@ -89,12 +89,17 @@ def pack(
     targets = positions[1:]  # position t + 1 is the target of logits at t
     starts = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
     completion_mask = ((targets >= starts) & (targets < ends)).float()
-    sampler = sampler_logprobs or [[] for _ in prompts]
+    if sampler_logprobs is None:
+        zeros = torch.zeros_like(completion_mask)
+        return Packed(input_ids, attention, completion_mask, zeros, zeros)
     sampler_logp = torch.tensor(
-        [[0.0] * (len(p) - 1) + s + [0.0] * (width - len(p) - len(s)) for p, s in zip(prompts, sampler)],
+        [
+            [0.0] * (len(p) - 1) + s + [0.0] * (width - len(p) - len(s))
+            for p, s in zip(prompts, sampler_logprobs)
+        ],
         dtype=torch.float32,
     )
-    sampler_ends = starts + torch.tensor([len(s) for s in sampler]).unsqueeze(1)
+    sampler_ends = starts + torch.tensor([len(s) for s in sampler_logprobs]).unsqueeze(1)
     sampler_mask = ((targets >= starts) & (targets < sampler_ends)).float()
     return Packed(input_ids, attention, completion_mask, sampler_logp, sampler_mask)
 
