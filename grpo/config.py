@@ -97,7 +97,10 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     source: str = "task:arithmetic"
-    """`task:arithmetic`, a local .jsonl/.json/.parquet file, or a Hugging Face dataset id."""
+    """`task:arithmetic`, a local .jsonl/.json/.parquet file, a Hugging Face dataset id, or
+    `benchmark:NAME[:STYLE]`: a benchmark of `grpo eval` (`minif2f`, `proofnet`, `math500`, `gsm8k`),
+    its file read and its rows prompted as `grpo eval NAME --prompt STYLE` does (`noncot` or `cot`
+    for the Lean ones; `noncot` unless named)."""
     split: str = "train"
     eval_source: str | None = None
     """Held-out prompts; defaults to the task's eval split, or to `source` with `eval_split`."""
@@ -120,6 +123,16 @@ class DataConfig(Section):
             raise ValueError("prompt_field: not read where prompt_template is set (name the field there)")
         if self.system_prompt is not None and not self.chat:
             raise ValueError("system_prompt: only applies with chat: true")
+        sources = (self.source, self.eval_source or self.source)  # a file among them reads the keys
+        given = [
+            key
+            for key in ("prompt_template", "prompt_field", "answer_field")
+            if getattr(self, key) != type(self).model_fields[key].default
+        ]
+        if all(source.startswith("benchmark:") for source in sources) and given:
+            raise ValueError(
+                f"{given[0]}: not read with a benchmark: source, which prompts as grpo eval does"
+            )
         return self
 
 

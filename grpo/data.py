@@ -1,4 +1,5 @@
-"""Prompt datasets: the built-in arithmetic task, local files, or Hugging Face dataset ids.
+"""Prompt datasets: the built-in arithmetic task, local files, Hugging Face dataset ids, or the
+benchmarks `grpo eval` knows, prompted as it prompts them.
 
 Every row becomes a dict with at least `prompt` (the formatted text) and the row's own fields
 (e.g. `answer`), which rewards receive as `sample`.
@@ -19,6 +20,7 @@ from grpo.jsonl import read_objects, utf8_text
 from grpo.tasks import arithmetic
 
 TASK_PREFIX = "task:"
+BENCHMARK_PREFIX = "benchmark:"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -121,6 +123,42 @@ def _chat_prompt(tokenizer, text: str, system_prompt: str | None, drop: str) -> 
     return rendered.removeprefix(drop)
 
 
+def _rows(source: str, split: str, keys: tuple[str, str], config: DataConfig, render: Render) -> list[dict]:
+    """`source`'s rows of `split`, each with its `prompt` rendered; `keys` name the source's and the
+    split's recipe keys."""
+    if source.startswith(BENCHMARK_PREFIX):
+        return _benchmark_rows(source, split, keys, render)
+    return _format(load_rows(source, split, keys[1]), config, render)
+
+
+def _benchmark_rows(source: str, split: str, keys: tuple[str, str], render: Render) -> list[dict]:
+    """`benchmark:NAME[:STYLE]`: the file `grpo eval NAME` reads, each row prompted as `grpo eval NAME
+    --prompt STYLE` prompts it (`noncot` unless named), with the fields its reward scores against as
+    the evaluation gives them (a ProofNet statement closed with `by`, as its prompt shows it)."""
+    from grpo.eval.benchmarks import BENCHMARKS, default_data_dir
+    from grpo.eval.prompts import LEAN_INSTRUCTIONS
+
+    name, _, style = source.removeprefix(BENCHMARK_PREFIX).partition(":")
+    if name not in BENCHMARKS:
+        raise RecipeError(f"{keys[0]}: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    benchmark = BENCHMARKS[name]
+    styles = LEAN_INSTRUCTIONS if benchmark.kind == "lean" else {}
+    if style and style not in styles:
+        known = f"its styles: {', '.join(styles)}" if styles else "a math benchmark has one prompt"
+        raise RecipeError(f"{keys[0]}: {source}: no prompt style {style!r} ({known})")
+    path = default_data_dir() / benchmark.default_file
+    if not path.is_file():
+        raise RecipeError(f"{keys[0]}: {source} reads {path}, which is missing (set GRPO_DATA_DIR)")
+    rows = load_rows(str(path), split, keys[1])
+    for row in rows:
+        if missing := benchmark.missing_field(row):
+            raise RecipeError(f"{keys[0]}: {path} has a row without {missing}")
+    return [
+        {**row, **benchmark.sample(row), "prompt": render(benchmark.prompt(row, style or "noncot"))}
+        for row in rows
+    ]
+
+
 def _format(rows: list[dict], config: DataConfig, render: Render = str) -> list[dict]:
     """Rows with `prompt` formatted (and rendered) and the gold answer, where a row has one, as the
     string `answer` (a row without one is not applicable to the rewards that score against it)."""
@@ -172,7 +210,7 @@ def train_prompts(
         return (
             {**row, "prompt": render(row["prompt"])} for row in _task(config.source).problems("train", seed)
         )
-    rows = _format(load_rows(config.source, config.split, "data.split"), config, render)
+    rows = _rows(config.source, config.split, ("data.source", "data.split"), config, render)
     if not rows:
         raise RecipeError(f"data.source: no rows in {config.source!r} split {config.split!r}")
     _check_reads(rows, reads, f"row of {config.source}", config)
@@ -215,14 +253,20 @@ def eval_prompts(
             for row in itertools.islice(_task(source).problems("eval", seed + 1), 50 * count)
         }
         return [{**row, "prompt": render(row["prompt"])} for row in list(unique.values())[:count]]
-    rows = _format(load_rows(source, config.eval_split, "data.eval_split"), config, render)
+    source_key = "data.eval_source" if config.eval_source else "data.source"
+    if count and not config.eval_source and config.eval_split == config.split:
+        raise RecipeError(
+            f"data.eval_split: {config.split!r} is data.split too, so the held-out prompts would be "
+            "training rows; name another split (or set eval.prompts: 0)"
+        )
+    rows = _rows(source, config.eval_split, (source_key, "data.eval_split"), config, render)
     own_file = not config.eval_source and Path(source).suffix in FILE_SUFFIXES
     if count and own_file and not any("split" in row for row in rows):
         raise RecipeError(
             f"data.eval_source: {source} has no split column, so its held-out prompts would be its "
             "training rows; name a held-out file here (or set eval.prompts: 0)"
         )
-    rows = _fitting(rows, fits, "data.eval_source" if config.eval_source else "data.source")[:count]
+    rows = _fitting(rows, fits, source_key)[:count]
     if rows:  # eval.prompts: 0 asks for none
         _check_reads(rows, reads, f"held-out row of {source}", config)
     return rows

@@ -1,5 +1,7 @@
+import json
+
 import pytest
-from conftest import bos_adding_tokenizer
+from conftest import bos_adding_tokenizer, needs_data
 
 from grpo.config import DataConfig, RecipeError
 from grpo.data import eval_prompts, load_rows, train_prompts
@@ -269,3 +271,116 @@ def test_chat_prompts_render_file_and_task_rows_and_need_a_template(tmp_path):
     )
     with pytest.raises(ValueError, match="system_prompt: only applies with chat: true"):
         DataConfig(system_prompt="Be brief.")
+
+
+def _benchmark_data(tmp_path, monkeypatch):
+    """A data folder with one miniF2F row per split and one ProofNet row, as `grpo eval` reads them."""
+    header = "import Mathlib\n"
+    minif2f = [
+        {
+            "name": "v1",
+            "split": "valid",
+            "header": header,
+            "informal_prefix": "/-- one -/\n",
+            "formal_statement": "theorem v1 : 1 = 1 := by\n",
+        },
+        {
+            "name": "t1",
+            "split": "test",
+            "header": header,
+            "informal_prefix": "",
+            "formal_statement": "theorem t1 : 2 = 2 := by\n",
+        },
+    ]
+    proofnet = [
+        {"name": "p1", "split": "valid", "header": header, "formal_statement": "theorem p1 : True :="}
+    ]
+    for path, rows in (("minif2f/minif2f.jsonl", minif2f), ("proofnet/proofnet.jsonl", proofnet)):
+        (tmp_path / path).parent.mkdir()
+        (tmp_path / path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setenv("GRPO_DATA_DIR", str(tmp_path))
+
+
+def test_a_benchmark_source_prompts_its_rows_as_grpo_eval_does(tmp_path, monkeypatch):
+    _benchmark_data(tmp_path, monkeypatch)
+    config = DataConfig(source="benchmark:minif2f", split="valid", eval_split="test")
+    row = next(train_prompts(config, seed=0))
+    assert row["prompt"] == (
+        "Complete the following Lean 4 code:\n\n```lean4\nimport Mathlib\n/-- one -/\ntheorem v1 : 1 = 1 := by\n"
+    )
+    assert (row["formal_statement"], row["header"]) == ("theorem v1 : 1 = 1 := by\n", "import Mathlib\n")
+    assert [row["name"] for row in eval_prompts(config, count=4, seed=0)] == ["t1"]
+    cot = next(train_prompts(DataConfig(source="benchmark:minif2f:cot", split="valid"), seed=0))
+    assert cot["prompt"].startswith("Complete the following Lean 4 code with explanatory comments")
+    # ProofNet's statements end in `:=`: the prompt and the statement the reward checks get `by`
+    proofnet = next(train_prompts(DataConfig(source="benchmark:proofnet", split="valid"), seed=0))
+    assert proofnet["prompt"].endswith("theorem p1 : True := by\n")
+    assert proofnet["formal_statement"] == "theorem p1 : True := by\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"source": "benchmark:minif2g"},
+            "data.source: unknown benchmark 'minif2g' (known: minif2f, proofnet, math500, gsm8k)",
+        ),
+        (
+            {"source": "benchmark:minif2f:long", "split": "valid"},
+            "data.source: benchmark:minif2f:long: no prompt style 'long' (its styles: noncot, cot)",
+        ),
+        (
+            {"source": "benchmark:gsm8k:cot"},
+            "data.source: benchmark:gsm8k:cot: no prompt style 'cot' (a math benchmark has one prompt)",
+        ),
+        (
+            {"source": "benchmark:minif2f"},
+            "data.split: {data}/minif2f/minif2f.jsonl has no 'train' rows (its splits: test, valid)",
+        ),
+        (
+            {"source": "benchmark:math500", "split": "test"},
+            "data.source: benchmark:math500 reads {data}/math500/test.jsonl, which is missing (set GRPO_DATA_DIR)",
+        ),
+    ],
+)
+def test_a_benchmark_source_that_cannot_be_read_is_named(tmp_path, monkeypatch, data, message):
+    _benchmark_data(tmp_path, monkeypatch)
+    with pytest.raises(RecipeError) as error:
+        next(train_prompts(DataConfig(**data), seed=0))
+    assert str(error.value) == message.format(data=tmp_path)
+
+
+def test_a_benchmark_source_takes_no_prompt_keys_it_would_not_read():
+    with pytest.raises(
+        ValueError,
+        match="prompt_template: not read with a benchmark: source, which prompts as grpo eval does",
+    ):
+        DataConfig(source="benchmark:minif2f", prompt_template="{formal_statement}")
+    # a file's rows read them: here the training rows are a file's, the held-out ones a benchmark's
+    DataConfig(source="rows.jsonl", eval_source="benchmark:minif2f", prompt_template="{q}")
+
+
+def test_held_out_prompts_are_never_the_training_split(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(ROWS)
+    config = DataConfig(
+        source=str(tmp_path / "rows.jsonl"), prompt_field="q", split="test", eval_split="test"
+    )
+    with pytest.raises(RecipeError) as error:
+        eval_prompts(config, count=4, seed=0)
+    assert str(error.value) == (
+        "data.eval_split: 'test' is data.split too, so the held-out prompts would be training rows; name "
+        "another split (or set eval.prompts: 0)"
+    )
+    assert eval_prompts(config, count=0, seed=0) == []
+
+
+@needs_data
+def test_the_shipped_minif2f_trains_on_its_valid_split_and_holds_out_its_test_split():
+    from grpo.eval.benchmarks import BENCHMARKS
+
+    config = DataConfig(source="benchmark:minif2f", split="valid", eval_split="test")
+    held_out = eval_prompts(config, count=1000, seed=0)
+    assert len(held_out) == 244 and {row["split"] for row in held_out} == {"test"}
+    assert held_out[0]["prompt"] == BENCHMARKS["minif2f"].prompt(held_out[0], "noncot")
+    training = train_prompts(config, seed=0)
+    assert {next(training)["split"] for _ in range(244)} == {"valid"}
