@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -92,15 +93,12 @@ def pack(
     if sampler_logprobs is None:
         zeros = torch.zeros_like(completion_mask)
         return Packed(input_ids, attention, completion_mask, zeros, zeros)
-    sampler_logp = torch.tensor(
-        [
-            [0.0] * (len(p) - 1) + s + [0.0] * (width - len(p) - len(s))
-            for p, s in zip(prompts, sampler_logprobs)
-        ],
-        dtype=torch.float32,
-    )
     sampler_ends = starts + torch.tensor([len(s) for s in sampler_logprobs]).unsqueeze(1)
-    sampler_mask = ((targets >= starts) & (targets < sampler_ends)).float()
+    sampler_mask = (targets >= starts) & (targets < sampler_ends)
+    # the marked positions in row-major order are the rows' logprobs one after another
+    sampler_logp = torch.zeros_like(completion_mask)
+    sampler_logp[sampler_mask] = torch.tensor(list(itertools.chain.from_iterable(sampler_logprobs)))
+    sampler_mask = sampler_mask.float()
     return Packed(input_ids, attention, completion_mask, sampler_logp, sampler_mask)
 
 
