@@ -61,13 +61,9 @@ def log_ratio(
     log_ratio_BT = logp_BT - old_logp_BT
     if level == "token":
         return log_ratio_BT
-    per_sequence_B1 = (log_ratio_BT * mask_BT).sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(
-        min=1.0
-    )
+    tokens_B1 = mask_BT.sum(1, keepdim=True).clamp(min=1.0)
+    per_sequence_B1 = (log_ratio_BT * mask_BT).sum(1, keepdim=True) / tokens_B1
     return per_sequence_B1.expand_as(log_ratio_BT)
-
-
-RATIO_LEVELS = ("token", "sequence")
 
 
 def clipped_surrogate(

@@ -106,9 +106,10 @@ def resume_point(recipe: Recipe) -> ResumePoint:
     latest = max(points, key=lambda point: point.step)
     missing = [path for path in trainer_state_files(recipe, latest.checkpoint) if not path.is_file()]
     if missing:  # marked complete, so removed since: say so rather than fail in the trainer
+        named = ", ".join(str(path.relative_to(latest.checkpoint)) for path in missing)
         raise RecipeError(
-            f"--resume: {latest.checkpoint} lacks {', '.join(str(path.relative_to(latest.checkpoint)) for path in missing)}"
-            " (remove that checkpoint folder to resume from an earlier one)"
+            f"--resume: {latest.checkpoint} lacks {named} (remove that checkpoint folder to resume from "
+            "an earlier one)"
         )
     if latest.step >= recipe.train.steps:
         raise RecipeError(
