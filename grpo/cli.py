@@ -121,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as error:  # the run stopped itself: broken weight sync, not a user error
         print(f"grpo {args.command}: stopped: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the engines, trainer and reward workers are shut down on the way
+        print(f"grpo {args.command}: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130
+
+
+INTERRUPTED_HINTS = {
+    "train": "; `grpo train RECIPE --resume` continues from the run's latest checkpoint",
+    "eval": "; the same command continues: finished problems are kept",
+}
 
 
 def _dispatch(args) -> int:

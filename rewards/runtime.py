@@ -26,6 +26,7 @@ import inspect
 import json
 import math
 import multiprocessing as mp
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class Scored:
 def _serve(specs: list[tuple[str, dict]], conn: Connection) -> None:
     """Worker loop: resolve the rewards once, then answer `(index, completion, sample)` requests."""
     from functools import partial
+
+    # Ctrl-C reaches the whole process group; the parent ends the workers (closing their pipes), so
+    # each need not print a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from grpo.rewards.registry import resolve
 

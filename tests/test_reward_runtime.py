@@ -279,3 +279,35 @@ def test_grpo_reward_names_an_output_it_could_not_write_before_scoring(tmp_path)
         f"grpo reward: error: --output {tmp_path}/no/out.jsonl: not a file in an existing folder",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_ctrl_c_during_scoring_ends_the_command_with_one_line(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the reward workers as well as the command.
+    The command says it was interrupted, exits 130, and no process prints a traceback."""
+    import os
+    import signal
+
+    started = tmp_path / "started"
+    path = tmp_path / "slow.py"
+    path.write_text(
+        f"import time\n\ndef slow(completion, sample):\n    open({str(started)!r}, 'w').close()\n"
+        "    time.sleep(60)\n    return 1.0\n"
+    )
+    (tmp_path / "in.jsonl").write_text('{"completion": "x"}\n')
+    command = [
+        sys.executable,
+        "-m",
+        "grpo.cli",
+        "reward",
+        f"{path}:slow",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), "the reward was never called"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert (process.returncode, stderr) == (130, "grpo reward: interrupted\n")
