@@ -246,6 +246,9 @@ class TrainConfig(Section):
     balance_loss_alpha: float = Field(0.0, ge=0.0)
     """Weight of DeepSeek-V3's sequence-wise balance loss in `grpo train` and `grpo sft` (0: off).
     Needs `model.moe: grouped`."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input for the backward and run its forward again there: the
+    activations' memory for one more forward of compute (`grpo.models.activation_checkpointing`)."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (`{rank: 16, alpha: 32}`); the checkpoints hold the
     merged weights. Not with `model.fp8` or `expert_parallel_size` above 1."""

@@ -19,7 +19,7 @@ from grpo.trainer.ranks import free_port
 PAD = 0
 
 
-def _recipe(model_path: str, ranks: int) -> dict:
+def _recipe(model_path: str, ranks: int, gradient_checkpointing: bool = False) -> dict:
     return {
         "model": {"path": model_path},
         # two optimizer passes against frozen old logprobs, a KL reference, clipping that bites,
@@ -33,6 +33,7 @@ def _recipe(model_path: str, ranks: int) -> dict:
             "routing_bias_gamma": 0.01,
             "balance_loss_alpha": 0.01,
             "expert_parallel_size": ranks,
+            "gradient_checkpointing": gradient_checkpointing,
         },
         "rollout": {"max_tokens": 8},
     }
@@ -55,11 +56,19 @@ def _reference(model_path: str) -> tuple[dict, dict]:
     return trainer._state(), metrics
 
 
-def _rank_main(rank: int, model_path: str, init_method: str, expected_file: str, out_dir: str, gpus: int):
+def _rank_main(
+    rank: int,
+    model_path: str,
+    init_method: str,
+    expected_file: str,
+    out_dir: str,
+    gpus: int,
+    checkpointing: bool,
+):
     if gpus:  # before CUDA starts in this process: the rank sees its own GPU as cuda:0
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     expected_state, expected_metrics = torch.load(expected_file)
-    trainer = PolicyTrainer(model_path, _recipe(model_path, 2), PAD, rank, init_method)
+    trainer = PolicyTrainer(model_path, _recipe(model_path, 2, checkpointing), PAD, rank, init_method)
     metrics = trainer.train_step(_batch().shard(rank, 2))
     for key in (
         "loss",
@@ -93,7 +102,9 @@ def _gpus_for_two_ranks() -> int:
     return gpus
 
 
-def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
+# with activation checkpointing the ranks' all-to-alls run again in the backward, in the same order
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
+def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path, checkpointing):
     from transformers import AutoModelForCausalLM
 
     gpus = _gpus_for_two_ranks()
@@ -105,7 +116,9 @@ def test_two_expert_parallel_ranks_take_the_single_process_step(tmp_path):
     torch.save((expected_state, expected_metrics), expected_file)
     out_dir = str(tmp_path / "saved")
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    mp.spawn(_rank_main, args=(model_path, init_method, expected_file, out_dir, gpus), nprocs=2)
+    mp.spawn(
+        _rank_main, args=(model_path, init_method, expected_file, out_dir, gpus, checkpointing), nprocs=2
+    )
 
     saved = AutoModelForCausalLM.from_pretrained(out_dir).state_dict()
     experts = "model.layers.1.mlp.experts.gate_up_proj"

@@ -303,27 +303,37 @@ class MoeLayer(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(routing.num_experts), persistent=False)
         self.real_tokens_T: torch.Tensor | None = None
         """Set by `real_tokens` for one forward: which positions are tokens rather than padding."""
+        self.recomputing = False
+        """Set while activation checkpointing runs the forward again in the backward: the loads were
+        counted the first time, and the balance loss taken then."""
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
         scores_TE, weights_TK, indices_TK = self.gate(x_TH)
         if self.training:
             real_T = self.real_tokens_T
-            with torch.no_grad():  # a scatter, not bincount or a boolean mask: no host sync per layer
-                load = self.load_since_update
-                counts_TK = torch.ones_like(indices_TK, dtype=load.dtype)
-                if real_T is not None:
-                    counts_TK *= real_T.unsqueeze(1)
-                load.scatter_add_(0, indices_TK.flatten(), counts_TK.flatten())
+            if not self.recomputing:
+                self._count_load(indices_TK, real_T)
             if self.balance_loss_alpha > 0:
                 rows = hidden_BSH.shape[0] if hidden_BSH.dim() == 3 else 1
-                self.balance_loss = self.balance_loss_alpha * sequence_balance_loss(
+                balance = self.balance_loss_alpha * sequence_balance_loss(
                     scores_TE, indices_TK, rows, self.gate.routing.top_k, real_T
                 )
+                if not self.recomputing:
+                    self.balance_loss = balance
         out_TH = self.experts(x_TH, indices_TK, weights_TK)
         if self.shared_experts is not None:
             out_TH = out_TH + self.shared_experts(x_TH)
         return out_TH.view_as(hidden_BSH)
+
+    @torch.no_grad()
+    def _count_load(self, indices_TK: torch.Tensor, real_T: torch.Tensor | None) -> None:
+        # a scatter, not bincount or a boolean mask: no host sync per layer
+        load = self.load_since_update
+        counts_TK = torch.ones_like(indices_TK, dtype=load.dtype)
+        if real_T is not None:
+            counts_TK *= real_T.unsqueeze(1)
+        load.scatter_add_(0, indices_TK.flatten(), counts_TK.flatten())
 
 
 def sequence_balance_loss(

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss, sampler_correction, token_mean
 from grpo.config import Recipe
+from grpo.models import activation_checkpointing
 from grpo.models.build import converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
@@ -196,6 +197,8 @@ class PolicyTrainer:
             self.reference.to(self.accelerator.device)
         for layer in moe_layers(model):
             layer.balance_loss_alpha = train.balance_loss_alpha
+        if train.gradient_checkpointing:
+            activation_checkpointing.enable(model)
         optimizer = build_optimizer(
             [p for p in model.parameters() if p.requires_grad],
             train.learning_rate,
