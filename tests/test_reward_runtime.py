@@ -303,7 +303,15 @@ def test_ctrl_c_during_scoring_ends_the_command_with_one_line(tmp_path):
         "--input",
         str(tmp_path / "in.jsonl"),
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a shell that starts this suite in the background makes it ignore SIGINT, and children inherit
+    # that: the command gets Ctrl-C's default back, as at a terminal
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
