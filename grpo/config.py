@@ -172,7 +172,7 @@ class AlgorithmConfig(Section):
     """Truncated importance sampling: weight each token's policy-gradient term by
     min(pi_old / pi_vllm, cap), correcting for the sampling engine's logprobs differing from the
     trainer's (FP8 rollouts, other kernels). Both are logprobs of the untempered model, so it corrects
-    that difference, not the sampling temperature. Off (None) by default; 2 is TRL's and verl's cap."""
+    that difference, not the sampling temperature. Off (None) by default; set a cap such as 2."""
     drop_tied_groups: bool = False
     """Leave out groups whose rewards all tie (they carry no signal)."""
     resample_rounds: int = Field(0, ge=0)
