@@ -16,6 +16,7 @@ import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, check_model_outside_run, start_run_folder
 from grpo.data import TASK_PREFIX, ContextFit, Render, prompt_renderer, sequence_ids, train_prompts
+from grpo.models import activation_checkpointing
 from grpo.models.build import (
     check_model,
     context_length,
@@ -56,7 +57,13 @@ def sft_rows(recipe: Recipe, config: SftConfig, fit: ContextFit, render: Render 
     )
 
 
-SFT_TRAIN_KEYS = ("threads", "bf16_moments", "routing_bias_gamma", "balance_loss_alpha")
+SFT_TRAIN_KEYS = (
+    "threads",
+    "bf16_moments",
+    "routing_bias_gamma",
+    "balance_loss_alpha",
+    "gradient_checkpointing",
+)
 """The `train` keys `grpo sft` reads; its steps, batch size and learning rate are `sft.*`."""
 
 
@@ -124,6 +131,8 @@ def sft(recipe: Recipe, log=print) -> dict:
     model = load_policy(model_path, recipe.model.dtype, converters_for(recipe.model))
     for layer in moe_layers(model):
         layer.balance_loss_alpha = recipe.train.balance_loss_alpha
+    if recipe.train.gradient_checkpointing:
+        activation_checkpointing.enable(model)
     optimizer = build_optimizer(model.parameters(), config.learning_rate, 0.01, recipe.train.bf16_moments)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps)

@@ -65,3 +65,32 @@ def test_the_recomputed_forward_counts_no_expert_loads(tmp_path):
     logp_BL1.sum().backward()
     # each real token routed to its top 2 of 8 experts, once
     assert [layer.load_since_update.sum().item() for layer in moe_layers(trainer.model)] == [18.0, 18.0]
+
+
+def test_a_checkpointed_warm_up_is_the_same_warm_up(tmp_path):
+    from safetensors.torch import load_file
+
+    from grpo.config import recipe_from_dict
+    from grpo.sft import sft
+
+    finals = []
+    for checkpointing in (False, True):
+        recipe = recipe_from_dict(
+            {
+                "run": {"name": f"sft-{checkpointing}", "output_dir": str(tmp_path)},
+                "model": {"path": "tiny:deepseek_v3", "moe": "grouped"},
+                "sft": {"steps": 3, "batch_size": 4},
+                "train": {
+                    "routing_bias_gamma": 0.01,
+                    "balance_loss_alpha": 0.1,
+                    "gradient_checkpointing": checkpointing,
+                },
+            }
+        )
+        summary = sft(recipe, log=lambda line: None)
+        finals.append(
+            (summary["final_loss"], load_file(str(tmp_path / f"sft-{checkpointing}/final/model.safetensors")))
+        )
+    (plain_loss, plain), (loss, state) = finals
+    assert loss == plain_loss
+    assert [name for name in plain if not torch.equal(state[name], plain[name])] == []

@@ -404,7 +404,8 @@ def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path)
     assert (result.returncode, result.stderr.strip()) == (
         2,
         "grpo sft: error: train.expert_parallel_size: grpo train's, not grpo sft's (grpo sft reads sft.* "
-        "and train.threads, train.bf16_moments, train.routing_bias_gamma, train.balance_loss_alpha)",
+        "and train.threads, train.bf16_moments, train.routing_bias_gamma, train.balance_loss_alpha, "
+        "train.gradient_checkpointing)",
     )
     assert _files(run) == EARLIER_RUN
 
