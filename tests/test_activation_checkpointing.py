@@ -61,7 +61,7 @@ def test_the_recomputed_forward_counts_no_expert_loads(tmp_path):
     recipe = {"model": {"path": model_path}, "train": {"gradient_checkpointing": True}}
     trainer = PolicyTrainer(model_path, recipe, pad_id=0)
     packed = pack([[1, 4, 5], [1, 6]], [[6, 7, 8], [9]], pad_id=0)  # 6 + 3 tokens, 3 of padding
-    logp_BL1, _ = token_logprobs(trainer.model, packed)
+    logp_BL1, _ = token_logprobs(trainer.model, packed.to(trainer.accelerator.device))
     logp_BL1.sum().backward()
     # each real token routed to its top 2 of 8 experts, once
     assert [layer.load_since_update.sum().item() for layer in moe_layers(trainer.model)] == [18.0, 18.0]

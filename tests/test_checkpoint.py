@@ -237,14 +237,15 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
     }
     trainer = PolicyTrainer(model_path, recipe, pad_id=0)
     trainer.train_step(_batch(1))
-    state = trainer._state()
+    state = {name: tensor.cpu() for name, tensor in trainer._state().items()}  # on a GPU too
     started = load_policy(model_path, "float32", converters_for(trainer.recipe.model))
-    init = started.state_dict()
+    started.to(trainer.accelerator.device)
+    init = {name: tensor.cpu() for name, tensor in started.state_dict().items()}
     micro_batches = trainer._micro_batches(_batch(2))
     with trainer.reference_scope():
         reference = trainer._frozen_logprobs(trainer.reference, micro_batches)
     assert all(map(torch.equal, reference, trainer._frozen_logprobs(started, micro_batches)))
-    assert all(torch.equal(tensor, state[name]) for name, tensor in trainer._state().items())
+    assert all(torch.equal(tensor.cpu(), state[name]) for name, tensor in trainer._state().items())
     assert sorted(state) == sorted(init)  # the base model's names, no adapter tensors
     changed = {name for name in init if not torch.equal(state[name], init[name])}
     # adapted layers move by their deltas; the routed experts and the embedding stay frozen
@@ -253,8 +254,8 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
     assert not any(".mlp.experts." in name or "embed_tokens" in name for name in changed)
     q_b = trainer.model.model.layers[0].self_attn.q_b_proj
     delta = (q_b.lora_B @ q_b.lora_A) * (8 / 4)
-    assert torch.equal(state["model.layers.0.self_attn.q_b_proj.weight"], q_b.weight + delta)
-    assert torch.equal(q_b.weight, init["model.layers.0.self_attn.q_b_proj.weight"])
+    assert torch.equal(state["model.layers.0.self_attn.q_b_proj.weight"], (q_b.weight + delta).cpu())
+    assert torch.equal(q_b.weight.cpu(), init["model.layers.0.self_attn.q_b_proj.weight"])
 
     checkpoint = str(tmp_path / "step-1")
     trainer.save(checkpoint, model_path)
