@@ -61,13 +61,14 @@ class Packed:
     input_ids_BL: torch.Tensor
     attention_mask_BL: torch.Tensor
     completion_mask_BL1: torch.Tensor
-    sampler_logp_BL1: torch.Tensor
-    """vLLM's logprob of each completion token it sampled, at the token's target position."""
-    sampler_mask_BL1: torch.Tensor
-    """1.0 where `sampler_logp_BL1` holds one (none in SFT, the parity check, or greedy sampling)."""
+    sampler_logp_BL1: torch.Tensor | None = None
+    """vLLM's logprob of each completion token it sampled, at the token's target position (None where
+    no engine sampled: SFT, the parity check)."""
+    sampler_mask_BL1: torch.Tensor | None = None
+    """1.0 where `sampler_logp_BL1` holds one (a greedy sample has none)."""
 
     def to(self, device) -> Packed:
-        return Packed(*(tensor.to(device) for tensor in vars(self).values()))
+        return Packed(*(None if tensor is None else tensor.to(device) for tensor in vars(self).values()))
 
 
 def pack(
@@ -92,8 +93,7 @@ def pack(
     starts = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
     completion_mask = ((targets >= starts) & (targets < ends)).float()
     if sampler_logprobs is None:
-        zeros = torch.zeros_like(completion_mask)
-        return Packed(input_ids, attention, completion_mask, zeros, zeros)
+        return Packed(input_ids, attention, completion_mask)
     sampler_ends = starts + torch.tensor([len(s) for s in sampler_logprobs]).unsqueeze(1)
     sampler_mask = (targets >= starts) & (targets < sampler_ends)
     # the marked positions in row-major order are the rows' logprobs one after another
