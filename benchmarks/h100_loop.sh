@@ -8,6 +8,7 @@
 #           | gpu_tests | grouped_bench | export_vllm | ep (ep: a machine of 2+ GPUs)
 #           | fp8_profile (the FP8 layer step kernel by kernel, twice, and fp8_linear_gpu.py: the speed target)
 #           | sft_short | grpo_ep (grpo_ep: a machine of 4 GPUs, after sft or sft_short)
+#           | features (after sft or sft_short: sessions 31-32's loop features, a few steps each)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
 # Ray need the wheels of ../shared/gpu/README.md in /tmp/site. Without them, DEEP_GEMM_DIR names a folder made
 # by deep_gemm_from_vllm_wheel.sh (carried along), so that the FP8 layers find DeepGEMM all the same.
@@ -101,6 +102,20 @@ for what in "$@"; do
       --set train.steps="${STEPS_EP:-15}"
     run_summary grpo-4gpu
     stage breakdown_ep python3 benchmarks/loop_breakdown.py runs/grpo-4gpu --batches 0 ;;
+  features)  # functional, not timed: eager engines, no held-out evaluation
+    local_short=(--set train.steps=2 --set eval.prompts=0 --set rollout.engine_kwargs.enforce_eager=true)
+    # FP8: GSPO's sequence ratio, truncated importance sampling, activation checkpointing; then resumed
+    fp8_features=(--set run.name=features-fp8 --set train.checkpoint_interval=1 --set algorithm.ratio_level=sequence
+      --set algorithm.sampler_ratio_cap=2 --set train.gradient_checkpointing=true)
+    stage features_fp8 grpo train recipes/arithmetic_grpo_h100.yaml "${local_short[@]}" "${fp8_features[@]}"
+    stage features_fp8_resume grpo train recipes/arithmetic_grpo_h100.yaml "${local_short[@]}" "${fp8_features[@]}" \
+      --set train.steps=3 --resume
+    run_summary features-fp8
+    # BF16 with LoRA adapters: vLLM gets the merged weights; the KL reference is the adapters turned off
+    stage features_lora grpo train recipes/arithmetic_grpo_h100.yaml "${local_short[@]}" --set run.name=features-lora \
+      --set model.fp8=false --set 'train.lora={rank: 16, alpha: 32}' --set algorithm.beta=0.04 \
+      --set train.learning_rate=1e-4
+    run_summary features-lora ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done
