@@ -41,7 +41,7 @@ def one_step(model_path: str, checkpointing: bool) -> dict:
     batch = RolloutBatch(prompts, completions, [(-1.0) ** row for row in range(ROWS)], [[] for _ in prompts])
     before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    trainer.train_step(batch)
+    trainer.train_step(batch, 1)
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"step_s": seconds, "step_peak_mb": (peak_kb - before_kb) / 1024}

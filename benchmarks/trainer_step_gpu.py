@@ -91,7 +91,7 @@ def tokens_per_s(trainer: PolicyTrainer, batch: RolloutBatch, setting: str) -> l
         contextlib.nullcontext() if shared else unshared(),
         gemm_adds(adds),
     ):
-        return [trainer.train_step(batch)["trainer_tokens_per_s"] for _ in range(STEPS)]
+        return [trainer.train_step(batch, 1)["trainer_tokens_per_s"] for _ in range(STEPS)]
 
 
 def main() -> None:
@@ -113,7 +113,7 @@ def main() -> None:
                 grpo["model"].update(path=path, fp8=fp8)
                 grpo["train"].update(micro_batch_size=micro_batch_size, learning_rate=1e-30)
                 trainer = PolicyTrainer(path, grpo, PAD)
-                trainer.train_step(batch)  # warm-up: Triton compiles, cuBLASLt picks its kernels
+                trainer.train_step(batch, 1)  # warm-up: Triton compiles, cuBLASLt picks its kernels
                 runs: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
                 for _ in range(args.rounds):
                     for setting in SETTINGS:
@@ -139,7 +139,7 @@ def main() -> None:
                 if args.profile:
                     profiler = cProfile.Profile()
                     profiler.enable()
-                    trainer.train_step(batch)
+                    trainer.train_step(batch, 1)
                     profiler.disable()
                     print(*own_time_lines(profiler, calls=1, lines=25), sep="\n", flush=True)
                 trainer.close()

@@ -222,6 +222,13 @@ class TrainConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Raise the learning rate linearly over the first N steps: step k of them trains at k/N of it."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: keep the rate, or take it down to `lr_min_ratio` of it by the end of
+    `train.steps`, on a line or half a cosine (`grpo.trainer.schedule`)."""
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Where `linear` and `cosine` end, as a share of `learning_rate`."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(64, ge=1)
     """Completions per forward/backward; gradients accumulate to the whole rollout batch."""
@@ -365,6 +372,18 @@ class Recipe(Section):
             raise ValueError(
                 "train.lora: not with expert_parallel_size above 1 (the adapters are not sharded)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_does_what_it_says(self) -> Recipe:
+        train = self.train
+        if train.lr_warmup_steps >= train.steps:
+            raise ValueError(
+                f"train.lr_warmup_steps: {train.lr_warmup_steps} is not below train.steps "
+                f"({train.steps}), so no step would train at train.learning_rate"
+            )
+        if train.lr_schedule == "constant" and train.lr_min_ratio != 0:
+            raise ValueError("train.lr_min_ratio: needs train.lr_schedule: linear or cosine")
         return self
 
     @model_validator(mode="after")

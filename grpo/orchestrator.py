@@ -256,7 +256,7 @@ def grpo_step(session: Session, step: int) -> dict:
     keep_B = first_untied(tied_B, wanted) if algo.drop_tied_groups else torch.ones_like(tied_B)
     advantages_BG = ADVANTAGES[algo.advantage](rewards_BG)
     batch = build_batch(sampled.groups, sampled.prompt_ids, advantages_BG, keep_B)
-    train_metrics = actors.trainer.train_step(batch) if batch.prompt_ids else {}
+    train_metrics = actors.trainer.train_step(batch, step) if batch.prompt_ids else {}
     updated = time.perf_counter()
     sync_metrics = {}
     if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:

@@ -44,7 +44,7 @@ def test_a_checkpointed_step_is_the_same_step(tmp_path, model, train):
         trainer = PolicyTrainer(model_path, recipe, pad_id=0)
         forwards = []  # a pre-hook: the recompute stops once it has what the backward needs
         moe_layers(trainer.model)[0].register_forward_pre_hook(lambda *_, seen=forwards: seen.append(1))
-        metrics = trainer.train_step(_batch())
+        metrics = trainer.train_step(_batch(), 1)
         results.append((metrics, trainer._state(), len(forwards)))
     (plain, plain_state, plain_forwards), (checkpointed, state, forwards) = results
     # the frozen forwards once each (mu > 1's old policy; a LoRA run's KL reference is the policy

@@ -185,14 +185,14 @@ def test_a_trainer_resumed_from_a_checkpoint_takes_the_step_the_first_one_would_
         "train": {"learning_rate": 1e-2, "routing_bias_gamma": 0.01, **precision["train"]},
     }
     first = PolicyTrainer(model_path, recipe, pad_id=0)
-    first.train_step(_batch(1))
+    first.train_step(_batch(1), 1)
     checkpoint = str(tmp_path / "step-1")
     first.save(checkpoint, model_path)
     first.save_training_state(checkpoint)
-    expected = first.train_step(_batch(2))
+    expected = first.train_step(_batch(2), 2)
 
     resumed = PolicyTrainer(model_path, recipe, pad_id=0, resume_from=checkpoint)
-    got = resumed.train_step(_batch(2))
+    got = resumed.train_step(_batch(2), 2)
     assert got["kl"] > 0 and got["kl"] == expected["kl"]
     assert got["loss"] == expected["loss"]
     state, expected_state = resumed._state(), first._state()
@@ -236,7 +236,7 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
         "train": {"learning_rate": 1e-2, "routing_bias_gamma": 0.01, "lora": {"rank": 4, "alpha": 8}},
     }
     trainer = PolicyTrainer(model_path, recipe, pad_id=0)
-    trainer.train_step(_batch(1))
+    trainer.train_step(_batch(1), 1)
     state = {name: tensor.cpu() for name, tensor in trainer._state().items()}  # on a GPU too
     started = load_policy(model_path, "float32", converters_for(trainer.recipe.model))
     started.to(trainer.accelerator.device)
@@ -262,8 +262,8 @@ def test_a_lora_trainer_trains_only_its_adapters_and_exports_the_merged_weights(
     trainer.save_training_state(checkpoint)
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     assert all(torch.equal(saved[name], state[name]) for name in state)
-    expected = trainer.train_step(_batch(2))
+    expected = trainer.train_step(_batch(2), 2)
     resumed = PolicyTrainer(model_path, recipe, pad_id=0, resume_from=checkpoint)
-    assert resumed.train_step(_batch(2))["loss"] == expected["loss"]
+    assert resumed.train_step(_batch(2), 2)["loss"] == expected["loss"]
     after, expected_state = resumed._state(), trainer._state()
     assert [name for name in after if not torch.equal(after[name], expected_state[name])] == []

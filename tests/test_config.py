@@ -582,3 +582,21 @@ def test_gspo_and_the_sampler_correction_take_only_values_that_mean_something(al
     with pytest.raises(RecipeError) as error:
         recipe_from_dict({"model": {"path": "m"}, "algorithm": algorithm})
     assert str(error.value) == f"recipe: {message}"
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        (
+            {"steps": 10, "lr_warmup_steps": 10},
+            "train.lr_warmup_steps: 10 is not below train.steps (10), so no step would train at "
+            "train.learning_rate",
+        ),
+        ({"lr_min_ratio": 0.1}, "train.lr_min_ratio: needs train.lr_schedule: linear or cosine"),
+        ({"lr_schedule": "step"}, "train.lr_schedule: Input should be 'constant', 'linear' or 'cosine'"),
+    ],
+)
+def test_a_learning_rate_schedule_that_would_not_do_what_it_says_is_refused(train, message):
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "train": train})
+    assert str(error.value) == f"recipe: {message}"

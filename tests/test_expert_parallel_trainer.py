@@ -52,7 +52,7 @@ def _batch() -> RolloutBatch:
 
 def _reference(model_path: str) -> tuple[dict, dict]:
     trainer = PolicyTrainer(model_path, _recipe(model_path, 1), PAD)
-    metrics = trainer.train_step(_batch())
+    metrics = trainer.train_step(_batch(), 1)
     return trainer._state(), metrics
 
 
@@ -69,7 +69,7 @@ def _rank_main(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     expected_state, expected_metrics = torch.load(expected_file)
     trainer = PolicyTrainer(model_path, _recipe(model_path, 2, checkpointing), PAD, rank, init_method)
-    metrics = trainer.train_step(_batch().shard(rank, 2))
+    metrics = trainer.train_step(_batch().shard(rank, 2), 1)
     for key in (
         "loss",
         "policy_loss",
@@ -134,14 +134,14 @@ def _resume_rank_main(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     recipe = _recipe(model_path, 2)
     first = PolicyTrainer(model_path, recipe, PAD, rank, init_methods[0])
-    first.train_step(_batch().shard(rank, 2))
+    first.train_step(_batch().shard(rank, 2), 1)
     first.save(checkpoint, model_path)
     first.save_training_state(checkpoint)
-    first.train_step(_batch().shard(rank, 2))
+    first.train_step(_batch().shard(rank, 2), 2)
     expected = first._state()
     first.close()
     resumed = PolicyTrainer(model_path, recipe, PAD, rank, init_methods[1], resume_from=checkpoint)
-    resumed.train_step(_batch().shard(rank, 2))
+    resumed.train_step(_batch().shard(rank, 2), 2)
     state = resumed._state()
     if rank == 0:
         differ = [name for name in expected if not torch.equal(state[name], expected[name])]

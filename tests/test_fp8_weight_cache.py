@@ -136,5 +136,5 @@ def test_a_train_step_quantizes_each_weight_once_per_version(tmp_path, monkeypat
     monkeypatch.setattr(fp8, "quantize_blocks", spy)
     ids = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10], [11, 12], [13, 14, 15]]
     batch = RolloutBatch(ids, ids, [1.0, -1.0, 0.5, -0.5, 0.25, -0.25], [[] for _ in ids])
-    trainer.train_step(batch)
+    trainer.train_step(batch, 1)
     assert counts == {"policy": 2, "reference": 1}

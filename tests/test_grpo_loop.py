@@ -204,6 +204,7 @@ def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_tra
     recipe.rewards = [RewardSpec(name="math"), RewardSpec(name=f"{tmp_path}/odd_length.py:odd_length")]
     recipe.algorithm.drop_tied_groups, recipe.algorithm.resample_rounds = True, 2
     recipe.run.name, recipe.train.checkpoint_interval = "resumed", 1
+    recipe.train.lr_schedule = "linear"  # each step's rate comes from its number, resumed or not
     recipe.eval.prompts = 2
     first = train(recipe, show_progress=False)
     for record in [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]:
@@ -229,6 +230,8 @@ def test_a_run_cut_short_resumes_from_its_last_checkpoint_and_a_finished_one_tra
     train(recipe, show_progress=False, resume=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    # steps 1-2 of a 2-step run, then step 3 of 3 (raising train.steps stretches the decay)
+    assert [r["lr"] for r in records] == [1e-2, 5e-3, 1e-2 * (1 - 2 / 3)]
     final_state = json.loads((checkpoints / "final" / "trainer_state" / "run.json").read_text())
     # the held-out rows give the parity sequence, so every row drawn went to a step's groups
     assert (final_state["step"], final_state["rows_drawn"]) == (3, _groups_drawn(records))

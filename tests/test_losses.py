@@ -195,7 +195,7 @@ def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logpro
     # the engine gave rows 0 and 1 half the trainer's probability (weight 2), row 2 a tenth (capped at 3)
     shifts = [math.log(2), math.log(2), math.log(10)]
     sampler = [[value - shift for value in row] for row, shift in zip(own, shifts)]
-    metrics = trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler))
+    metrics = trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler), 1)
     # at ratio 1 the loss is -mean(A * weight): -(2 * 1 - 2 * 0.5 - 3 * 0.5) / 3
     assert metrics["policy_loss"] == pytest.approx(0.5 / 3, rel=1e-5)
     assert metrics["sampler_ratio_capped"] == 8 / 16  # row 2's tokens of the 16

@@ -34,6 +34,7 @@ from grpo.parallel import expert_parallel
 from grpo.rollout.weight_sync import Manifest, SharedWeightsWriter
 from grpo.trainer.checkpoint import adapter_file, optimizer_file
 from grpo.trainer.optim import build_optimizer
+from grpo.trainer.schedule import learning_rate
 
 
 @dataclass
@@ -254,10 +255,14 @@ class PolicyTrainer:
     # backward passes, not by hooks: the FP8 experts may add theirs into `.grad` in place.
     @reuse_quantized_weights()
     @accumulate_into_grad()
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """`mu` optimizer steps on one rollout batch; returns metrics averaged over them."""
+    def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """`mu` optimizer steps on one rollout batch, at GRPO step `step`'s learning rate (from 1);
+        returns metrics averaged over them."""
         algo = self.recipe.algorithm
         start = time.perf_counter()
+        rate = learning_rate(self.recipe.train, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         completion_tokens = [len(c) for c in batch.completion_ids]
         sequences, tokens = self._over_ranks(len(completion_tokens), sum(completion_tokens))
         totals = BatchTotals(
@@ -325,6 +330,7 @@ class PolicyTrainer:
         for key, value in pending:
             sums[key] = sums.get(key, 0.0) + float(value) / algo.mu
         sums["sampler_logprob_diff"] = float(sum(gaps)) / totals.tokens
+        sums["lr"] = rate
         seconds = time.perf_counter() - start
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds

@@ -65,6 +65,6 @@ class TrainerRanks:
         """`PolicyTrainer.method(*args, **kwargs)` on every rank; rank 0's result."""
         return _all([getattr(a, method).remote(*args, **kwargs) for a in self.actors])[0]
 
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
         ranks = len(self.actors)
-        return _all([a.train_step.remote(batch.shard(r, ranks)) for r, a in enumerate(self.actors)])[0]
+        return _all([a.train_step.remote(batch.shard(r, ranks), step) for r, a in enumerate(self.actors)])[0]
