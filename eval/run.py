@@ -38,6 +38,9 @@ class EvalArgs:
     temperature: float = 1.0
     top_p: float = 0.95
     max_tokens: int = 2048
+    stop: list[str] | None = None
+    """Strings that end a completion (vLLM's `stop`); None, not [], so that folders sampled before
+    the option existed resume."""
     prompt: str = "noncot"
     chat: bool = False
     system_prompt: str | None = None
@@ -135,6 +138,8 @@ def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
             f"--n {args.n} at --temperature 0 samples one greedy completion {args.n} times, so pass@k "
             "would equal pass@1; give --temperature above 0, or --n 1 --k 1"
         )
+    if args.stop is not None and "" in args.stop:
+        raise ValueError("--stop: an empty string would end every completion before its first token")
     if args.prompt not in ("noncot", "cot"):
         raise ValueError(f"--prompt {args.prompt!r}: use noncot or cot")
     if args.dry_run and benchmark.kind != "lean":
@@ -192,7 +197,12 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     todo = [(pid, r) for pid, r in problems if pid not in done]
     model_path = materialize(args.model, out / "model", key="--model")
     spec = SamplingSpec(
-        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
     )
     started, sampled = time.perf_counter(), 0
     if todo:

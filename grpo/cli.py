@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=_number(float, 0), default=1.0)
     evaluate.add_argument("--top-p", type=_number(float, 0, above=True, high=1), default=0.95)
     evaluate.add_argument("--max-tokens", type=_number(int, 1), default=2048)
+    evaluate.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end a completion at this string; repeatable"
+    )
     evaluate.add_argument("--prompt", default="noncot", help="noncot | cot (Lean benchmarks)")
     evaluate.add_argument(
         "--chat", action="store_true", help="each prompt as the user's turn of the model's chat template"

@@ -144,6 +144,9 @@ class RolloutConfig(Section):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[Annotated[str, Field(min_length=1)]] = []
+    """Strings that end a completion (vLLM's `stop`), in training and in the held-out evaluation: the
+    text the rewards read ends before the string; the tokens that train include it."""
     cpus_per_engine: float = Field(1.0, gt=0.0)
     engine_kwargs: dict[str, Any] = {}
     """Extra keyword arguments for `vllm.LLM` (e.g. `gpu_memory_utilization`)."""

@@ -78,7 +78,13 @@ def evaluate(actors: Actors, tokenizer, rows: list[dict], recipe: Recipe, reward
         modes["_greedy"] = (0.0, 1)
     results, records = {}, []
     for suffix, (temperature, n) in modes.items():
-        spec = SamplingSpec(n=n, max_tokens=config.max_tokens, temperature=temperature, seed=recipe.run.seed)
+        spec = SamplingSpec(
+            n=n,
+            max_tokens=config.max_tokens,
+            temperature=temperature,
+            seed=recipe.run.seed,
+            stop=tuple(recipe.rollout.stop),
+        )
         groups = rollout(actors.engines, prompt_ids, spec)
         texts = [c.text for group in groups for c in group]
         samples = reward_samples(rows, groups)
@@ -242,6 +248,7 @@ def grpo_step(session: Session, step: int) -> dict:
         max_tokens=recipe.rollout.max_tokens,
         temperature=recipe.rollout.temperature,
         top_p=recipe.rollout.top_p,
+        stop=tuple(recipe.rollout.stop),
     )
     sampled = sample(session, session.prompts.take(wanted), spec)
     rounds = 0

@@ -600,3 +600,9 @@ def test_a_learning_rate_schedule_that_would_not_do_what_it_says_is_refused(trai
     with pytest.raises(RecipeError) as error:
         recipe_from_dict({"model": {"path": "m"}, "train": train})
     assert str(error.value) == f"recipe: {message}"
+
+
+def test_an_empty_stop_string_is_refused():
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "rollout": {"stop": ["```", ""]}})
+    assert str(error.value) == "recipe: rollout.stop.1: String should have at least 1 character"

@@ -95,6 +95,10 @@ def test_a_top_p_outside_0_1_exits_2_before_anything_starts(tmp_path):
         (["--dry-run"], "--dry-run: gsm8k has no Lean files to write (minif2f and proofnet have)"),
         (["--split", "tset"], "--split: {data} has no 'tset' rows (its splits: test)"),
         (
+            ["--stop", "```", "--stop", ""],
+            "--stop: an empty string would end every completion before its first token",
+        ),
+        (
             ["--temperature", "0"],
             "--n 32 at --temperature 0 samples one greedy completion 32 times, so pass@k would equal "
             "pass@1; give --temperature above 0, or --n 1 --k 1",

@@ -72,6 +72,7 @@ class SamplingSpec:
     temperature: float
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 class VllmEngine:
@@ -100,6 +101,7 @@ class VllmEngine:
             temperature=spec.temperature,
             top_p=spec.top_p,
             seed=spec.seed,
+            stop=list(spec.stop),
             logprobs=0 if spec.temperature > 0 else None,
         )
         requests = [{"prompt_token_ids": ids} for ids in prompts]
