@@ -287,6 +287,10 @@ def grpo_step(session: Session, step: int) -> dict:
         **train_metrics,
         "response_tokens/mean": statistics.fmean(lengths),
         "response_tokens/max": max(lengths),
+        # cut by rollout.max_tokens rather than ended by the model (end-of-sequence, rollout.stop)
+        "response_tokens/truncated": statistics.fmean(
+            c.finish_reason == "length" for group in sampled.groups for c in group
+        ),
         "tied_groups": int(tied_B.sum()),
         "dropped_groups": int((~keep_B).sum()),
         "trained_groups": int(keep_B.sum()),

@@ -105,6 +105,8 @@ def test_two_steps_write_the_run_folder(run):
         "rollout_tokens_per_s",
     ):
         assert key in records[0]
+    # a random model writes on to max_tokens, bar the odd end-of-sequence token
+    assert [0.5 < r["response_tokens/truncated"] <= 1.0 for r in records] == [True, True]
 
 
 def test_parameters_changed(run):
