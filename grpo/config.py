@@ -164,7 +164,10 @@ class AlgorithmConfig(Section):
     eps_high: float = Field(0.2, ge=0.0)
     """Upper clip; eps_high > eps_low is DAPO's clip-higher."""
     beta: float = Field(0.0, ge=0.0)
-    """k3 KL coefficient to the frozen reference; 0 builds no reference model at all."""
+    """KL coefficient to the frozen reference; 0 builds no reference model at all."""
+    kl_estimator: Literal["k3", "k2"] = "k3"
+    """`k3` (GRPO's; its gradient is the forward KL's) or `k2` (its gradient is the reverse KL's),
+    see `grpo.algorithms.kl`."""
     mu: int = Field(1, ge=1)
     """Optimizer passes over each rollout batch, all against the same old-policy logprobs."""
     ratio_level: Literal["token", "sequence"] = "token"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.algorithms.kl import kl_k3
+from grpo.algorithms.kl import KL_ESTIMATORS
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,11 @@ def grpo_loss(
     aggregate: Aggregate,
     ratio_level: str = "token",
     weight_BT: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (weighted per token by `weight_BT`, e.g. `sampler_correction`'s) plus
-    `beta` x k3 KL to the reference, aggregated by `aggregate`.
+    `beta` x the KL to the reference (`kl_estimator`, see `grpo.algorithms.kl`), aggregated by
+    `aggregate`.
 
     Returns `(loss, metrics)`; metric values are sums normalised like the loss, so they also add up
     across micro-batches. `ref_logp_BT` is None exactly when `beta == 0`.
@@ -126,7 +128,7 @@ def grpo_loss(
     loss_BT = pg_loss_BT
     metrics = {"clip_fraction": token_mean(clipped_BT.float(), mask_BT, totals)}
     if ref_logp_BT is not None:
-        kl_BT = kl_k3(logp_BT, ref_logp_BT)
+        kl_BT = KL_ESTIMATORS[kl_estimator](logp_BT, ref_logp_BT)
         loss_BT = loss_BT + beta * kl_BT
         metrics["kl"] = token_mean(kl_BT.detach(), mask_BT, totals)
     loss = aggregate(loss_BT, mask_BT, totals)

@@ -303,6 +303,7 @@ class PolicyTrainer:
                     aggregate=aggregate,
                     ratio_level=algo.ratio_level,
                     weight_BT=weight_BL1,
+                    kl_estimator=algo.kl_estimator,
                 )
                 if capped_BL1 is not None:
                     metrics["sampler_ratio_capped"] = token_mean(
