@@ -111,10 +111,12 @@ for what in "$@"; do
     stage features_fp8_resume grpo train recipes/arithmetic_grpo_h100.yaml "${local_short[@]}" "${fp8_features[@]}" \
       --set train.steps=3 --resume
     run_summary features-fp8
-    # BF16 with LoRA adapters: vLLM gets the merged weights; the KL reference is the adapters turned off
+    # BF16 with LoRA adapters: vLLM gets the merged weights; the KL reference (k2) is the adapters
+    # turned off; a warm-up then cosine decay of the learning rate
     stage features_lora grpo train recipes/arithmetic_grpo_h100.yaml "${local_short[@]}" --set run.name=features-lora \
       --set model.fp8=false --set 'train.lora={rank: 16, alpha: 32}' --set algorithm.beta=0.04 \
-      --set train.learning_rate=1e-4
+      --set algorithm.kl_estimator=k2 --set train.learning_rate=1e-4 --set train.lr_warmup_steps=1 \
+      --set train.lr_schedule=cosine
     run_summary features-lora ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
