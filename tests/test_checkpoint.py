@@ -105,6 +105,18 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     )
 
 
+def test_a_run_written_before_a_recipe_key_existed_resumes_with_that_keys_default(tmp_path):
+    import yaml
+
+    run_dir = _run_folder(_recipe(tmp_path), {"step-2": 2})
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del written["train"]["lr_schedule"], written["algorithm"]["kl_estimator"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(written))
+    assert resume_point(_recipe(tmp_path, steps=8)).step == 2
+    with pytest.raises(RecipeError, match=r"\(train\.lr_schedule 'constant', not 'cosine'\)"):
+        resume_point(_recipe(tmp_path, steps=8, lr_schedule="cosine"))
+
+
 def test_a_folder_without_a_resumable_checkpoint_is_refused(tmp_path):
     recipe = _recipe(tmp_path)
     with pytest.raises(

@@ -13,6 +13,7 @@ steps after the checkpoint differ from the ones the first run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from grpo.config import Recipe, RecipeError, changed_settings, dump_recipe
 
@@ -84,6 +86,10 @@ def check_same_recipe(recipe: Recipe, run_dir: Path) -> None:
         earlier = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         raise RecipeError(f"--resume: {run_dir} holds no run to resume (no readable config.yaml)") from None
+    # a key added since the run was written takes its default, which keeps what the run did; a file
+    # that no longer validates is compared as written, each difference named
+    with contextlib.suppress(ValidationError):
+        earlier = Recipe.model_validate(earlier).model_dump(mode="json")
     differ = changed_settings(earlier, recipe.model_dump(mode="json"), MAY_CHANGE)
     if differ:
         raise RecipeError(
