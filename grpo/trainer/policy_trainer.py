@@ -138,6 +138,9 @@ ADDITIVE = (
 
 
 class PolicyTrainer:
+    order_rows_by_length = True
+    """Fill micro-batches with rows of similar length (`_micro_batches`); off only to measure the
+    difference (`benchmarks/micro_batch_order_cpu.py`)."""
     backward_on_this_thread = True
     """Run each backward on the calling thread instead of autograd's device thread. The FP8 layers'
     backward is Python, and there it ran 2-3x slower (`benchmarks/probe_fp8_step_cpu_gpu.py`); off
@@ -218,22 +221,35 @@ class PolicyTrainer:
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
     # ---- logprobs -------------------------------------------------------------------------
-    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[slice, Packed]]:
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, Packed]]:
         """The batch's rows packed per micro-batch, all on the device before any is used: a copy to
         the GPU waits for the work queued before it, so copying between micro-batches would drain
-        the queue each time."""
+        the queue each time. Each micro-batch comes with the indices of its rows in the batch.
+
+        Rows go to micro-batches in order of length, so that each is padded to a length near its
+        rows' own (a group's completions, one after another in the batch, may be 10 tokens or the
+        whole budget). The loss's normalisers are the whole batch's, so the order changes only the
+        order in which gradients add up."""
         size = self.recipe.train.micro_batch_size
+        lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        order = list(range(len(lengths)))
+        if self.order_rows_by_length:
+            order.sort(key=lengths.__getitem__)
         micro_batches = []
-        for start in range(0, len(batch.prompt_ids), size):
-            rows = slice(start, start + size)
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
             packed = pack(
-                batch.prompt_ids[rows], batch.completion_ids[rows], self.pad_id, batch.sampler_logprobs[rows]
+                [batch.prompt_ids[i] for i in rows],
+                [batch.completion_ids[i] for i in rows],
+                self.pad_id,
+                [batch.sampler_logprobs[i] for i in rows],
             )
-            micro_batches.append((rows, packed.to(self.accelerator.device)))
+            device = self.accelerator.device
+            micro_batches.append((torch.tensor(rows, device=device), packed.to(device)))
         return micro_batches
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, micro_batches: list[tuple[slice, Packed]]) -> list[torch.Tensor]:
+    def _frozen_logprobs(self, model, micro_batches: list[tuple[torch.Tensor, Packed]]) -> list[torch.Tensor]:
         return [token_logprobs(model, packed)[0] for _, packed in micro_batches]
 
     @torch.no_grad()
