@@ -238,6 +238,10 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(64, ge=1)
     """Completions per forward/backward; gradients accumulate to the whole rollout batch."""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Also cap each micro-batch's padded size (rows x its longest row, prompt and completion) at this
+    many tokens, so that memory follows the tokens rather than the row count (verl's
+    `ppo_max_token_len_per_gpu`). A row longer than the cap gets a micro-batch of its own."""
     sync_interval: int = Field(1, ge=1)
     """Push weights to the vLLM engines every this many optimizer steps."""
     parity_tolerance: float | None = Field(None, gt=0.0)

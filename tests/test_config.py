@@ -594,6 +594,7 @@ def test_gspo_and_the_sampler_correction_take_only_values_that_mean_something(al
         ),
         ({"lr_min_ratio": 0.1}, "train.lr_min_ratio: needs train.lr_schedule: linear or cosine"),
         ({"lr_schedule": "step"}, "train.lr_schedule: Input should be 'constant', 'linear' or 'cosine'"),
+        ({"micro_batch_tokens": 0}, "train.micro_batch_tokens: Input should be greater than or equal to 1"),
     ],
 )
 def test_a_learning_rate_schedule_that_would_not_do_what_it_says_is_refused(train, message):

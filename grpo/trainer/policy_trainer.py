@@ -104,6 +104,30 @@ def pack(
     return Packed(input_ids, attention, completion_mask, sampler_logp, sampler_mask)
 
 
+def split_rows(
+    order: list[int], lengths: list[int], rows_cap: int, tokens_cap: int | None
+) -> list[list[int]]:
+    """`order` cut into micro-batches, in turn: each takes rows while it holds fewer than `rows_cap`
+    and, padded to its longest row, stays within `tokens_cap` tokens (a micro-batch's first row
+    always goes in, however long)."""
+    micro_batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for row in order:
+        grown = max(width, lengths[row])
+        too_many = len(current) == rows_cap or (
+            tokens_cap is not None and (len(current) + 1) * grown > tokens_cap
+        )
+        if current and too_many:
+            micro_batches.append(current)
+            current, grown = [], lengths[row]
+        current.append(row)
+        width = grown
+    if current:
+        micro_batches.append(current)
+    return micro_batches
+
+
 def token_logprobs(model, packed: Packed, with_entropy: bool = False):
     """`logp_BL1` of each next token, and its entropy under the model when asked."""
     with real_tokens(model, packed.attention_mask_BL):
@@ -230,14 +254,13 @@ class PolicyTrainer:
         rows' own (a group's completions, one after another in the batch, may be 10 tokens or the
         whole budget). The loss's normalisers are the whole batch's, so the order changes only the
         order in which gradients add up."""
-        size = self.recipe.train.micro_batch_size
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
         order = list(range(len(lengths)))
         if self.order_rows_by_length:
             order.sort(key=lengths.__getitem__)
+        train = self.recipe.train
         micro_batches = []
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
+        for rows in split_rows(order, lengths, train.micro_batch_size, train.micro_batch_tokens):
             packed = pack(
                 [batch.prompt_ids[i] for i in rows],
                 [batch.completion_ids[i] for i in rows],
