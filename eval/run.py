@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import yaml
 from grpo.eval.benchmarks import BENCHMARKS, Benchmark, default_data_dir
 from grpo.eval.passk import pass_at_k
 
@@ -47,6 +48,9 @@ class EvalArgs:
     out: str | None = None
     dry_run: bool = False
     engines: int = 1
+    engine_kwargs: dict | None = None
+    """Extra keyword arguments for `vllm.LLM` (`--engine-kwarg KEY=VALUE`), as a recipe's
+    `rollout.engine_kwargs`; None, not {}, so that folders sampled before the option existed resume."""
     seed: int = 0
     ray_address: str | None = None
     timeout_s: float = 60.0
@@ -128,7 +132,28 @@ def check_resumable(out: Path, now: dict) -> None:
         )
 
 
+def engine_kwargs(items: list[str] | None) -> dict | None:
+    """`["max_model_len=4096", "dtype=bfloat16"]` as a dict, each value read as YAML (4096 an int)."""
+    if not items:
+        return None
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-kwarg {item!r}: expected KEY=VALUE, e.g. max_model_len=4096")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(
+                f"--engine-kwarg {item!r}: not a YAML value ({str(error).splitlines()[0]})"
+            ) from None
+    return parsed
+
+
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
+    from grpo.rollout.vllm_engine import check_engine_kwargs
+
+    check_engine_kwargs(args.engine_kwargs or {}, "--engine-kwarg ")
     if args.system_prompt is not None and not args.chat:
         raise ValueError("--system-prompt: only applies with --chat")
     if bad := [k for k in args.k if k > args.n or k < 1]:
@@ -209,13 +234,15 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
         reward = "lean" if benchmark.kind == "lean" else "math"
         start_ray(args.ray_address, args.engines)
         try:
-            engines = start_engines(model_path, "float32", args.seed, args.engines, 1.0, {})
+            engines = start_engines(
+                model_path, "float32", args.seed, args.engines, 1.0, args.engine_kwargs or {}
+            )
             runtime = (
                 None
                 if args.dry_run
                 else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
             )
-            context = context_length(config, {})
+            context = context_length(config, args.engine_kwargs or {})
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 prompts = [tokenizer(render(benchmark.prompt(r, args.prompt)))["input_ids"] for _, r in chunk]

@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="Lean: write the files to check, verify nothing"
     )
     evaluate.add_argument("--engines", type=_number(int, 1), default=1)
+    evaluate.add_argument(
+        "--engine-kwarg",
+        dest="engine_kwargs",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a keyword argument for vllm.LLM (e.g. dtype=bfloat16, max_model_len=4096); repeatable",
+    )
     evaluate.add_argument("--ray-address", default=None)
 
     export = commands.add_parser("export-fp8", help="write a checkpoint in DeepSeek-V3's FP8 format")
@@ -157,13 +164,14 @@ def _dispatch(args) -> int:
 
         score_file(args.name, Path(args.input), args.output, args.workers, args.timeout)
     elif args.command == "eval":
-        from grpo.eval.run import EvalArgs, evaluate_benchmark
+        from grpo.eval.run import EvalArgs, engine_kwargs, evaluate_benchmark
 
         try:
             ks = tuple(int(k) for k in args.k.split(","))
         except ValueError:
             raise ValueError(f"--k {args.k!r}: expected comma-separated integers such as 1,8,32") from None
         options = {key: value for key, value in vars(args).items() if key not in ("command", "k")}
+        options["engine_kwargs"] = engine_kwargs(args.engine_kwargs)
         report = evaluate_benchmark(EvalArgs(**options, k=ks))
         print(
             json.dumps({key: report[key] for key in report if key.startswith("pass@") or key == "problems"})

@@ -99,6 +99,14 @@ def test_a_top_p_outside_0_1_exits_2_before_anything_starts(tmp_path):
             "--stop: an empty string would end every completion before its first token",
         ),
         (
+            ["--engine-kwarg", "max_modl_len=64"],
+            "--engine-kwarg max_modl_len: not an argument of vllm.LLM (did you mean max_model_len?)",
+        ),
+        (
+            ["--engine-kwarg", "max_model_len"],
+            "--engine-kwarg 'max_model_len': expected KEY=VALUE, e.g. max_model_len=4096",
+        ),
+        (
             ["--temperature", "0"],
             "--n 32 at --temperature 0 samples one greedy completion 32 times, so pass@k would equal "
             "pass@1; give --temperature above 0, or --n 1 --k 1",
@@ -170,6 +178,23 @@ def test_math500_eval_through_vllm_writes_a_report_and_resumes(tmp_path, model):
         f"grpo eval: error: --out {out}: holds problems sampled with other settings (temperature 1.0, "
         "not 0.5); give another --out, or move it away to start over",
     )
+
+
+@needs_data
+@pytest.mark.slow
+def test_engine_kwargs_reach_the_engines_and_the_check_of_what_fits(tmp_path, model):
+    """`--engine-kwarg max_model_len=32`: no MATH-500 prompt fits 32 tokens, so each counts as
+    unsolved without a sample (the model's own context, 2048, holds them); the engines start with
+    the argument, and the folder records it as a setting."""
+    out = tmp_path / "eval"
+    common = ["eval", "math500", "--model", str(model), "--n", "1", "--k", "1", "--temperature", "0"]
+    result = _grpo(
+        *common, "--limit", "2", "--max-tokens", "8", "--engine-kwarg", "max_model_len=32", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["problems"], report["verification"]["verdicts"]) == (2, {"prompt_too_long": 2})
+    assert json.loads((out / "settings.json").read_text())["engine_kwargs"] == {"max_model_len": 32}
 
 
 @needs_data

@@ -24,17 +24,18 @@ from grpo.rollout.weight_sync import Manifest
 CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
 
 
-def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
-    """A RecipeError for a key `vllm.LLM` would refuse: a typo otherwise surfaces as a TypeError inside
-    the engine's Ray actor, after the run folder is written. The known keys are read from vLLM's
-    source (`EngineArgs`' fields, `LLM.__init__`'s arguments) without importing vLLM, which takes
-    10-15 s on a CPU machine; where that source is not laid out so, nothing is checked."""
+def check_engine_kwargs(engine_kwargs: dict[str, Any], where: str = "rollout.engine_kwargs.") -> None:
+    """A RecipeError for a key `vllm.LLM` would refuse, named as `where` + the key: a typo otherwise
+    surfaces as a TypeError inside the engine's Ray actor, after the run folder is written. The known
+    keys are read from vLLM's source (`EngineArgs`' fields, `LLM.__init__`'s arguments) without
+    importing vLLM, which takes 10-15 s on a CPU machine; where that source is not laid out so,
+    nothing is checked."""
     known = _vllm_llm_arguments()
     unknown = sorted(set(engine_kwargs) - known) if known else []
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise RecipeError(f"rollout.engine_kwargs.{unknown[0]}: not an argument of vllm.LLM{hint}")
+        raise RecipeError(f"{where}{unknown[0]}: not an argument of vllm.LLM{hint}")
 
 
 def _vllm_llm_arguments() -> set[str]:
