@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -39,18 +39,17 @@ class EvalArgs:
     temperature: float = 1.0
     top_p: float = 0.95
     max_tokens: int = 2048
-    stop: list[str] | None = None
-    """Strings that end a completion (vLLM's `stop`); None, not [], so that folders sampled before
-    the option existed resume."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion (vLLM's `stop`)."""
     prompt: str = "noncot"
     chat: bool = False
     system_prompt: str | None = None
     out: str | None = None
     dry_run: bool = False
     engines: int = 1
-    engine_kwargs: dict | None = None
+    engine_kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for `vllm.LLM` (`--engine-kwarg KEY=VALUE`), as a recipe's
-    `rollout.engine_kwargs`; None, not {}, so that folders sampled before the option existed resume."""
+    `rollout.engine_kwargs`."""
     seed: int = 0
     ray_address: str | None = None
     timeout_s: float = 60.0
@@ -99,7 +98,15 @@ def finished_problems(path: Path) -> list[dict]:
 
 NOT_SETTINGS = ("k", "limit", "out", "engines", "ray_address", "reward_workers")
 """The `EvalArgs` that change no problem's samples or verdicts. Every other one is a setting, which
-resuming into a folder needs the same (a new option is one unless it is listed here)."""
+resuming into a folder needs the same (a new option is one unless it is listed here; a folder
+written before it existed counts as sampled with its default)."""
+
+
+DEFAULT_SETTINGS = {
+    f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+    for f in fields(EvalArgs)
+    if f.name not in NOT_SETTINGS and (f.default is not MISSING or f.default_factory is not MISSING)
+}
 
 
 def settings(args: EvalArgs) -> dict:
@@ -119,7 +126,9 @@ def check_resumable(out: Path, now: dict) -> None:
         try:
             earlier = json.loads(path.read_text())
         except json.JSONDecodeError:
-            earlier = {}  # every setting then reads as different, and the message names them
+            earlier = {}  # the model and benchmark, which have no default, then read as different
+        if isinstance(earlier, dict):  # an option added since takes its default, as those samples did
+            earlier = {**DEFAULT_SETTINGS, **earlier}
         if differ := changed_settings(earlier, now):
             raise ValueError(
                 f"--out {out}: holds problems sampled with other settings ({'; '.join(differ)}); give "
@@ -132,10 +141,8 @@ def check_resumable(out: Path, now: dict) -> None:
         )
 
 
-def engine_kwargs(items: list[str] | None) -> dict | None:
+def engine_kwargs(items: list[str]) -> dict:
     """`["max_model_len=4096", "dtype=bfloat16"]` as a dict, each value read as YAML (4096 an int)."""
-    if not items:
-        return None
     parsed = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -153,7 +160,7 @@ def engine_kwargs(items: list[str] | None) -> dict | None:
 def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
     from grpo.rollout.vllm_engine import check_engine_kwargs
 
-    check_engine_kwargs(args.engine_kwargs or {}, "--engine-kwarg ")
+    check_engine_kwargs(args.engine_kwargs, "--engine-kwarg ")
     if args.system_prompt is not None and not args.chat:
         raise ValueError("--system-prompt: only applies with --chat")
     if bad := [k for k in args.k if k > args.n or k < 1]:
@@ -163,7 +170,7 @@ def check_args(args: EvalArgs, benchmark: Benchmark) -> None:
             f"--n {args.n} at --temperature 0 samples one greedy completion {args.n} times, so pass@k "
             "would equal pass@1; give --temperature above 0, or --n 1 --k 1"
         )
-    if args.stop is not None and "" in args.stop:
+    if "" in args.stop:
         raise ValueError("--stop: an empty string would end every completion before its first token")
     if args.prompt not in ("noncot", "cot"):
         raise ValueError(f"--prompt {args.prompt!r}: use noncot or cot")
@@ -227,22 +234,20 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        stop=tuple(args.stop or ()),
+        stop=tuple(args.stop),
     )
     started, sampled = time.perf_counter(), 0
     if todo:
         reward = "lean" if benchmark.kind == "lean" else "math"
         start_ray(args.ray_address, args.engines)
         try:
-            engines = start_engines(
-                model_path, "float32", args.seed, args.engines, 1.0, args.engine_kwargs or {}
-            )
+            engines = start_engines(model_path, "float32", args.seed, args.engines, 1.0, args.engine_kwargs)
             runtime = (
                 None
                 if args.dry_run
                 else RewardRuntime([RewardEntry(reward, reward)], args.reward_workers, args.timeout_s)
             )
-            context = context_length(config, args.engine_kwargs or {})
+            context = context_length(config, args.engine_kwargs)
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
                 prompts = [tokenizer(render(benchmark.prompt(r, args.prompt)))["input_ids"] for _, r in chunk]

@@ -171,7 +171,8 @@ def _dispatch(args) -> int:
         except ValueError:
             raise ValueError(f"--k {args.k!r}: expected comma-separated integers such as 1,8,32") from None
         options = {key: value for key, value in vars(args).items() if key not in ("command", "k")}
-        options["engine_kwargs"] = engine_kwargs(args.engine_kwargs)
+        options["stop"] = args.stop or []  # argparse's append leaves None when the option is not given
+        options["engine_kwargs"] = engine_kwargs(args.engine_kwargs or [])
         report = evaluate_benchmark(EvalArgs(**options, k=ks))
         print(
             json.dumps({key: report[key] for key in report if key.startswith("pass@") or key == "problems"})

@@ -255,6 +255,13 @@ def test_resuming_needs_the_settings_the_folder_was_sampled_with(tmp_path):
         f"--out {tmp_path}: holds problems sampled with other settings (model '{tmp_path}/m', not "
         "'org/other-model'; n 8, not 4); give another --out, or move it away to start over"
     )
+    # a folder sampled before --stop and --engine-kwarg existed: sampled as their defaults do
+    (tmp_path / "settings.json").write_text(
+        json.dumps({k: v for k, v in first.items() if k not in ("stop", "engine_kwargs")})
+    )
+    check_resumable(tmp_path, first)
+    with pytest.raises(ValueError, match=r"\(stop \[\], not \['```'\]\)"):
+        check_resumable(tmp_path, settings(EvalArgs("math500", str(tmp_path / "m"), n=8, stop=["```"])))
     (tmp_path / "settings.json").unlink()
     (tmp_path / "problems.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match="holds a problems.jsonl without the settings.json"):
