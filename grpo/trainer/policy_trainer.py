@@ -258,7 +258,7 @@ class PolicyTrainer:
         order = list(range(len(lengths)))
         if self.order_rows_by_length:
             order.sort(key=lengths.__getitem__)
-        train = self.recipe.train
+        train, device = self.recipe.train, self.accelerator.device
         micro_batches = []
         for rows in split_rows(order, lengths, train.micro_batch_size, train.micro_batch_tokens):
             packed = pack(
@@ -267,7 +267,6 @@ class PolicyTrainer:
                 self.pad_id,
                 [batch.sampler_logprobs[i] for i in rows],
             )
-            device = self.accelerator.device
             micro_batches.append((torch.tensor(rows, device=device), packed.to(device)))
         return micro_batches
 
