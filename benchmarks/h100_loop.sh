@@ -9,6 +9,7 @@
 #           | fp8_profile (the FP8 layer step kernel by kernel, twice, and fp8_linear_gpu.py: the speed target)
 #           | sft_short | grpo_ep (grpo_ep: a machine of 4 GPUs, after sft or sft_short)
 #           | features (after sft or sft_short: sessions 31-32's loop features, a few steps each)
+#           | overlap (after sft or sft_short: the loop with and without rollout.overlap, side by side)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
 # Ray need the wheels of ../shared/gpu/README.md in /tmp/site. Without them, DEEP_GEMM_DIR names a folder made
 # by deep_gemm_from_vllm_wheel.sh (carried along), so that the FP8 layers find DeepGEMM all the same.
@@ -118,6 +119,10 @@ for what in "$@"; do
       --set algorithm.kl_estimator=k2 --set train.learning_rate=1e-4 --set train.lr_warmup_steps=1 \
       --set train.lr_schedule=cosine
     run_summary features-lora ;;
+  overlap)  # eager engines: four runs must each start their engine within the call's ten minutes
+    stage overlap python3 benchmarks/rollout_overlap.py recipes/arithmetic_grpo_h100.yaml \
+      --steps "${OVERLAP_STEPS:-8}" --rounds "${OVERLAP_ROUNDS:-2}" --warmup-steps 3 \
+      --set rollout.engine_kwargs.enforce_eager=true ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

@@ -153,6 +153,11 @@ class RolloutConfig(Section):
     colocate: bool = False
     """GPUs: the trainer and the engines share cards (each asks Ray for 1 / (engines + 1) of a GPU).
     Set `engine_kwargs.gpu_memory_utilization` to the share of GPU memory vLLM may take."""
+    overlap: bool = False
+    """Sample the next step's groups while the trainer updates on this step's (one-step off-policy,
+    as verl's and OpenRLHF's asynchronous modes): every step after the first trains on completions
+    from the weights one step older than its own. `algorithm.sampler_ratio_cap` corrects for that
+    lag as it does for the engine's other differences from the trainer."""
 
 
 class AlgorithmConfig(Section):

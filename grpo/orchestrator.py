@@ -208,6 +208,12 @@ class Session:
     prompts: PromptStream
     parity_ids: list[int]
     vllm_logprobs: list[float]
+    ahead: StepSample | None = None
+    """With `rollout.overlap`: the next step's groups, sampled while this step trained."""
+
+    def rows_trained(self) -> int:
+        """The rows drawn by the steps trained so far (a run resumed here draws those sampled ahead again)."""
+        return self.prompts.drawn - (len(self.ahead.sampled.rows) if self.ahead else 0)
 
 
 @dataclass
@@ -239,9 +245,17 @@ def sample(session: Session, rows: list[dict], spec: SamplingSpec) -> Sampled:
     return Sampled(rows, prompt_ids, groups, scored, rolled_out - started, time.perf_counter() - rolled_out)
 
 
-def grpo_step(session: Session, step: int) -> dict:
-    """Sample, score, update, sync: one GRPO step. Returns its metrics record."""
-    recipe, actors, algo = session.recipe, session.actors, session.recipe.algorithm
+@dataclass
+class StepSample:
+    """The groups one step trains on, and the rounds of resampling that found them."""
+
+    sampled: Sampled
+    rounds: int
+
+
+def sample_step(session: Session) -> StepSample:
+    """`train.prompts_per_step` groups, then DAPO's resampling rounds while groups with signal lack."""
+    recipe, algo = session.recipe, session.recipe.algorithm
     wanted = recipe.train.prompts_per_step
     spec = SamplingSpec(
         n=recipe.rollout.group_size,
@@ -257,13 +271,28 @@ def grpo_step(session: Session, step: int) -> dict:
         if missing <= 0:
             break
         sampled, rounds = sampled + sample(session, session.prompts.take(missing), spec), rounds + 1
-    update_started = time.perf_counter()
+    return StepSample(sampled, rounds)
+
+
+def grpo_step(session: Session, step: int) -> dict:
+    """Sample (unless sampled ahead), score, update, sync: one GRPO step. Returns its metrics record."""
+    started = time.perf_counter()
+    recipe, actors, algo = session.recipe, session.actors, session.recipe.algorithm
+    ahead = session.ahead or sample_step(session)
+    session.ahead = None
+    sampled, rounds = ahead.sampled, ahead.rounds
     rewards_BG = sampled.rewards_BG()
     tied_B = tied_groups(rewards_BG)
+    wanted = recipe.train.prompts_per_step
     keep_B = first_untied(tied_B, wanted) if algo.drop_tied_groups else torch.ones_like(tied_B)
     advantages_BG = ADVANTAGES[algo.advantage](rewards_BG)
     batch = build_batch(sampled.groups, sampled.prompt_ids, advantages_BG, keep_B)
-    train_metrics = actors.trainer.train_step(batch, step) if batch.prompt_ids else {}
+    finish_training = actors.trainer.start_train_step(batch, step) if batch.prompt_ids else lambda: {}
+    if recipe.rollout.overlap and step < recipe.train.steps:
+        # the engines hold the weights this step started from until the sync below
+        session.ahead = sample_step(session)
+    train_metrics = finish_training()
+    train_s = train_metrics.pop("time/train_s", 0.0)
     updated = time.perf_counter()
     sync_metrics = {}
     if step % recipe.train.sync_interval == 0 or step == recipe.train.steps:
@@ -298,9 +327,10 @@ def grpo_step(session: Session, step: int) -> dict:
         "rollout_tokens_per_s": sum(lengths) / sampled.rollout_s,
         "time/rollout_s": sampled.rollout_s,
         "time/reward_s": sampled.reward_s,
-        "time/train_s": updated - update_started,
+        "time/train_s": train_s,
         "time/sync_s": synced - updated,
-        "time/step_s": sampled.rollout_s + sampled.reward_s + synced - update_started,
+        # wall time: with rollout.overlap, this batch's sampling is in the step before
+        "time/step_s": synced - started,
         **sync_metrics,
     }
 
@@ -424,7 +454,7 @@ def train(
                         model_path,
                         step,
                         before,
-                        prompts.drawn,
+                        session.rows_trained(),
                     )
             log.close()
             after = run_eval("eval_after.jsonl")
@@ -434,7 +464,7 @@ def train(
                 model_path,
                 recipe.train.steps,
                 before,
-                prompts.drawn,
+                session.rows_trained(),
             )
             session.actors.trainer.call("close")
     finally:

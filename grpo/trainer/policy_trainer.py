@@ -371,6 +371,7 @@ class PolicyTrainer:
         sums["sampler_logprob_diff"] = float(sum(gaps)) / totals.tokens
         sums["lr"] = rate
         seconds = time.perf_counter() - start
+        sums["time/train_s"] = seconds
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         sums["trainer_tokens_per_s"] = tokens * algo.mu / seconds
         if self.group is not None:  # every rank's share of the batch adds up, throughput too

@@ -11,6 +11,7 @@ leaving the driver waiting on the others, which would be stuck in a collective.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 from grpo.config import Recipe, RecipeError
 from grpo.rollout.engines import THREAD_ENV
@@ -65,6 +66,9 @@ class TrainerRanks:
         """`PolicyTrainer.method(*args, **kwargs)` on every rank; rank 0's result."""
         return _all([getattr(a, method).remote(*args, **kwargs) for a in self.actors])[0]
 
-    def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+    def start_train_step(self, batch: RolloutBatch, step: int) -> Callable[[], dict[str, float]]:
+        """Starts `train_step` on every rank and returns at once, so that the driver can sample the
+        next batch meanwhile (`rollout.overlap`); calling the result waits for rank 0's metrics."""
         ranks = len(self.actors)
-        return _all([a.train_step.remote(batch.shard(r, ranks), step) for r, a in enumerate(self.actors)])[0]
+        refs = [a.train_step.remote(batch.shard(r, ranks), step) for r, a in enumerate(self.actors)]
+        return lambda: _all(refs)[0]
