@@ -157,7 +157,8 @@ class RolloutConfig(Section):
     """Sample the next step's groups while the trainer updates on this step's (one-step off-policy,
     as verl's and OpenRLHF's asynchronous modes): every step after the first trains on completions
     from the weights one step older than its own. `algorithm.sampler_ratio_cap` corrects for that
-    lag as it does for the engine's other differences from the trainer."""
+    lag as it does for the engine's other differences from the trainer; on the demo the lag cost
+    learning without it (README, Algorithm)."""
 
 
 class AlgorithmConfig(Section):
