@@ -185,12 +185,26 @@ class AlgorithmConfig(Section):
     min(pi_old / pi_vllm, cap), correcting for the sampling engine's logprobs differing from the
     trainer's (FP8 rollouts, other kernels). Both are logprobs of the untempered model, so it corrects
     that difference, not the sampling temperature. Off (None) by default; set a cap such as 2."""
+    old_policy: Literal["trainer", "sampler"] = "trainer"
+    """The clipped ratio's pi_old. `trainer`: the trainer's logprobs from before the step's first
+    pass (PPO's). `sampler`: vLLM's logprobs of the sampled tokens, so the clip also bounds how far
+    the update moves from the weights that sampled (a step behind with `rollout.overlap`; verl's
+    one-step off-policy mode does the same). A token vLLM gave no logprob keeps the trainer's."""
     drop_tied_groups: bool = False
     """Leave out groups whose rewards all tie (they carry no signal)."""
     resample_rounds: int = Field(0, ge=0)
     """DAPO's dynamic sampling, with `drop_tied_groups`: up to this many more rounds of sampling per
     step, each on as many new prompts as the batch lacks groups with signal; the batch then trains on
     `train.prompts_per_step` such groups, or on those it found. 0: the tied groups are only left out."""
+
+    @model_validator(mode="after")
+    def _one_correction_for_the_sampler(self) -> AlgorithmConfig:
+        if self.old_policy == "sampler" and self.sampler_ratio_cap is not None:
+            raise ValueError(
+                "sampler_ratio_cap: weights by pi_old / pi_vllm, which is 1 when old_policy is "
+                "sampler; set one of the two"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resample_replaces_dropped_groups(self) -> AlgorithmConfig:

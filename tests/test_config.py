@@ -40,6 +40,16 @@ def test_a_wrong_type_is_rejected():
         recipe_from_dict({"model": {"path": "m"}, "train": {"steps": "many"}})
 
 
+def test_a_sampler_correction_with_the_sampler_as_old_policy_is_refused():
+    algorithm = {"old_policy": "sampler", "sampler_ratio_cap": 2.0}
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict({"model": {"path": "m"}, "algorithm": algorithm})
+    assert str(error.value) == (
+        "recipe: algorithm: sampler_ratio_cap: weights by pi_old / pi_vllm, which is 1 when "
+        "old_policy is sampler; set one of the two"
+    )
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [

@@ -233,6 +233,40 @@ def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logpro
     )
 
 
+def test_with_the_sampler_as_old_policy_the_ratio_is_to_the_engines_logprob_and_clipped(tmp_path):
+    """`old_policy: sampler`: pi_old is vLLM's logprob. The engine gave rows 0 and 1 half the trainer's
+    probability and row 2 a tenth, so the ratios are 2, 2 and 10, clipped at 1.2 where the advantage
+    is positive; with `old_policy: trainer` every ratio is 1."""
+    from grpo.models.build import materialize
+    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+    model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
+    prompts, completions = [[1, 4, 5], [1, 6], [1, 7, 8]], [[9, 10, 11, 12, 13, 14], [15, 16], [17] * 8]
+
+    def step(old_policy: str) -> dict:
+        recipe = {"model": {"path": model_path}, "algorithm": {"old_policy": old_policy}}
+        trainer = PolicyTrainer(model_path, recipe, pad_id=0)
+        own = [
+            logprobs[len(prompt) - 1 :]
+            for prompt, logprobs in zip(
+                prompts, trainer.sequence_logprobs([p + c for p, c in zip(prompts, completions)])
+            )
+        ]
+        shifts = [math.log(2), math.log(2), math.log(10)]
+        sampler = [[value - shift for value in row] for row, shift in zip(own, shifts)]
+        return trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler), 1)
+
+    sampler, trainer = step("sampler"), step("trainer")
+    # -min(r A, clip(r) A) per row: -1.2 (A 1, r 2), 1.0 (A -0.5, r 2), 5.0 (A -0.5, r 10); mean of rows
+    assert sampler["policy_loss"] == pytest.approx((-1.2 + 1.0 + 5.0) / 3, rel=1e-5)
+    assert sampler["clip_fraction"] == 6 / 16  # row 0's tokens
+    assert trainer["policy_loss"] == pytest.approx(0.0, abs=1e-6) and trainer["clip_fraction"] == 0.0
+    # the gap is the trainer's logprobs against the engine's, whichever is pi_old
+    assert sampler["sampler_logprob_diff"] == pytest.approx(
+        (8 * math.log(2) + 8 * math.log(10)) / 16, rel=1e-5
+    )
+
+
 def test_the_trainer_takes_the_kl_estimator_the_recipe_names(tmp_path):
     """With `mu: 2` the second pass sees a policy that moved from the reference: each estimator's
     mean then differs, and each is the one `algorithm.kl_estimator` names."""

@@ -323,10 +323,14 @@ class PolicyTrainer:
         for pass_index in range(algo.mu):
             for index, (rows, packed) in enumerate(micro_batches):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
-                old_BL1 = old[index] if old is not None else logp_BL1.detach()
+                trainer_old_BL1 = old[index] if old is not None else logp_BL1.detach()
+                # vLLM's logprob where it gave one, else the trainer's (a token without one: weight 1)
+                sampler_BL1 = torch.where(
+                    packed.sampler_mask_BL1 > 0, packed.sampler_logp_BL1, trainer_old_BL1
+                )
+                old_BL1 = sampler_BL1 if algo.old_policy == "sampler" else trainer_old_BL1
                 weight_BL1 = capped_BL1 = None
-                if algo.sampler_ratio_cap is not None:  # a token vLLM gave no logprob keeps weight 1
-                    sampler_BL1 = torch.where(packed.sampler_mask_BL1 > 0, packed.sampler_logp_BL1, old_BL1)
+                if algo.sampler_ratio_cap is not None:
                     weight_BL1, capped_BL1 = sampler_correction(old_BL1, sampler_BL1, algo.sampler_ratio_cap)
                 loss, metrics = grpo_loss(
                     logp_BL1,
@@ -358,8 +362,8 @@ class PolicyTrainer:
                 metrics["entropy"] = (entropy_BL1.detach() * mask).sum() / totals.tokens
                 metrics["loss"] = loss.detach()
                 pending.extend(metrics.items())
-                if pass_index == 0:  # the old policy's logprobs are the same in every pass
-                    gaps.append(sampler_gap(old_BL1, packed))
+                if pass_index == 0:  # the trainer's logprobs from before the step are the same in every pass
+                    gaps.append(sampler_gap(trainer_old_BL1, packed))
             pending.append(("grad_norm", self._clip_gradients()))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
