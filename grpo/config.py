@@ -156,9 +156,9 @@ class RolloutConfig(Section):
     overlap: bool = False
     """Sample the next step's groups while the trainer updates on this step's (one-step off-policy,
     as verl's and OpenRLHF's asynchronous modes): every step after the first trains on completions
-    from the weights one step older than its own. `algorithm.sampler_ratio_cap` corrects for that
-    lag as it does for the engine's other differences from the trainer; on the demo the lag cost
-    learning without it (README, Algorithm)."""
+    from the weights one step older than its own. `algorithm.sampler_ratio_cap` or
+    `algorithm.old_policy: sampler` corrects for that lag; on the demo the lag cost learning without
+    either (README, Algorithm)."""
 
 
 class AlgorithmConfig(Section):
