@@ -207,13 +207,15 @@ def test_the_sampler_gap_compares_each_completion_token_with_the_engines_logprob
     assert sampler_gap(old_BL1, packed).item() == 0.25 + 0.5
 
 
-def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logprob(tmp_path):
+def _step_on_shifted_engine_logprobs(tmp_path, algorithm: dict) -> dict:
+    """One train step on three rows (advantages 1, -0.5, -0.5; 6, 2 and 8 completion tokens) whose
+    engine logprobs are the trainer's own minus log 2, log 2 and log 10: the engine gave rows 0
+    and 1 half the trainer's probability and row 2 a tenth."""
     from grpo.models.build import materialize
     from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
     model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
-    recipe = {"model": {"path": model_path}, "algorithm": {"sampler_ratio_cap": 3.0}}
-    trainer = PolicyTrainer(model_path, recipe, pad_id=0)
+    trainer = PolicyTrainer(model_path, {"model": {"path": model_path}, "algorithm": algorithm}, pad_id=0)
     prompts, completions = [[1, 4, 5], [1, 6], [1, 7, 8]], [[9, 10, 11, 12, 13, 14], [15, 16], [17] * 8]
     own = [
         logprobs[len(prompt) - 1 :]
@@ -221,50 +223,33 @@ def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logpro
             prompts, trainer.sequence_logprobs([p + c for p, c in zip(prompts, completions)])
         )
     ]
-    # the engine gave rows 0 and 1 half the trainer's probability (weight 2), row 2 a tenth (capped at 3)
     shifts = [math.log(2), math.log(2), math.log(10)]
     sampler = [[value - shift for value in row] for row, shift in zip(own, shifts)]
-    metrics = trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler), 1)
-    # at ratio 1 the loss is -mean(A * weight): -(2 * 1 - 2 * 0.5 - 3 * 0.5) / 3
+    return trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler), 1)
+
+
+SHIFTED_GAP = (8 * math.log(2) + 8 * math.log(10)) / 16  # the trainer's logprobs against the engine's
+
+
+def test_the_trainer_weighs_each_token_by_the_capped_ratio_to_the_engines_logprob(tmp_path):
+    metrics = _step_on_shifted_engine_logprobs(tmp_path, {"sampler_ratio_cap": 3.0})
+    # weights 2, 2 and 10 capped at 3; at ratio 1 the loss is -mean(A * weight): -(2 - 1 - 1.5) / 3
     assert metrics["policy_loss"] == pytest.approx(0.5 / 3, rel=1e-5)
     assert metrics["sampler_ratio_capped"] == 8 / 16  # row 2's tokens of the 16
-    assert metrics["sampler_logprob_diff"] == pytest.approx(
-        (8 * math.log(2) + 8 * math.log(10)) / 16, rel=1e-5
-    )
+    assert metrics["sampler_logprob_diff"] == pytest.approx(SHIFTED_GAP, rel=1e-5)
 
 
 def test_with_the_sampler_as_old_policy_the_ratio_is_to_the_engines_logprob_and_clipped(tmp_path):
-    """`old_policy: sampler`: pi_old is vLLM's logprob. The engine gave rows 0 and 1 half the trainer's
-    probability and row 2 a tenth, so the ratios are 2, 2 and 10, clipped at 1.2 where the advantage
-    is positive; with `old_policy: trainer` every ratio is 1."""
-    from grpo.models.build import materialize
-    from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
-
-    model_path = materialize("tiny:deepseek_v3", tmp_path / "init")
-    prompts, completions = [[1, 4, 5], [1, 6], [1, 7, 8]], [[9, 10, 11, 12, 13, 14], [15, 16], [17] * 8]
-
-    def step(old_policy: str) -> dict:
-        recipe = {"model": {"path": model_path}, "algorithm": {"old_policy": old_policy}}
-        trainer = PolicyTrainer(model_path, recipe, pad_id=0)
-        own = [
-            logprobs[len(prompt) - 1 :]
-            for prompt, logprobs in zip(
-                prompts, trainer.sequence_logprobs([p + c for p, c in zip(prompts, completions)])
-            )
-        ]
-        shifts = [math.log(2), math.log(2), math.log(10)]
-        sampler = [[value - shift for value in row] for row, shift in zip(own, shifts)]
-        return trainer.train_step(RolloutBatch(prompts, completions, [1.0, -0.5, -0.5], sampler), 1)
-
-    sampler, trainer = step("sampler"), step("trainer")
+    """`old_policy: sampler`: pi_old is the engine's logprob, so the ratios are 2, 2 and 10, clipped
+    at 1.2 where the advantage is positive; with `old_policy: trainer` every ratio is 1."""
+    sampler = _step_on_shifted_engine_logprobs(tmp_path / "sampler", {"old_policy": "sampler"})
+    trainer = _step_on_shifted_engine_logprobs(tmp_path / "trainer", {"old_policy": "trainer"})
     # -min(r A, clip(r) A) per row: -1.2 (A 1, r 2), 1.0 (A -0.5, r 2), 5.0 (A -0.5, r 10); mean of rows
     assert sampler["policy_loss"] == pytest.approx((-1.2 + 1.0 + 5.0) / 3, rel=1e-5)
     assert sampler["clip_fraction"] == 6 / 16  # row 0's tokens
     assert trainer["policy_loss"] == pytest.approx(0.0, abs=1e-6) and trainer["clip_fraction"] == 0.0
     # the gap is the trainer's logprobs against the engine's, whichever is pi_old
-    assert sampler["sampler_logprob_diff"] == pytest.approx(
-        (8 * math.log(2) + 8 * math.log(10)) / 16, rel=1e-5
-    )
+    assert sampler["sampler_logprob_diff"] == pytest.approx(SHIFTED_GAP, rel=1e-5)
 
 
 def test_the_trainer_takes_the_kl_estimator_the_recipe_names(tmp_path):
