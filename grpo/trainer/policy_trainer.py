@@ -323,15 +323,19 @@ class PolicyTrainer:
         for pass_index in range(algo.mu):
             for index, (rows, packed) in enumerate(micro_batches):
                 logp_BL1, entropy_BL1 = token_logprobs(self.model, packed, with_entropy=True)
-                trainer_old_BL1 = old[index] if old is not None else logp_BL1.detach()
-                # vLLM's logprob where it gave one, else the trainer's (a token without one: weight 1)
-                sampler_BL1 = torch.where(
-                    packed.sampler_mask_BL1 > 0, packed.sampler_logp_BL1, trainer_old_BL1
-                )
-                old_BL1 = sampler_BL1 if algo.old_policy == "sampler" else trainer_old_BL1
+                trainer_old_BL1 = old_BL1 = old[index] if old is not None else logp_BL1.detach()
                 weight_BL1 = capped_BL1 = None
-                if algo.sampler_ratio_cap is not None:
-                    weight_BL1, capped_BL1 = sampler_correction(old_BL1, sampler_BL1, algo.sampler_ratio_cap)
+                if algo.old_policy == "sampler" or algo.sampler_ratio_cap is not None:
+                    # vLLM's logprob where it gave one, else the trainer's (such a token: ratio and weight 1)
+                    sampler_BL1 = torch.where(
+                        packed.sampler_mask_BL1 > 0, packed.sampler_logp_BL1, trainer_old_BL1
+                    )
+                    if algo.old_policy == "sampler":  # the recipe refuses it beside the cap
+                        old_BL1 = sampler_BL1
+                    else:
+                        weight_BL1, capped_BL1 = sampler_correction(
+                            old_BL1, sampler_BL1, algo.sampler_ratio_cap
+                        )
                 loss, metrics = grpo_loss(
                     logp_BL1,
                     old_BL1,
