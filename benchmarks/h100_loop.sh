@@ -10,6 +10,7 @@
 #           | sft_short | grpo_ep (grpo_ep: a machine of 4 GPUs, after sft or sft_short)
 #           | features (after sft or sft_short: sessions 31-32's loop features, a few steps each)
 #           | overlap (after sft or sft_short: the loop with and without rollout.overlap, side by side)
+#           | first_steps (the FP8 trainer's first steps on empty kernel caches) | token_cap (after sft)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
 # Ray need the wheels of ../shared/gpu/README.md in /tmp/site. Without them, DEEP_GEMM_DIR names a folder made
 # by deep_gemm_from_vllm_wheel.sh (carried along), so that the FP8 layers find DeepGEMM all the same.
@@ -124,6 +125,14 @@ for what in "$@"; do
     stage overlap python3 benchmarks/rollout_overlap.py recipes/arithmetic_grpo_h100.yaml \
       --steps "${OVERLAP_STEPS:-8}" --rounds "${OVERLAP_ROUNDS:-1}" --warmup-steps 3 \
       --set rollout.engine_kwargs.enforce_eager=true ;;
+  first_steps)  # the FP8 trainer's first steps under the token cap, each setting on empty kernel caches
+    stage first_steps python3 benchmarks/fp8_first_steps_gpu.py ;;
+  token_cap)  # after sft or sft_short: session 34's token-capped run (its steps 1-2 trained 183 s and 17 s)
+    stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
+      --set rollout.overlap=true --set algorithm.sampler_ratio_cap=2 --set train.micro_batch_size=128 \
+      --set train.micro_batch_tokens=4096 --set train.steps=3 --set eval.prompts=0 \
+      --set rollout.engine_kwargs.enforce_eager=true
+    run_summary tokcap ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done

@@ -93,6 +93,23 @@ def test_fp8_linear_forward_and_gradients_follow_the_high_precision_ones():
     assert rel(w.grad, grad.t() @ x) < 0.06
 
 
+def test_only_the_weight_gradient_gemm_says_it_reduces_over_tokens(monkeypatch):
+    # DeepGEMM compiles K into a kernel unless told K is a token count (`fp8_deep_gemm`)
+    said = []
+
+    def recording_gemm(*operands, reduces_over_tokens=False):
+        said.append((tuple(operands[0].shape), reduces_over_tokens))
+        return fp8_gemm(*operands, reduces_over_tokens=reduces_over_tokens)
+
+    monkeypatch.setattr(fp8, "fp8_gemm", recording_gemm)
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(192, 256, requires_grad=True)
+    Fp8LinearFunction.apply(x, w, False).sum().backward()
+    # the left operands, padded to whole 128-wide tiles: x (64 x 256), grad (64 x 192) and grad.T
+    # (192 x 64), which the weight gradient reduces over its 64 tokens
+    assert said == [((64, 256), False), ((64, 256), False), ((192, 128), True)]
+
+
 def test_the_converter_keeps_embedding_head_and_router_in_high_precision():
     model = nn.ModuleDict(
         {

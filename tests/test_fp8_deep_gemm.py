@@ -121,3 +121,52 @@ def test_deep_gemms_settings_change_only_between_dense_and_grouped_gemms_or_shap
         ("sms", 132), ("multiples", (1, 1)),
         ("sms", 128), ("multiples", (1, 32)),
     ]  # fmt: skip
+
+
+class _RecordingLibrary:
+    """DeepGEMM 2.x's two dense GEMMs as far as `gemm` and `gemm_add_into` see them: pybind
+    signatures that name `compiled_dims`, and the keywords each call passed."""
+
+    calls: list = []
+
+    @staticmethod
+    def fp8_gemm_nt(a, b, d, **keywords):
+        """fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims: str = 'nk', ...)"""
+        _RecordingLibrary.calls.append(("fp8_gemm_nt", keywords))
+
+    @staticmethod
+    def fp8_gemm_nt_skip_head_mid(a, b, d, head_splits, **keywords):
+        """fp8_gemm_nt_skip_head_mid(a, b, d, head_splits, ..., compiled_dims: str = 'nk', ...)"""
+        _RecordingLibrary.calls.append(("fp8_gemm_nt_skip_head_mid", keywords))
+
+
+def test_only_a_weight_gradient_keeps_its_token_count_out_of_deep_gemms_kernel(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "auto")
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _RecordingLibrary)
+    monkeypatch.setattr(fp8_deep_gemm, "adds_into_d", True)
+    monkeypatch.setattr(_RecordingLibrary, "calls", [])
+    a, b = torch.zeros(4, 128), torch.zeros(8, 128)
+
+    fp8_deep_gemm.gemm(a, None, b, None, torch.bfloat16)
+    fp8_deep_gemm.gemm(a, None, b, None, torch.bfloat16, reduces_over_tokens=True)
+    assert fp8_deep_gemm.gemm_add_into(a, None, b, None, torch.zeros(4, 8, dtype=torch.bfloat16))
+
+    assert _RecordingLibrary.calls == [
+        ("fp8_gemm_nt", {}),
+        ("fp8_gemm_nt", {"compiled_dims": "n"}),
+        ("fp8_gemm_nt_skip_head_mid", {"compiled_dims": "n"}),
+    ]
+
+
+def test_a_deep_gemm_without_compiled_dims_is_called_as_before(monkeypatch):
+    calls = []
+
+    class Library:
+        @staticmethod
+        def fp8_gemm_nt(a, b, d):  # no pybind signature naming compiled_dims
+            calls.append("called")
+
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "auto")
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: Library)
+    out = fp8_deep_gemm.gemm(torch.zeros(4, 128), None, torch.zeros(8, 128), None, torch.bfloat16, True)
+    assert calls == ["called"] and out.shape == (4, 8)

@@ -141,8 +141,10 @@ def fp8_gemm(
     b_NK: torch.Tensor,
     b_scale_IJ: torch.Tensor,
     out_dtype: torch.dtype,
+    reduces_over_tokens: bool = False,
 ) -> torch.Tensor:
     """`a @ b.T` from FP8 operands: `a` scaled per 1 x 128 tile, `b` per 128 x 128 block; FP32 accumulation.
+    `reduces_over_tokens` says that K is a token count (a weight gradient), for DeepGEMM's kernels.
 
     On CUDA this is one blockwise-scaled GEMM: DeepGEMM's on Hopper where it loads
     (`fp8_deep_gemm`), else `torch._scaled_mm` (cuBLASLt wants the tile scales column-major and the
@@ -158,7 +160,7 @@ def fp8_gemm(
             # the scales are read by layout, not by strides: make the layouts explicit
             a_MK, a_scale_MJ = a_MK.contiguous(), a_scale_MJ.t().contiguous().t()
             b_NK, b_scale_IJ = b_NK.contiguous(), b_scale_IJ.contiguous()
-        out_MN = fp8_deep_gemm.gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype)
+        out_MN = fp8_deep_gemm.gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype, reduces_over_tokens)
         if out_MN is None:
             out_MN = torch._scaled_mm(
                 a_MK, b_NK.t(), scale_a=a_scale_MJ, scale_b=b_scale_IJ.t(), out_dtype=out_dtype
@@ -311,7 +313,7 @@ def _weight_gradient(ctx, gq_NM, gs_NL, xq_KM, xs_PL, dtype) -> torch.Tensor | N
     ):
         return None
     _, k, n = ctx.shape
-    return trimmed(fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype), n, k)
+    return trimmed(fp8_gemm(gq_NM, gs_NL, xq_KM, xs_PL, dtype, reduces_over_tokens=True), n, k)
 
 
 class Fp8Linear(nn.Linear):

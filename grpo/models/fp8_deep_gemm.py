@@ -11,7 +11,12 @@ registered as `deep_gemm`, the name vLLM itself tries first; a standalone `deep_
 Either is loaded from `deep_gemm_mirror`'s mirror of its folder, whose FP8 GEMM can also add its
 product into an existing tensor (`gemm_add_into`), where that mirror can be made.
 Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few seconds each; cached on
-disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. Used only on compute
+disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. By default a kernel has the
+GEMM's N and K written into it (`compiled_dims="nk"`); M is read at run time. That suits the forward
+and input gradient, whose N and K are the layer's. The weight gradient reduces over the micro-batch's
+tokens, so there K is the token count, and every new count compiled the layer's kernel anew: with
+`train.micro_batch_tokens` on an H100, a fresh machine's first FP8 steps trained for minutes. Its K is
+therefore read at run time too (`TOKEN_REDUCTION_COMPILED_DIMS`). Used only on compute
 capability 9.0: on Blackwell it would round the FP32 scales to powers of two, which changes the
 numbers.
 
@@ -163,6 +168,23 @@ SMS_TRIED = (128, 120, 112)
 _card_sms: int | None = None
 _applied: tuple[int, int] | None = None
 
+TOKEN_REDUCTION_COMPILED_DIMS = "n"
+"""The sides compiled into a weight gradient's kernel: N (the layer's), not K (the token count).
+A module global, so that a benchmark can put back DeepGEMM's default, "nk", to compare."""
+
+
+@functools.cache
+def _takes_compiled_dims(gemm_function) -> bool:
+    """Whether this DeepGEMM's GEMM takes `compiled_dims` (2.x's pybind signature names it)."""
+    return "compiled_dims" in (getattr(gemm_function, "__doc__", None) or "")
+
+
+def _sides_compiled(gemm_function, reduces_over_tokens: bool) -> dict:
+    """The keyword that keeps a token count out of the kernel, where there is one and it is needed."""
+    if reduces_over_tokens and _takes_compiled_dims(gemm_function):
+        return {"compiled_dims": TOKEN_REDUCTION_COMPILED_DIMS}
+    return {}
+
 
 @functools.cache  # asked before every dense GEMM, for a few shapes
 def dense_sms(m: int, n: int, card: int) -> int:
@@ -190,9 +212,12 @@ def use_settings(found: ModuleType, m_n: tuple[int, int] | None) -> None:
         _applied = wanted
 
 
-def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Tensor | None:
+def gemm(
+    a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype, reduces_over_tokens: bool = False
+) -> torch.Tensor | None:
     """`a @ b.T` (operands as `fp8.fp8_gemm` takes them) through DeepGEMM's `fp8_gemm_nt`, or None
-    where DeepGEMM is not to be used (the caller runs cuBLASLt). Under `auto`, a DeepGEMM failure
+    where DeepGEMM is not to be used (the caller runs cuBLASLt). `reduces_over_tokens`: K is a token
+    count (a weight gradient), which the kernel then reads at run time. Under `auto`, a DeepGEMM failure
     (a kernel that does not compile, say) warns once and turns DeepGEMM off for the process; the
     grouped GEMMs (`fp8_grouped_deep_gemm`) raise instead, their layout being chosen already."""
     global mode
@@ -202,7 +227,12 @@ def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Te
     out_MN = torch.empty(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype, device=a_MK.device)
     try:
         use_settings(found, out_MN.shape)
-        found.fp8_gemm_nt((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), out_MN)
+        found.fp8_gemm_nt(
+            (a_MK, a_scale_MJ),
+            (b_NK, b_scale_IJ),
+            out_MN,
+            **_sides_compiled(found.fp8_gemm_nt, reduces_over_tokens),
+        )
     except RuntimeError as error:
         if mode == "on":
             raise
@@ -214,7 +244,8 @@ def gemm(a_MK, a_scale_MJ, b_NK, b_scale_IJ, out_dtype: torch.dtype) -> torch.Te
 
 def gemm_add_into(a_MK, a_scale_MJ, b_NK, b_scale_IJ, into_MN: torch.Tensor) -> bool:
     """`into += a @ b.T` (operands as `gemm` takes them, laid out), added by the GEMM's epilogue as
-    it stores each BF16 tile (`deep_gemm_mirror`): True where done. False where DeepGEMM cannot here
+    it stores each BF16 tile (`deep_gemm_mirror`): True where done. It adds a weight gradient, so K
+    is a token count, read at run time. False where DeepGEMM cannot here
     (not to be used, no mirror, `into` not a contiguous BF16 tensor of the product's exact shape), and
     then the caller adds. A failure (a kernel that does not compile, say) warns once and leaves the
     adding to the callers from then on."""
@@ -228,7 +259,13 @@ def gemm_add_into(a_MK, a_scale_MJ, b_NK, b_scale_IJ, into_MN: torch.Tensor) -> 
     try:
         use_settings(found, (m, n))
         # head splits (n, 0, 0): every column kept, and the mirror's adding epilogue chosen
-        found.fp8_gemm_nt_skip_head_mid((a_MK, a_scale_MJ), (b_NK, b_scale_IJ), into_MN, (n, 0, 0))
+        found.fp8_gemm_nt_skip_head_mid(
+            (a_MK, a_scale_MJ),
+            (b_NK, b_scale_IJ),
+            into_MN,
+            (n, 0, 0),
+            **_sides_compiled(found.fp8_gemm_nt_skip_head_mid, reduces_over_tokens=True),
+        )
     except RuntimeError as error:
         warnings.warn(f"DeepGEMM's adding GEMM failed ({error}); autograd adds from now on", stacklevel=2)
         adds_into_d = False

@@ -1,0 +1,181 @@
+"""The FP8 trainer's first steps on a fresh Hopper machine, with DeepGEMM compiling the weight
+gradient's K, a token count, into its kernel (`before`: DeepGEMM's default, `compiled_dims="nk"`) or
+reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n").
+
+Part 1, the trainer. Each setting runs in a process of its own with empty DeepGEMM and Triton caches
+(`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine. It builds the H100 recipes' ~0.4 B
+MoE at random initialization (`recipes/arithmetic_sft_h100.yaml`'s `tiny_overrides`) and trains it
+as `recipes/arithmetic_grpo_h100.yaml` says, with session 34's token cap
+(`train.micro_batch_tokens: 4096`, `micro_batch_size: 128`), on STEPS synthetic rollout batches of
+64 x 8 rows. Each row's prompt (8-24 tokens) and completion (1-64) lengths are drawn at random, so
+the micro-batches' token counts differ as a real step's do. The learning rate is 1e-30, so the
+weights and the routing stay put. Then it trains on the same batches a second time. Reported: each
+step's wall seconds in both passes, and the DeepGEMM kernels (`.cubin` files) in the cache after
+each step of the first.
+
+Part 2, the GEMM. DeepGEMM's weight gradient alone at DeepSeek-V3's three dense shapes (8192 tokens;
+operands from the fused quantizers), K compiled in or not, in alternating order: device time per
+call (`torch.profiler`, mean of CALLS calls, each setting timed twice) and whether the two products
+are bitwise equal. Last line: one JSON object.
+
+    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from cuda_timing import kernel_us_per_call
+from probe_deep_gemm_configs_gpu import gemms
+
+from grpo.config import load_recipe
+from grpo.models import fp8_deep_gemm
+from grpo.models.build import materialize
+from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
+
+SETTINGS = {"before": "nk", "now": "n"}
+PROMPTS, GROUP = 64, 8
+TOKEN_CAP, MICRO_BATCH_ROWS = 4096, 128
+SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]
+CALLS = 20
+
+
+def rollout_batch(vocab_size: int, seed: int) -> RolloutBatch:
+    """64 x 8 rows of random ids, each with its own prompt and completion length."""
+    draw = random.Random(seed)
+    rows = PROMPTS * GROUP
+
+    def ids(low: int, high: int) -> list[list[int]]:
+        return [[draw.randrange(3, vocab_size) for _ in range(draw.randint(low, high))] for _ in range(rows)]
+
+    prompts, completions = ids(8, 24), ids(1, 64)
+    return RolloutBatch(
+        prompts, completions, [draw.gauss(0, 1) for _ in range(rows)], [[] for _ in range(rows)]
+    )
+
+
+def kernels_compiled(cache: Path) -> int:
+    return sum(1 for _ in cache.rglob("*.cubin"))
+
+
+def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
+    """Part 1 in this process: DeepGEMM's and Triton's caches are the environment's, empty."""
+    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting]
+    sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
+    grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
+    with tempfile.TemporaryDirectory() as scratch:
+        path = materialize(sft.model.path, Path(scratch), tiny_overrides=sft.model.tiny_overrides)
+        vocab_size = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        grpo["model"].update(path=path, fp8=True)
+        grpo["train"].update(
+            micro_batch_size=MICRO_BATCH_ROWS, micro_batch_tokens=TOKEN_CAP, learning_rate=1e-30
+        )
+        trainer = PolicyTrainer(path, grpo, 0)
+        batches = [rollout_batch(vocab_size, seed) for seed in range(steps)]
+        first, second, kernels = [], [], []
+        for batch in batches:
+            start = time.perf_counter()
+            trainer.train_step(batch, 1)
+            torch.cuda.synchronize()
+            first.append(round(time.perf_counter() - start, 2))
+            kernels.append(kernels_compiled(cache))
+            print(setting, "first pass", first[-1], "s,", kernels[-1], "kernels", flush=True)
+        for batch in batches:
+            start = time.perf_counter()
+            trainer.train_step(batch, 1)
+            torch.cuda.synchronize()
+            second.append(round(time.perf_counter() - start, 2))
+        trainer.close()
+    return {
+        "setting": setting,
+        "compiled_dims": SETTINGS[setting],
+        "first_pass_step_s": first,
+        "second_pass_step_s": second,
+        "deep_gemm_kernels_after_step": kernels,
+        "gemm_adds_into_grad": fp8_deep_gemm.adds_into_d,
+    }
+
+
+def in_fresh_process(setting: str, steps: int, scratch: Path) -> dict:
+    caches = {
+        "DG_JIT_CACHE_DIR": scratch / f"deep_gemm_{setting}",
+        "TRITON_CACHE_DIR": scratch / f"triton_{setting}",
+    }
+    env = dict(os.environ, **{name: str(folder) for name, folder in caches.items()})
+    command = [sys.executable, __file__, "--trainer-setting", setting, "--steps", str(steps)]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    print(done.stdout, end="", flush=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["process_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def weight_gradient_gemms() -> list[dict]:
+    """Part 2 in this process (its own kernel cache, set before DeepGEMM loads)."""
+    library = fp8_deep_gemm.library(torch.device("cuda"))
+    assert library is not None, "DeepGEMM does not load here"
+    torch.manual_seed(0)
+    rows = []
+    for fan_in, fan_out in SHAPES:
+        operands = gemms(fan_in, fan_out)["weight_grad"]
+
+        def weight_gradient(operands=operands):
+            return fp8_deep_gemm.gemm(*operands, torch.bfloat16, reduces_over_tokens=True)
+
+        products, us = {}, {setting: [] for setting in SETTINGS}
+        for setting in [*SETTINGS, *reversed(SETTINGS)]:
+            fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting]
+            products[setting] = weight_gradient()
+            us[setting].append(kernel_us_per_call(weight_gradient, CALLS))
+        row = {"shape": f"8192x{fan_in}->{fan_out}"}
+        row.update({f"{setting}_us": [round(v, 1) for v in us[setting]] for setting in SETTINGS})
+        row["now_over_before"] = round(min(us["now"]) / min(us["before"]), 3)
+        row["bitwise_equal"] = torch.equal(products["before"], products["now"])
+        rows.append(row)
+        print(row, flush=True)
+    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS["now"]
+    return rows
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--trainer-setting", choices=list(SETTINGS), help="run part 1's setting here")
+    args = parser.parse_args()
+    if args.trainer_setting:
+        print(
+            json.dumps(trainer_steps(args.trainer_setting, args.steps, Path(os.environ["DG_JIT_CACHE_DIR"])))
+        )
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer_rows = [in_fresh_process(setting, args.steps, Path(scratch)) for setting in SETTINGS]
+        os.environ["DG_JIT_CACHE_DIR"] = str(Path(scratch) / "deep_gemm_gemms")
+        gemm_rows = weight_gradient_gemms()
+    first = {row["setting"]: sum(row["first_pass_step_s"]) for row in trainer_rows}
+    print(
+        json.dumps(
+            {
+                "benchmark": "fp8_first_steps_gpu",
+                "device": torch.cuda.get_device_name(),
+                "first_pass_s": {setting: round(s, 1) for setting, s in first.items()},
+                "first_pass_now_over_before": round(first["now"] / first["before"], 3),
+                "trainer": trainer_rows,
+                "weight_gradient_gemm": gemm_rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
