@@ -1,6 +1,7 @@
 """The FP8 trainer's first steps on a fresh Hopper machine, with DeepGEMM compiling the weight
 gradient's K, a token count, into its kernel (`before`: DeepGEMM's default, `compiled_dims="nk"`) or
-reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n").
+reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n"), and `now` with
+DeepGEMM compiling through NVRTC instead of nvcc (`now_nvrtc`: `DG_JIT_USE_NVRTC=1`).
 
 Part 1, the trainer. Each setting runs in a process of its own with empty DeepGEMM and Triton caches
 (`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine. It builds the H100 recipes' ~0.4 B
@@ -18,7 +19,7 @@ operands from the fused quantizers), K compiled in or not, in alternating order:
 call (`torch.profiler`, mean of CALLS calls, each setting timed twice) and whether the two products
 are bitwise equal. Last line: one JSON object.
 
-    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3]
+    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3] [--settings before now now_nvrtc] [--no-gemm]
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from grpo.models import fp8_deep_gemm
 from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
-SETTINGS = {"before": "nk", "now": "n"}
+SETTINGS = {"before": ("nk", "0"), "now": ("n", "0"), "now_nvrtc": ("n", "1")}
+"""name -> (the sides compiled into a weight gradient's kernel, DG_JIT_USE_NVRTC)"""
+GEMM_SETTINGS = ("before", "now")
+"""Part 2's, in this process's compiler (nvcc, unless the environment says NVRTC)."""
 PROMPTS, GROUP = 64, 8
 TOKEN_CAP, MICRO_BATCH_ROWS = 4096, 128
 SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]
@@ -69,7 +73,7 @@ def kernels_compiled(cache: Path) -> int:
 
 def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
     """Part 1 in this process: DeepGEMM's and Triton's caches are the environment's, empty."""
-    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting]
+    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting][0]
     sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
     grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
     with tempfile.TemporaryDirectory() as scratch:
@@ -97,7 +101,8 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
         trainer.close()
     return {
         "setting": setting,
-        "compiled_dims": SETTINGS[setting],
+        "compiled_dims": SETTINGS[setting][0],
+        "nvrtc": SETTINGS[setting][1] == "1",
         "first_pass_step_s": first,
         "second_pass_step_s": second,
         "deep_gemm_kernels_after_step": kernels,
@@ -111,6 +116,7 @@ def in_fresh_process(setting: str, steps: int, scratch: Path) -> dict:
         "TRITON_CACHE_DIR": scratch / f"triton_{setting}",
     }
     env = dict(os.environ, **{name: str(folder) for name, folder in caches.items()})
+    env["DG_JIT_USE_NVRTC"] = SETTINGS[setting][1]
     command = [sys.executable, __file__, "--trainer-setting", setting, "--steps", str(steps)]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
@@ -132,18 +138,18 @@ def weight_gradient_gemms() -> list[dict]:
         def weight_gradient(operands=operands):
             return fp8_deep_gemm.gemm(*operands, torch.bfloat16, reduces_over_tokens=True)
 
-        products, us = {}, {setting: [] for setting in SETTINGS}
-        for setting in [*SETTINGS, *reversed(SETTINGS)]:
-            fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting]
+        products, us = {}, {setting: [] for setting in GEMM_SETTINGS}
+        for setting in [*GEMM_SETTINGS, *reversed(GEMM_SETTINGS)]:
+            fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting][0]
             products[setting] = weight_gradient()
             us[setting].append(kernel_us_per_call(weight_gradient, CALLS))
         row = {"shape": f"8192x{fan_in}->{fan_out}"}
-        row.update({f"{setting}_us": [round(v, 1) for v in us[setting]] for setting in SETTINGS})
+        row.update({f"{setting}_us": [round(v, 1) for v in us[setting]] for setting in GEMM_SETTINGS})
         row["now_over_before"] = round(min(us["now"]) / min(us["before"]), 3)
         row["bitwise_equal"] = torch.equal(products["before"], products["now"])
         rows.append(row)
         print(row, flush=True)
-    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS["now"]
+    fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS["now"][0]
     return rows
 
 
@@ -151,6 +157,8 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--no-gemm", action="store_true", help="part 1 only")
     parser.add_argument("--trainer-setting", choices=list(SETTINGS), help="run part 1's setting here")
     args = parser.parse_args()
     if args.trainer_setting:
@@ -159,9 +167,9 @@ def main() -> None:
         )
         return
     with tempfile.TemporaryDirectory() as scratch:
-        trainer_rows = [in_fresh_process(setting, args.steps, Path(scratch)) for setting in SETTINGS]
+        trainer_rows = [in_fresh_process(setting, args.steps, Path(scratch)) for setting in args.settings]
         os.environ["DG_JIT_CACHE_DIR"] = str(Path(scratch) / "deep_gemm_gemms")
-        gemm_rows = weight_gradient_gemms()
+        gemm_rows = [] if args.no_gemm else weight_gradient_gemms()
     first = {row["setting"]: sum(row["first_pass_step_s"]) for row in trainer_rows}
     print(
         json.dumps(
@@ -169,7 +177,11 @@ def main() -> None:
                 "benchmark": "fp8_first_steps_gpu",
                 "device": torch.cuda.get_device_name(),
                 "first_pass_s": {setting: round(s, 1) for setting, s in first.items()},
-                "first_pass_now_over_before": round(first["now"] / first["before"], 3),
+                "first_pass_over_before": {
+                    setting: round(s / first["before"], 3)
+                    for setting, s in first.items()
+                    if "before" in first
+                },
                 "trainer": trainer_rows,
                 "weight_gradient_gemm": gemm_rows,
             }

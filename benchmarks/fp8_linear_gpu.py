@@ -14,9 +14,10 @@ Times (CUDA events, medians):
 - `gemm_only_ms`: the three FP8 GEMMs alone on pre-quantized operands, the floor the layer can reach.
 Relative error of the FP8 output and gradients against an FP32 reference. The FP8 figures come once
 per GEMM library (`fp8_deep_gemm`: cuBLASLt and DeepGEMM by default), each against the same BF16
-times. Last line: one JSON object.
+times. `deep_gemm_k_compiled` is DeepGEMM with the weight gradient's token count compiled into its
+kernel, as before `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`. Last line: one JSON object.
 
-    python3 benchmarks/fp8_linear_gpu.py [--gemms cublas,deep_gemm]
+    python3 benchmarks/fp8_linear_gpu.py [--gemms cublas,deep_gemm,deep_gemm_k_compiled]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 7168, 18432)]
 
 
 STEPS = 10
+LIBRARIES = {"cublas": ("off", "n"), "deep_gemm": ("on", "n"), "deep_gemm_k_compiled": ("on", "nk")}
+"""name -> (`fp8_deep_gemm.mode`, `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`)"""
 
 
 def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -86,7 +89,7 @@ def gemm_only_ms(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
         for _ in range(STEPS):
             fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
             fp8_gemm(gq, gs, wq_t, ws_t, torch.bfloat16)
-            fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16)
+            fp8_gemm(gq_t, gs_t, xq_t, xs_t, torch.bfloat16, reduces_over_tokens=True)
 
     return median_ms(gemms, repeats=10) / STEPS
 
@@ -131,11 +134,11 @@ def main() -> None:
     parser.add_argument(
         "--gemms",
         default="cublas,deep_gemm",
-        help="the FP8 GEMM libraries to measure, each against the same BF16 times (cublas, deep_gemm)",
+        help=f"the FP8 GEMM libraries to measure, each against the same BF16 times ({', '.join(LIBRARIES)})",
     )
     gemms = parser.parse_args().gemms.split(",")
-    if not set(gemms) <= {"cublas", "deep_gemm"}:
-        parser.error(f"--gemms {','.join(gemms)}: each must be cublas or deep_gemm")
+    if not set(gemms) <= set(LIBRARIES):
+        parser.error(f"--gemms {','.join(gemms)}: each must be one of {', '.join(LIBRARIES)}")
     torch.manual_seed(0)
     rows = []
     for tokens, fan_in, fan_out in SHAPES:
@@ -156,7 +159,7 @@ def main() -> None:
             "bf16_tflops": round(flops / bf16_times["bf16"] / 1e9, 1),
         }
         for gemm in gemms:
-            fp8_deep_gemm.mode = {"cublas": "off", "deep_gemm": "on"}[gemm]
+            fp8_deep_gemm.mode, fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = LIBRARIES[gemm]
             row[gemm] = fp8_figures(fp8, bf16, x, grad, bf16_times)
         rows.append(row)
         print(rows[-1], flush=True)
