@@ -16,7 +16,10 @@ launch order (the FP8 forward quantizes w, w.T and x, the backward the output gr
   not added;
 - `fp8_into` and `fp8_reused_into`: `fp8` and `fp8_reused` inside the trainer's
   `fused_grad_accumulation.accumulate_into_grad()`, where the weight-gradient GEMM adds into `.grad`
-  itself (`fp8_deep_gemm.gemm_add_into`) instead of autograd's add after it.
+  itself (`fp8_deep_gemm.gemm_add_into`) instead of autograd's add after it;
+- `fp8_into_k_compiled` and `fp8_first_k_compiled`: `fp8_into` and `fp8_first` with the weight
+  gradient's token count compiled into DeepGEMM's kernel, as before session 35
+  (`fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`).
 Last line: one JSON object.
 
     python3 benchmarks/probe_fp8_linear_profile_gpu.py
@@ -31,21 +34,24 @@ import torch
 from cuda_timing import profiled
 from torch import nn
 
-from grpo.models import fp8_activation_cache, fp8_weight_cache, fused_grad_accumulation
+from grpo.models import fp8_activation_cache, fp8_deep_gemm, fp8_weight_cache, fused_grad_accumulation
 from grpo.models.fp8 import Fp8Linear
 
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168)]
 STEPS = 10
 
 
-LAYERS = {  # name: (layer, weight copies reused, weight gradient added into the existing .grad, in the GEMM)
-    "bf16": (nn.Linear, False, True, False),
-    "fp8": (Fp8Linear, False, True, False),
-    "fp8_into": (Fp8Linear, False, True, True),
-    "fp8_reused": (Fp8Linear, True, True, False),
-    "fp8_reused_into": (Fp8Linear, True, True, True),
-    "bf16_first": (nn.Linear, False, False, False),
-    "fp8_first": (Fp8Linear, False, False, False),
+LAYERS = {  # name: (layer, weight copies reused, weight gradient added into the existing .grad, in
+    # the GEMM, the sides compiled into DeepGEMM's weight-gradient kernel)
+    "bf16": (nn.Linear, False, True, False, "n"),
+    "fp8": (Fp8Linear, False, True, False, "n"),
+    "fp8_into": (Fp8Linear, False, True, True, "n"),
+    "fp8_reused": (Fp8Linear, True, True, False, "n"),
+    "fp8_reused_into": (Fp8Linear, True, True, True, "n"),
+    "bf16_first": (nn.Linear, False, False, False, "n"),
+    "fp8_first": (Fp8Linear, False, False, False, "n"),
+    "fp8_into_k_compiled": (Fp8Linear, False, True, True, "nk"),
+    "fp8_first_k_compiled": (Fp8Linear, False, False, False, "nk"),
 }
 
 
@@ -85,7 +91,8 @@ def main() -> None:
         x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
         shape = f"{tokens}x{fan_in}->{fan_out}"
-        for name, (layer_type, reused, accumulate, in_gemm) in LAYERS.items():
+        for name, (layer_type, reused, accumulate, in_gemm, compiled_dims) in LAYERS.items():
+            fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = compiled_dims
             layer = layer_type(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
             with contextlib.ExitStack() as scopes:
                 if reused:
