@@ -14,9 +14,10 @@ Its kernels are compiled on first use of each shape (nvcc or NVRTC, a few second
 disk, `DG_JIT_CACHE_DIR`); with no compiler to be found it is not used. By default a kernel has the
 GEMM's N and K written into it (`compiled_dims="nk"`); M is read at run time. That suits the forward
 and input gradient, whose N and K are the layer's. The weight gradient reduces over the micro-batch's
-tokens, so there K is the token count, and every new count compiled the layer's kernel anew: with
-`train.micro_batch_tokens` on an H100, a fresh machine's first FP8 steps trained for minutes. Its K is
-therefore read at run time too (`TOKEN_REDUCTION_COMPILED_DIMS`). Used only on compute
+tokens, so there K is the token count, and every new count compiled the layer's kernel anew (on an
+H100 under `train.micro_batch_tokens`, 56 kernels in a fresh machine's first steps against 40). Its K
+is therefore read at run time too (`TOKEN_REDUCTION_COMPILED_DIMS`), which costs that GEMM 4-5% at
+DeepSeek-V3's shapes (`benchmarks/fp8_first_steps_gpu.py`). Used only on compute
 capability 9.0: on Blackwell it would round the FP32 scales to powers of two, which changes the
 numbers.
 
