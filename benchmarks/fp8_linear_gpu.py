@@ -15,7 +15,8 @@ Times (CUDA events, medians):
 Relative error of the FP8 output and gradients against an FP32 reference. The FP8 figures come once
 per GEMM library (`fp8_deep_gemm`: cuBLASLt and DeepGEMM by default), each against the same BF16
 times. `deep_gemm_k_compiled` is DeepGEMM with the weight gradient's token count compiled into its
-kernel, as before `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`. Last line: one JSON object.
+kernel, as the layer ran before session 35 (`fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`). Last
+line: one JSON object.
 
     python3 benchmarks/fp8_linear_gpu.py [--gemms cublas,deep_gemm,deep_gemm_k_compiled]
 """
