@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 from cuda_timing import kernel_us_per_call
 from probe_deep_gemm_configs_gpu import gemms
+from trainer_step_gpu import h100_model
 
-from grpo.config import load_recipe
 from grpo.models import fp8_deep_gemm
-from grpo.models.build import materialize
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
 SETTINGS = {"before": ("nk", "0"), "now": ("n", "0"), "now_nvrtc": ("n", "1")}
@@ -74,12 +73,9 @@ def kernels_compiled(cache: Path) -> int:
 def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
     """Part 1 in this process: DeepGEMM's and Triton's caches are the environment's, empty."""
     fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS = SETTINGS[setting][0]
-    sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
-    grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
     with tempfile.TemporaryDirectory() as scratch:
-        path = materialize(sft.model.path, Path(scratch), tiny_overrides=sft.model.tiny_overrides)
-        vocab_size = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-        grpo["model"].update(path=path, fp8=True)
+        path, grpo, vocab_size = h100_model(Path(scratch))
+        grpo["model"]["fp8"] = True
         grpo["train"].update(
             micro_batch_size=MICRO_BATCH_ROWS, micro_batch_tokens=TOKEN_CAP, learning_rate=1e-30
         )

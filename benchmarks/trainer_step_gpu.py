@@ -51,6 +51,16 @@ STEPS = 3
 PAD = 0
 
 
+def h100_model(scratch: Path) -> tuple[str, dict, int]:
+    """The H100 recipes' model written under `scratch` at random initialization, the GRPO recipe as a
+    dict (its `model.path` that model) for the caller to adjust, and the vocabulary size."""
+    sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
+    grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
+    path = materialize(sft.model.path, scratch, tiny_overrides=sft.model.tiny_overrides)
+    grpo["model"]["path"] = path
+    return path, grpo, json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+
+
 def rollout_batch(vocab_size: int) -> RolloutBatch:
     generator = torch.Generator().manual_seed(0)
     rows = PROMPTS * GROUP
@@ -101,16 +111,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    sft = load_recipe("recipes/arithmetic_sft_h100.yaml")
-    grpo = load_recipe("recipes/arithmetic_grpo_h100.yaml").model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        path = materialize(sft.model.path, Path(scratch), tiny_overrides=sft.model.tiny_overrides)
-        vocab_size = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        path, grpo, vocab_size = h100_model(Path(scratch))
         batch = rollout_batch(vocab_size)
         for micro_batch_size in args.micro_batch_sizes:
             for fp8 in (True, False):
-                grpo["model"].update(path=path, fp8=fp8)
+                grpo["model"]["fp8"] = fp8
                 grpo["train"].update(micro_batch_size=micro_batch_size, learning_rate=1e-30)
                 trainer = PolicyTrainer(path, grpo, PAD)
                 trainer.train_step(batch, 1)  # warm-up: Triton compiles, cuBLASLt picks its kernels
