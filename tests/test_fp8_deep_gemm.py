@@ -61,6 +61,7 @@ class _FailingLibrary:
 
 
 def test_a_failing_kernel_under_auto_warns_once_and_leaves_deep_gemm_off(monkeypatch):
+    monkeypatch.delenv("DG_JIT_USE_NVRTC", raising=False)
     monkeypatch.setattr(fp8_deep_gemm, "mode", "auto")
     monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _FailingLibrary)
     with pytest.warns(UserWarning, match="DeepGEMM failed \\(nvcc: not found\\); the FP8 GEMMs use cuBLASLt"):
@@ -68,6 +69,19 @@ def test_a_failing_kernel_under_auto_warns_once_and_leaves_deep_gemm_off(monkeyp
             fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16) is None
         )
     assert fp8_deep_gemm.mode == "off"
+
+
+def test_a_failure_under_nvrtc_says_to_compile_with_nvcc(monkeypatch):
+    monkeypatch.setenv("DG_JIT_USE_NVRTC", "1")
+    monkeypatch.setattr(fp8_deep_gemm, "mode", "auto")
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: _FailingLibrary)
+    expected = (
+        "DeepGEMM failed (nvcc: not found; DG_JIT_USE_NVRTC is set: unset it to compile DeepGEMM's kernels "
+        "with nvcc); the FP8 GEMMs use cuBLASLt from now on"
+    )
+    with pytest.warns(UserWarning) as caught:
+        fp8_deep_gemm.gemm(torch.zeros(1, 128), None, torch.zeros(1, 128), None, torch.bfloat16)
+    assert [str(warning.message) for warning in caught] == [expected]
 
 
 def test_a_failing_kernel_under_on_raises(monkeypatch):

@@ -69,10 +69,26 @@ def _package(folder: str) -> ModuleType:
     return module
 
 
+def _nvrtc_asked() -> bool:
+    """Whether DeepGEMM is told to compile through NVRTC rather than nvcc (`DG_JIT_USE_NVRTC`)."""
+    return os.environ.get("DG_JIT_USE_NVRTC", "0") not in ("", "0")
+
+
+def _failure(error: Exception) -> str:
+    """A failed DeepGEMM call's error, with the likely cause where NVRTC was asked for: vLLM 0.26's
+    DeepGEMM does not compile its SM90 FP8 GEMM through NVRTC on CUDA 13 (its NVRTC options miss
+    CUDA 13's `include/cccl` headers, and the kernel calls a launch intrinsic NVRTC does not
+    declare; `benchmarks/results/fp8_linear_h200.txt`), and the error then says only that the
+    kernel image is invalid."""
+    if _nvrtc_asked():
+        return f"{error}; DG_JIT_USE_NVRTC is set: unset it to compile DeepGEMM's kernels with nvcc"
+    return str(error)
+
+
 def _can_compile(module: ModuleType) -> bool:
     """Whether DeepGEMM will find its kernel compiler: NVRTC when asked for (`DG_JIT_USE_NVRTC`),
     else nvcc under the CUDA home it chose (a runtime-only CUDA install has none)."""
-    if os.environ.get("DG_JIT_USE_NVRTC", "0") not in ("", "0"):
+    if _nvrtc_asked():
         return True
     find_cuda_home = getattr(module, "_find_cuda_home", None)
     if find_cuda_home is None:  # a version this check does not know: its first GEMM will tell
@@ -236,8 +252,10 @@ def gemm(
         )
     except RuntimeError as error:
         if mode == "on":
-            raise
-        warnings.warn(f"DeepGEMM failed ({error}); the FP8 GEMMs use cuBLASLt from now on", stacklevel=2)
+            raise RuntimeError(_failure(error)) from error
+        warnings.warn(
+            f"DeepGEMM failed ({_failure(error)}); the FP8 GEMMs use cuBLASLt from now on", stacklevel=2
+        )
         mode = "off"
         return None
     return out_MN
@@ -268,7 +286,9 @@ def gemm_add_into(a_MK, a_scale_MJ, b_NK, b_scale_IJ, into_MN: torch.Tensor) -> 
             **_sides_compiled(found.fp8_gemm_nt_skip_head_mid, reduces_over_tokens=True),
         )
     except RuntimeError as error:
-        warnings.warn(f"DeepGEMM's adding GEMM failed ({error}); autograd adds from now on", stacklevel=2)
+        warnings.warn(
+            f"DeepGEMM's adding GEMM failed ({_failure(error)}); autograd adds from now on", stacklevel=2
+        )
         adds_into_d = False
         return False
     return True
