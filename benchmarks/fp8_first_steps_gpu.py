@@ -1,7 +1,9 @@
 """The FP8 trainer's first steps on a fresh Hopper machine, with DeepGEMM compiling the weight
 gradient's K, a token count, into its kernel (`before`: DeepGEMM's default, `compiled_dims="nk"`) or
 reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n"), and `now` with
-DeepGEMM compiling through NVRTC instead of nvcc (`now_nvrtc`: `DG_JIT_USE_NVRTC=1`).
+DeepGEMM compiling through NVRTC instead of nvcc (`now_nvrtc`: `DG_JIT_USE_NVRTC=1`; on CUDA 13 vLLM 0.26's
+DeepGEMM does not compile through NVRTC, and the setting measures the trainer on cuBLASLt: session 36,
+`results/fp8_linear_h200.txt`).
 
 Part 1, the trainer. Each setting runs in a process of its own with empty DeepGEMM and Triton caches
 (`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine. It builds the H100 recipes' ~0.4 B

@@ -126,9 +126,9 @@ for what in "$@"; do
       --steps "${OVERLAP_STEPS:-8}" --rounds "${OVERLAP_ROUNDS:-1}" --warmup-steps 3 \
       --set rollout.engine_kwargs.enforce_eager=true ;;
   first_steps)  # the FP8 trainer's first steps under the token cap, each setting on empty kernel caches;
-    # `before` and `now` took 259 s and 187 s on the H100 (session 35), so three settings may not fit a call
+    # `before` and `now` took 259 s and 187 s on the H100 (session 35); `now_nvrtc` fails on CUDA 13 (session 36)
     # shellcheck disable=SC2086
-    stage first_steps python3 benchmarks/fp8_first_steps_gpu.py --settings ${FIRST_STEPS_SETTINGS:-now now_nvrtc} ;;
+    stage first_steps python3 benchmarks/fp8_first_steps_gpu.py --settings ${FIRST_STEPS_SETTINGS:-before now} ;;
   token_cap)  # after sft or sft_short: session 34's token-capped run (its steps 1-2 trained 183 s and 17 s)
     stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
       --set rollout.overlap=true --set algorithm.sampler_ratio_cap=2 --set train.micro_batch_size=128 \
