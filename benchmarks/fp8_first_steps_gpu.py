@@ -44,8 +44,8 @@ from trainer_step_gpu import h100_model
 from grpo.models import fp8_deep_gemm
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
-SETTINGS = {"before": ("nk", "0"), "now": ("n", "0"), "now_nvrtc": ("n", "1")}
-"""name -> (the sides compiled into a weight gradient's kernel, DG_JIT_USE_NVRTC)"""
+SETTINGS = {"before": ("nk", False), "now": ("n", False), "now_nvrtc": ("n", True)}
+"""name -> (the sides compiled into a weight gradient's kernel, whether DeepGEMM compiles through NVRTC)"""
 GEMM_SETTINGS = ("before", "now")
 """Part 2's, in this process's compiler (nvcc, unless the environment says NVRTC)."""
 PROMPTS, GROUP = 64, 8
@@ -100,7 +100,7 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
     return {
         "setting": setting,
         "compiled_dims": SETTINGS[setting][0],
-        "nvrtc": SETTINGS[setting][1] == "1",
+        "nvrtc": SETTINGS[setting][1],
         "first_pass_step_s": first,
         "second_pass_step_s": second,
         "deep_gemm_kernels_after_step": kernels,
@@ -114,7 +114,7 @@ def in_fresh_process(setting: str, steps: int, scratch: Path) -> dict:
         "TRITON_CACHE_DIR": scratch / f"triton_{setting}",
     }
     env = dict(os.environ, **{name: str(folder) for name, folder in caches.items()})
-    env["DG_JIT_USE_NVRTC"] = SETTINGS[setting][1]
+    env["DG_JIT_USE_NVRTC"] = "1" if SETTINGS[setting][1] else "0"
     command = [sys.executable, __file__, "--trainer-setting", setting, "--steps", str(steps)]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
@@ -178,10 +178,10 @@ def main() -> None:
                 "device": torch.cuda.get_device_name(),
                 "first_pass_s": {setting: round(s, 1) for setting, s in first.items()},
                 "first_pass_over_before": {
-                    setting: round(s / first["before"], 3)
-                    for setting, s in first.items()
-                    if "before" in first
-                },
+                    setting: round(s / first["before"], 3) for setting, s in first.items()
+                }
+                if "before" in first
+                else {},
                 "trainer": trainer_rows,
                 "weight_gradient_gemm": gemm_rows,
             }
