@@ -129,12 +129,14 @@ for what in "$@"; do
     # `before` and `now` took 259 s and 187 s on the H100 (session 35); `now_nvrtc` fails on CUDA 13 (session 36)
     # shellcheck disable=SC2086
     stage first_steps python3 benchmarks/fp8_first_steps_gpu.py --settings ${FIRST_STEPS_SETTINGS:-before now} ;;
-  token_cap)  # after sft or sft_short: session 34's token-capped run (its steps 1-2 trained 183 s and 17 s)
+  token_cap)  # after sft or sft_short: session 34's token-capped run (session 37, empty caches: step 1 trained 240-258 s)
     stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
       --set rollout.overlap=true --set algorithm.sampler_ratio_cap=2 --set train.micro_batch_size=128 \
       --set train.micro_batch_tokens=4096 --set train.steps=3 --set eval.prompts=0 \
       --set rollout.engine_kwargs.enforce_eager=true
-    run_summary tokcap ;;
+    run_summary tokcap
+    # which DeepGEMM kernels the machine has compiled so far (session 37: 61 in a fresh machine's first step)
+    stage deep_gemm_kernels python3 benchmarks/deep_gemm_cache_list.py ;;
   *) echo "unknown stage $what"; exit 2 ;;
   esac
 done
