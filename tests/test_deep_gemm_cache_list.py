@@ -60,7 +60,7 @@ def test_each_kernel_is_listed_oldest_first_with_its_template_arguments(tmp_path
         1796659290,
         SOURCE.format(k=0, block_m=128, epilogue="EpilogueIdentity"),
     )
-    _kernel(tmp_path, "sm90_fp8_gemm_1d2d.ee", 1796659320, None)  # compiling: no source written yet
+    _kernel(tmp_path, "sm90_fp8_gemm_1d2d.ee", 1796659320, None)  # a folder without a source
 
     done = _run(tmp_path)
 
