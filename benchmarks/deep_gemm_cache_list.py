@@ -20,8 +20,9 @@ import argparse
 import collections
 import datetime
 import json
-import os
 from pathlib import Path
+
+from grpo.models.deep_gemm_mirror import cache_root
 
 IMPL = "sm90_fp8_gemm_1d2d_impl<"
 # the template's parameters, in order (DeepGEMM's include/deep_gemm/impls/sm90_fp8_gemm_1d2d.cuh)
@@ -83,8 +84,9 @@ def settings(found: dict[str, str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default = Path(os.environ.get("DG_JIT_CACHE_DIR") or Path.home() / ".deep_gemm")
-    parser.add_argument("cache", nargs="?", type=Path, default=default, help="DeepGEMM's cache folder")
+    parser.add_argument(
+        "cache", nargs="?", type=Path, default=Path(cache_root()), help="DeepGEMM's cache folder"
+    )
     args = parser.parse_args()
     kernels = args.cache / "cache"
     if not kernels.is_dir():
@@ -99,15 +101,18 @@ def main() -> None:
         if found is None:
             print(f"{written}  {folder.name}: not a kernel of sm90_fp8_gemm_1d2d's known template")
             continue
-        print(f"{written}  {compiled_shape(found)}  {settings(found)}")
-        by_shape[compiled_shape(found)] += 1
+        shape = compiled_shape(found)
+        print(f"{written}  {shape}  {settings(found)}")
+        by_shape[shape] += 1
         k_at_run_time += found["k"] == "0"
     summary = {
         "benchmark": "deep_gemm_cache_list",
         "kernels": len(folders),
         "fp8_gemm": sum(by_shape.values()),
+        "k_at_run_time": k_at_run_time,
+        "by_shape": dict(by_shape.most_common()),
     }
-    print(json.dumps(summary | {"k_at_run_time": k_at_run_time, "by_shape": dict(by_shape.most_common())}))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
