@@ -1,9 +1,10 @@
 """The FP8 trainer's first steps on a fresh Hopper machine, with DeepGEMM compiling the weight
 gradient's K, a token count, into its kernel (`before`: DeepGEMM's default, `compiled_dims="nk"`) or
-reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n"), and `now` with
+reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n"), `now` with
 DeepGEMM compiling through NVRTC instead of nvcc (`now_nvrtc`: `DG_JIT_USE_NVRTC=1`; on CUDA 13 vLLM 0.26's
 DeepGEMM does not compile through NVRTC, and the setting measures the trainer on cuBLASLt: session 36,
-`results/fp8_linear_h200.txt`).
+`results/fp8_linear_h200.txt`), and `now` with the trainer compiling the kernels ahead, in processes
+side by side (`warm_up`: `train.fp8_warm_up`, `grpo.models.fp8_warm_up`; off in the other settings).
 
 Part 1, the trainer. Each setting runs in a process of its own with empty DeepGEMM and Triton caches
 (`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine. It builds the H100 recipes' ~0.4 B
@@ -12,16 +13,17 @@ as `recipes/arithmetic_grpo_h100.yaml` says, with session 34's token cap
 (`train.micro_batch_tokens: 4096`, `micro_batch_size: 128`), on STEPS synthetic rollout batches of
 64 x 8 rows. Each row's prompt (8-24 tokens) and completion (1-64) lengths are drawn at random, so
 the micro-batches' token counts differ as a real step's do. The learning rate is 1e-30, so the
-weights and the routing stay put. Then it trains on the same batches a second time. Reported: each
-step's wall seconds in both passes, and the DeepGEMM kernels (`.cubin` files) in the cache after
-each step of the first.
+weights and the routing stay put. Then it trains on the same batches a second time. Reported: the
+trainer's construction (`init_s`: loading the model, and the warm-up where on), each step's wall
+seconds in both passes, and the DeepGEMM kernels (`.cubin` files) in the cache after the
+construction and after each step of the first pass.
 
 Part 2, the GEMM. DeepGEMM's weight gradient alone at DeepSeek-V3's three dense shapes (8192 tokens;
 operands from the fused quantizers), K compiled in or not, in alternating order: device time per
 call (`torch.profiler`, mean of CALLS calls, each setting timed twice) and whether the two products
 are bitwise equal. Last line: one JSON object.
 
-    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3] [--settings before now now_nvrtc] [--no-gemm]
+    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3] [--settings before now now_nvrtc warm_up] [--no-gemm]
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ from trainer_step_gpu import h100_model
 from grpo.models import fp8_deep_gemm
 from grpo.trainer.policy_trainer import PolicyTrainer, RolloutBatch
 
-SETTINGS = {"before": ("nk", False), "now": ("n", False), "now_nvrtc": ("n", True)}
-"""name -> (the sides compiled into a weight gradient's kernel, whether DeepGEMM compiles through NVRTC)"""
+SETTINGS = {
+    "before": ("nk", False, False),
+    "now": ("n", False, False),
+    "now_nvrtc": ("n", True, False),
+    "warm_up": ("n", False, True),
+}
+"""name -> (the sides compiled into a weight gradient's kernel, whether DeepGEMM compiles through NVRTC,
+whether the trainer compiles the kernels ahead)"""
 GEMM_SETTINGS = ("before", "now")
 """Part 2's, in this process's compiler (nvcc, unless the environment says NVRTC)."""
 PROMPTS, GROUP = 64, 8
@@ -79,9 +87,16 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
         path, grpo, vocab_size = h100_model(Path(scratch))
         grpo["model"]["fp8"] = True
         grpo["train"].update(
-            micro_batch_size=MICRO_BATCH_ROWS, micro_batch_tokens=TOKEN_CAP, learning_rate=1e-30
+            micro_batch_size=MICRO_BATCH_ROWS,
+            micro_batch_tokens=TOKEN_CAP,
+            learning_rate=1e-30,
+            fp8_warm_up=SETTINGS[setting][2],
         )
+        start = time.perf_counter()
         trainer = PolicyTrainer(path, grpo, 0)
+        init_s = round(time.perf_counter() - start, 1)
+        kernels_after_init = kernels_compiled(cache)
+        print(setting, "trainer built in", init_s, "s,", kernels_after_init, "kernels", flush=True)
         batches = [rollout_batch(vocab_size, seed) for seed in range(steps)]
         first, second, kernels = [], [], []
         for batch in batches:
@@ -101,6 +116,9 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
         "setting": setting,
         "compiled_dims": SETTINGS[setting][0],
         "nvrtc": SETTINGS[setting][1],
+        "warm_up": trainer.fp8_warm_up,
+        "init_s": init_s,
+        "deep_gemm_kernels_after_init": kernels_after_init,
         "first_pass_step_s": first,
         "second_pass_step_s": second,
         "deep_gemm_kernels_after_step": kernels,
@@ -170,13 +188,16 @@ def main() -> None:
         trainer_rows = [in_fresh_process(setting, args.steps, Path(scratch)) for setting in args.settings]
         os.environ["DG_JIT_CACHE_DIR"] = str(Path(scratch) / "deep_gemm_gemms")
         gemm_rows = [] if args.no_gemm else weight_gradient_gemms()
-    first = {row["setting"]: sum(row["first_pass_step_s"]) for row in trainer_rows if "error" not in row}
+    done = [row for row in trainer_rows if "error" not in row]
+    first = {row["setting"]: sum(row["first_pass_step_s"]) for row in done}
+    built_and_first = {row["setting"]: row["init_s"] + sum(row["first_pass_step_s"]) for row in done}
     print(
         json.dumps(
             {
                 "benchmark": "fp8_first_steps_gpu",
                 "device": torch.cuda.get_device_name(),
                 "first_pass_s": {setting: round(s, 1) for setting, s in first.items()},
+                "init_and_first_pass_s": {setting: round(s, 1) for setting, s in built_and_first.items()},
                 "first_pass_over_before": {
                     setting: round(s / first["before"], 3) for setting, s in first.items()
                 }

@@ -247,7 +247,7 @@ class GroupedExperts(nn.Module):
         hidden_NI = weighted_swiglu(linear(x_NH, self.gate_up_proj), weights_N)
         return linear(hidden_NI, self.down_proj)
 
-    def _deep_gemm(self, x_TH: torch.Tensor):
+    def deep_gemm(self, x_TH: torch.Tensor):
         """DeepGEMM where the FP8 experts run through it (`fp8_grouped_deep_gemm`), else None."""
         if not (self.fp8 and x_TH.is_cuda):
             return None
@@ -259,7 +259,7 @@ class GroupedExperts(nn.Module):
         top_k = indices_TK.shape[1]
         order_N, inverse_N = sort_by_expert(indices_TK)
         counts_E = count_per_expert(indices_TK, self.num_experts)
-        library = self._deep_gemm(x_TH)
+        library = self.deep_gemm(x_TH)
         if library is not None:
             return self._forward_padded(library, x_TH, order_N, inverse_N, counts_E, weights_TK)
         weights_N = weights_TK.flatten()[order_N]

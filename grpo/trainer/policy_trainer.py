@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from grpo.algorithms.losses import AGGREGATIONS, BatchTotals, grpo_loss, sampler_correction, token_mean
 from grpo.config import Recipe
-from grpo.models import activation_checkpointing
-from grpo.models.build import converters_for, load_policy
+from grpo.models import activation_checkpointing, fp8_warm_up
+from grpo.models.build import context_length, converters_for, load_policy
 from grpo.models.fp8 import high_precision
 from grpo.models.fp8_weight_cache import reuse_quantized_weights
 from grpo.models.fused_grad_accumulation import accumulate_into_grad
@@ -126,6 +126,14 @@ def split_rows(
     if current:
         micro_batches.append(current)
     return micro_batches
+
+
+def largest_micro_batch(rows_cap: int, tokens_cap: int | None, context: int) -> int:
+    """The most tokens `split_rows` can put in a micro-batch, padding included, for rows of at most
+    `context` tokens."""
+    if tokens_cap is None:
+        return rows_cap * context
+    return max(tokens_cap, context)  # a row longer than the cap is a micro-batch of its own
 
 
 def token_logprobs(model, packed: Packed, with_entropy: bool = False):
@@ -241,6 +249,19 @@ class PolicyTrainer:
             # the optimizer puts each state tensor where its parameter is; torch's AdamW keeps its
             # step counts on the CPU (loaded onto the GPU, each step would read them back)
             self.optimizer.load_state_dict(torch.load(optimizer_file(resume_from, rank), map_location="cpu"))
+        self.fp8_warm_up = None
+        """What `fp8_warm_up.warm_up` reports, where it ran."""
+        if self.recipe.model.fp8 and train.fp8_warm_up:
+            tokens = largest_micro_batch(
+                train.micro_batch_size,
+                train.micro_batch_tokens,
+                context_length(model.config, self.recipe.rollout.engine_kwargs),
+            )
+            self.fp8_warm_up = fp8_warm_up.warm_up(
+                model, tokens, self.accelerator.device, train.expert_parallel_size
+            )
+            if self.fp8_warm_up is not None:
+                print("DeepGEMM's kernels compiled ahead:", self.fp8_warm_up, flush=True)
         self.model.train()
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 

@@ -1,0 +1,207 @@
+"""DeepGEMM's FP8 kernels for a model, compiled before its first step in processes side by side.
+
+DeepGEMM compiles a kernel (nvcc, 3-5 s each on the H100) the first time a GEMM needs it, one after
+another in the process that asks. On a fresh H100 the GRPO loop's first step compiled 61 of them
+and took 240-258 s, against 2.1 s with them cached (`benchmarks/results/grpo_loop_h100.md`,
+session 37). Which kernels a run needs follows from each GEMM's N and K, which the model fixes, and
+from its row count M, a micro-batch's tokens: DeepGEMM reads M at run time and picks the block
+shape, the TMA multicast and (with `fp8_deep_gemm.dense_sms`) the SM count from it, each choice a
+kernel of its own. `warm_up` runs every FP8 GEMM shape of the model at every row count that can
+choose differently, up to the run's largest micro-batch, one shape per process, so that the kernels
+compile in parallel into DeepGEMM's cache on disk, where the trainer finds them. Processes may share
+that cache: DeepGEMM compiles each kernel in a folder of its own and renames it into place.
+
+Which row counts (`row_counts`): DeepGEMM 2.x reads M only as ceil(M / b) for block sides b that are
+multiples of 16, and in comparisons with multiples of 16 (its `get_best_config`); `dense_sms` reads
+ceil(M / 256). So the counts 16j+1 .. 16j+15 all choose alike, and 16j+16 may choose otherwise: one
+of each covers every choice. They also cover Triton's specializations of the quantizers, on a count
+being 1 or a multiple of 16. The routed experts' grouped GEMMs see a padded layout's size instead,
+a multiple of 128 (`fp8_grouped_deep_gemm.PaddedLayout`): each size up to the tokens' pairs.
+
+A job is one GEMM shape, run through the trainer's own code:
+- dense (`fp8.Fp8Linear`): the forward at each count. The input gradient's GEMM is the forward of the
+  transposed shape, a job of its own. Where a layer has this shape, one backward more, twice:
+  the weight gradient stored, then added into `.grad` (its K, the token count, is read at run time,
+  so one count serves all);
+- grouped (`fp8_grouped_deep_gemm`): the experts' forward at each layout size; the transposed shape is
+  the input gradient's; once a backward at the largest size (the Triton weight gradient).
+
+A process that fails leaves its kernels to compile on first use, as without the warm-up, and says so
+in a warning. Run it where DeepGEMM runs (`fp8_deep_gemm.library`); elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+MAX_ROWS = 32768
+"""The largest row count warmed up: the forward at every count up to it costs the GPU time of
+(count / 8) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
+ROW_CLASS = 16
+GROUPED_ALIGNMENT = 128  # fp8_grouped_deep_gemm.ALIGNMENT, without importing Triton here
+
+
+@dataclass(frozen=True)
+class Job:
+    out_features: int
+    in_features: int
+    rows: int
+    """Dense: the largest row count. Grouped: the largest number of (token, expert) pairs."""
+    experts: int = 0
+    """0 for a dense GEMM; else the routed experts' count in the grouped GEMM."""
+    backward: bool = False
+    """Also run the backward once: a layer (or the experts) of this very shape is in the model."""
+
+
+def row_counts(rows: int) -> list[int]:
+    """One row count of each class that DeepGEMM tells apart, up to `rows`: 16j+1 and 16j+16."""
+    return sorted({m for j in range(0, rows, ROW_CLASS) for m in (j + 1, j + ROW_CLASS) if m <= rows})
+
+
+def padded_size(pairs: int, experts: int) -> int:
+    """`fp8_grouped_deep_gemm._padded_size`: each expert's rows padded to a multiple of 128."""
+    a = GROUPED_ALIGNMENT
+    return -(-(pairs + experts * (a - 1)) // a) * a
+
+
+def layout_sizes(pairs: int, experts: int) -> list[int]:
+    """Every padded layout size that up to `pairs` pairs among `experts` experts can take."""
+    return list(range(padded_size(1, experts), padded_size(pairs, experts) + 1, GROUPED_ALIGNMENT))
+
+
+def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
+    """The model's FP8 GEMM shapes, for micro-batches of up to `rows` tokens (`MAX_ROWS` at most).
+    `ranks`: the expert-parallel group's size, whose ranks' pairs may all reach one rank's experts."""
+    from grpo.models.fp8 import Fp8Linear
+    from grpo.models.moe import MoeLayer
+
+    rows = min(rows, MAX_ROWS)
+    layers = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Fp8Linear) and m.fp8}
+    shapes = layers | {(k, n) for n, k in layers}
+    jobs = [Job(n, k, rows, backward=(n, k) in layers) for n, k in sorted(shapes)]
+    experts: dict[tuple[int, int, int], int] = {}
+    for moe in model.modules():
+        if isinstance(moe, MoeLayer) and moe.experts.deep_gemm(moe.experts.gate_up_proj) is not None:
+            pairs = rows * moe.gate.routing.top_k * ranks
+            for weight_ENK in (moe.experts.gate_up_proj, moe.experts.down_proj):
+                e, n, k = weight_ENK.shape
+                experts[(e, n, k)] = max(experts.get((e, n, k), 0), pairs)
+    for (e, n, k), pairs in sorted(experts.items()):
+        jobs.append(Job(n, k, pairs, e, backward=True))
+        if (e, k, n) not in experts:
+            jobs.append(Job(k, n, pairs, e))
+    return jobs
+
+
+def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -> dict | None:
+    """Compile the kernels of `jobs_for(model, rows, ranks)` in processes side by side (as many as
+    jobs, at most one per CPU this process may use), and wait for them; None where DeepGEMM does not
+    run the FP8 GEMMs here. Returns the jobs, the processes, the seconds and the failed processes."""
+    from grpo.models import fp8_deep_gemm
+
+    if device.type != "cuda" or fp8_deep_gemm.library(device) is None:
+        return None
+    jobs = jobs_for(model, rows, ranks)
+    if not jobs:
+        return None
+    processes = min(len(jobs), len(os.sched_getaffinity(0)))
+    # the costliest first, dealt round: the shares end near together
+    jobs.sort(key=lambda job: job.rows * job.out_features * job.in_features, reverse=True)
+    shares = [jobs[i::processes] for i in range(processes)]
+    dtype = next(model.parameters()).dtype  # the activations' too
+    # the processes import what this one does from where it does (a Ray actor's path included)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    index = torch.cuda.current_device() if device.index is None else device.index
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
+        running = []
+        for i, share in enumerate(shares):
+            request = {"device": index, "dtype": str(dtype), "jobs": [asdict(j) for j in share]}
+            log = files.enter_context(open(os.path.join(logs, f"{i}.log"), "w+"))
+            command = [sys.executable, "-m", __name__, json.dumps(request)]
+            running.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
+        failures = [_last_line(log) for process, log in running if process.wait() != 0]
+    for failure in failures:
+        warnings.warn(
+            f"a DeepGEMM warm-up process failed ({failure}); its kernels compile on first use", stacklevel=2
+        )
+    seconds = round(time.perf_counter() - start, 1)
+    return {"jobs": len(jobs), "processes": processes, "seconds": seconds, "failed": len(failures)}
+
+
+def _last_line(log) -> str:
+    log.seek(0)
+    return (log.read().strip().splitlines() or ["no output"])[-1]
+
+
+# ---- in each process ------------------------------------------------------------------------------
+def run_dense(job: Job, device: torch.device, dtype: torch.dtype) -> None:
+    from grpo.models.fp8 import fp8_linear
+    from grpo.models.fp8_weight_cache import reuse_quantized_weights
+    from grpo.models.fused_grad_accumulation import accumulate_into_grad
+
+    w_NK = torch.randn(job.out_features, job.in_features, device=device, dtype=dtype)
+    x_MK = torch.randn(job.rows, job.in_features, device=device, dtype=dtype)
+    with torch.no_grad(), reuse_quantized_weights():
+        for m in row_counts(job.rows):
+            fp8_linear(x_MK[:m], w_NK)
+    if job.backward:
+        w_NK.requires_grad_(True)
+        grad_MN = torch.randn(job.rows, job.out_features, device=device, dtype=dtype)
+        for scope in (contextlib.nullcontext(), accumulate_into_grad()):  # stored, then added
+            with scope:
+                fp8_linear(x_MK, w_NK).backward(grad_MN)
+
+
+def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
+    from grpo.models.fp8_deep_gemm import library
+    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_padded
+
+    found = library(device)
+    assert found is not None, "DeepGEMM does not load in the warm-up process"
+    e = job.experts
+    sizes = layout_sizes(job.rows, e)
+    w_ENK = torch.randn(e, job.out_features, job.in_features, device=device, dtype=dtype)
+    x_PK = torch.randn(sizes[-1], job.in_features, device=device, dtype=dtype)
+
+    def layout(size: int) -> PaddedLayout:
+        pairs = size - e * (GROUPED_ALIGNMENT - 1)  # the fewest pairs whose layout is this size
+        ends_E = torch.arange(1, e + 1, device=device, dtype=torch.int64) * pairs // e
+        return PaddedLayout.of(ends_E.to(torch.int32), pairs)
+
+    with torch.no_grad():
+        for size in sizes:
+            grouped_fp8_padded(found, x_PK[:size], w_ENK, layout(size))
+    if job.backward:
+        w_ENK.requires_grad_(True)
+        y_PN = grouped_fp8_padded(found, x_PK, w_ENK, layout(sizes[-1]))
+        y_PN.backward(torch.randn_like(y_PN))
+
+
+def main() -> None:
+    request = json.loads(sys.argv[1])
+    device = torch.device("cuda", request["device"])
+    torch.cuda.set_device(device)
+    dtype = getattr(torch, request["dtype"].removeprefix("torch."))
+    torch.manual_seed(0)
+    for fields in request["jobs"]:
+        job = Job(**fields)
+        start = time.perf_counter()
+        (run_grouped if job.experts else run_dense)(job, device, dtype)
+        torch.cuda.synchronize(device)
+        print(json.dumps({**fields, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Which FP8 GEMMs `grpo.models.fp8_warm_up` compiles ahead, for which row counts, and what a failed
+process leaves. That the counts cover every kernel a run then asks for: the GPU test at the end."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from grpo.models import fp8_deep_gemm, fp8_warm_up
+from grpo.models.fp8 import Fp8Linear
+from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, padded_size, row_counts
+from grpo.models.moe import GroupedExperts, MoeLayer, Routing
+from grpo.trainer.policy_trainer import largest_micro_batch
+
+
+def test_row_counts_take_one_count_of_each_class_deep_gemm_tells_apart():
+    assert row_counts(1) == [1]
+    assert row_counts(16) == [1, 16]
+    assert row_counts(40) == [1, 16, 17, 32, 33]
+
+
+def test_padded_size_is_the_grouped_gemms_own():
+    from grpo.models.fp8_grouped_deep_gemm import _padded_size
+
+    for pairs, experts in [(1, 1), (128, 1), (129, 1), (300, 2), (5, 32)]:
+        assert padded_size(pairs, experts) == _padded_size(pairs, experts)
+
+
+def test_layout_sizes_are_every_size_up_to_so_many_pairs_can_take():
+    # two experts: one pair pads to 256 rows (up to 127 rows of padding each), 300 pairs to 640
+    assert layout_sizes(1, 2) == [256]
+    assert layout_sizes(300, 2) == [256, 384, 512, 640]
+
+
+def test_every_fp8_shape_and_its_transpose_is_a_job_and_the_layers_shapes_run_the_backward():
+    model = nn.Sequential(Fp8Linear(256, 128), Fp8Linear(128, 256), Fp8Linear(256, 384), nn.Linear(512, 640))
+    model[1].fp8 = False  # runs in high precision: no FP8 GEMM
+
+    assert jobs_for(model, 100) == [
+        Job(128, 256, 100, backward=True),
+        Job(256, 128, 100),  # the input gradient of 256 -> 128
+        Job(256, 384, 100),  # the input gradient of 256 -> 384
+        Job(384, 256, 100, backward=True),
+    ]
+    assert {job.rows for job in jobs_for(model, 10**6)} == {fp8_warm_up.MAX_ROWS}
+
+
+def test_experts_through_deep_gemm_are_grouped_jobs_over_every_rank_s_pairs(monkeypatch):
+    layer = MoeLayer(256, 128, Routing(num_experts=4, top_k=2))  # gate_up 4 x 256 x 256, down 4 x 256 x 128
+    layer.experts.fp8 = True
+    monkeypatch.setattr(GroupedExperts, "deep_gemm", lambda self, x: "DeepGEMM")
+
+    assert jobs_for(layer, 100, ranks=2) == [
+        Job(256, 128, 400, 4, backward=True),  # down: 100 tokens x top-2 x 2 ranks
+        Job(128, 256, 400, 4),  # down's input gradient
+        Job(256, 256, 400, 4, backward=True),  # gate_up, its own transpose
+    ]
+    monkeypatch.setattr(GroupedExperts, "deep_gemm", lambda self, x: None)
+    assert jobs_for(layer, 100) == []
+
+
+def test_the_warm_up_does_nothing_where_deep_gemm_does_not_run():
+    assert fp8_warm_up.warm_up(Fp8Linear(256, 128), 100, torch.device("cpu")) is None
+
+
+def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch):
+    monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: "DeepGEMM")
+    monkeypatch.setattr(fp8_warm_up.os, "sched_getaffinity", lambda pid: {0, 1})
+    no_such_gpu = torch.device("cuda", 99)  # each process fails as it sets it, here or on a GPU machine
+
+    with pytest.warns(
+        UserWarning, match=r"a DeepGEMM warm-up process failed \(.+\); its kernels compile on first use"
+    ):
+        report = fp8_warm_up.warm_up(Fp8Linear(256, 128), 100, no_such_gpu)
+
+    assert report is not None
+    assert (report["jobs"], report["processes"], report["failed"]) == (2, 2, 2)
+
+
+def test_the_largest_micro_batch_is_the_token_cap_or_one_row_past_it():
+    assert largest_micro_batch(rows_cap=8, tokens_cap=None, context=100) == 800
+    assert largest_micro_batch(rows_cap=8, tokens_cap=4096, context=100) == 4096
+    assert largest_micro_batch(rows_cap=8, tokens_cap=64, context=100) == 100
+
+
+def _deep_gemm_runs() -> bool:
+    return torch.cuda.is_available() and fp8_deep_gemm.library(torch.device("cuda")) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _deep_gemm_runs(), reason="needs a Hopper GPU where DeepGEMM runs")
+def test_after_the_warm_up_no_token_count_compiles_a_kernel():
+    """Shapes no other test uses (640 -> 384 and back), so that their kernels are new to the cache;
+    then forward and backward, the weight gradient stored and added, at counts of every class."""
+    from grpo.models.deep_gemm_mirror import cache_root
+    from grpo.models.fused_grad_accumulation import accumulate_into_grad
+
+    def kernels() -> set[str]:
+        return {path.name for path in (Path(cache_root()) / "cache").glob("kernel.*")}
+
+    model = nn.Sequential(Fp8Linear(640, 384), Fp8Linear(384, 640)).to("cuda", torch.bfloat16)
+    report = fp8_warm_up.warm_up(model, 600, torch.device("cuda"))
+    assert report is not None and report["failed"] == 0
+    warmed = kernels()
+
+    counts = [
+        1,
+        2,
+        15,
+        16,
+        17,
+        100,
+        255,
+        256,
+        257,
+        511,
+        512,
+        513,
+        600,
+        *random.Random(0).sample(range(1, 601), 20),
+    ]
+    for m in counts:
+        x = torch.randn(m, 640, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()  # the weight gradients stored
+        with accumulate_into_grad():
+            model(x).sum().backward()  # and added into .grad
+    torch.cuda.synchronize()
+
+    assert kernels() == warmed
