@@ -11,6 +11,7 @@
 #           | features (after sft or sft_short: sessions 31-32's loop features, a few steps each)
 #           | overlap (after sft or sft_short: the loop with and without rollout.overlap, side by side)
 #           | first_steps (the FP8 trainer's first steps on empty kernel caches) | token_cap (after sft)
+#           | warm_up (the FP8 kernels compiled ahead: its GPU test, and first_steps with and without it)
 # `install` needs only the image plus pydantic (carried as wheels in .whl); stages that start vLLM or
 # Ray need the wheels of ../shared/gpu/README.md in /tmp/site. Without them, DEEP_GEMM_DIR names a folder made
 # by deep_gemm_from_vllm_wheel.sh (carried along), so that the FP8 layers find DeepGEMM all the same.
@@ -86,7 +87,7 @@ for what in "$@"; do
   gpu_tests)  # -P: import grpo from the install, not the source tree (rewards/, eval/ map into it)
     stage gpu_tests python3 -P -m pytest -q -m gpu tests/test_fp8_grouped.py tests/test_fp8_triton.py \
       tests/test_weight_sync.py tests/test_moe.py tests/test_fp8_activation_cache.py tests/test_swiglu.py tests/test_gather_sum.py \
-      tests/test_deep_gemm_mirror.py ;;
+      tests/test_deep_gemm_mirror.py tests/test_fp8_warm_up.py ;;
   fp8_profile)
     stage fp8_profile_1 python3 benchmarks/probe_fp8_linear_profile_gpu.py
     stage fp8_profile_2 python3 benchmarks/probe_fp8_linear_profile_gpu.py
@@ -129,6 +130,10 @@ for what in "$@"; do
     # `before` and `now` took 259 s and 187 s on the H100 (session 35); `now_nvrtc` fails on CUDA 13 (session 36)
     # shellcheck disable=SC2086
     stage first_steps python3 benchmarks/fp8_first_steps_gpu.py --settings ${FIRST_STEPS_SETTINGS:-before now} ;;
+  warm_up)  # the FP8 kernels compiled ahead (train.fp8_warm_up): its GPU test on an empty kernel cache,
+    # then the trainer's first steps with and without it, each on empty caches
+    stage warm_up_test env DG_JIT_CACHE_DIR=/tmp/dg_warm_up_test python3 -P -m pytest -q -m gpu tests/test_fp8_warm_up.py
+    stage first_steps_warm_up python3 benchmarks/fp8_first_steps_gpu.py --settings warm_up now --no-gemm ;;
   token_cap)  # after sft or sft_short: session 34's token-capped run (session 37, empty caches: step 1 trained 240-258 s)
     stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
       --set rollout.overlap=true --set algorithm.sampler_ratio_cap=2 --set train.micro_batch_size=128 \
