@@ -134,11 +134,12 @@ for what in "$@"; do
     # then the trainer's first steps with and without it, each on empty caches
     stage warm_up_test env DG_JIT_CACHE_DIR=/tmp/dg_warm_up_test python3 -P -m pytest -q -m gpu tests/test_fp8_warm_up.py
     stage first_steps_warm_up python3 benchmarks/fp8_first_steps_gpu.py --settings warm_up now --no-gemm ;;
-  token_cap)  # after sft or sft_short: session 34's token-capped run (session 37, empty caches: step 1 trained 240-258 s)
+  token_cap)  # after sft or sft_short: session 34's token-capped run (session 37, empty caches: step 1 trained 240-258 s);
+    # FP8_WARM_UP=true compiles the FP8 kernels before step 1 (grpo.models.fp8_warm_up)
     stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
       --set rollout.overlap=true --set algorithm.sampler_ratio_cap=2 --set train.micro_batch_size=128 \
       --set train.micro_batch_tokens=4096 --set train.steps=3 --set eval.prompts=0 \
-      --set rollout.engine_kwargs.enforce_eager=true
+      --set rollout.engine_kwargs.enforce_eager=true --set train.fp8_warm_up="${FP8_WARM_UP:-false}"
     run_summary tokcap
     # which DeepGEMM kernels the machine has compiled so far (session 37: 61 in a fresh machine's first step)
     stage deep_gemm_kernels python3 benchmarks/deep_gemm_cache_list.py ;;

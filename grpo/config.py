@@ -262,11 +262,12 @@ class TrainConfig(Section):
     """Also cap each micro-batch's padded size (rows x its longest row, prompt and completion) at this
     many tokens, so that memory follows the tokens rather than the row count (verl's
     `ppo_max_token_len_per_gpu`). A row longer than the cap gets a micro-batch of its own."""
-    fp8_warm_up: bool = True
+    fp8_warm_up: bool = False
     """With `model.fp8` on a Hopper GPU where DeepGEMM runs: before the first step, compile the FP8
     GEMMs' kernels for every micro-batch size up to the largest (`micro_batch_tokens`, else
     `micro_batch_size` times the context; 32768 tokens at most) in processes side by side, instead
-    of one after another during the first steps (`grpo.models.fp8_warm_up`)."""
+    of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default until
+    it has run on a GPU (written in session 38, when no GPU machine came)."""
     sync_interval: int = Field(1, ge=1)
     """Push weights to the vLLM engines every this many optimizer steps."""
     parity_tolerance: float | None = Field(None, gt=0.0)
