@@ -10,7 +10,7 @@ from torch import nn
 
 from grpo.models import fp8_deep_gemm, fp8_warm_up
 from grpo.models.fp8 import Fp8Linear
-from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, padded_size, row_counts
+from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, row_counts
 from grpo.models.moe import GroupedExperts, MoeLayer, Routing
 from grpo.trainer.policy_trainer import largest_micro_batch
 
@@ -19,13 +19,6 @@ def test_row_counts_take_one_count_of_each_class_deep_gemm_tells_apart():
     assert row_counts(1) == [1]
     assert row_counts(16) == [1, 16]
     assert row_counts(40) == [1, 16, 17, 32, 33]
-
-
-def test_padded_size_is_the_grouped_gemms_own():
-    from grpo.models.fp8_grouped_deep_gemm import _padded_size
-
-    for pairs, experts in [(1, 1), (128, 1), (129, 1), (300, 2), (5, 32)]:
-        assert padded_size(pairs, experts) == _padded_size(pairs, experts)
 
 
 def test_layout_sizes_are_every_size_up_to_so_many_pairs_can_take():

@@ -88,7 +88,7 @@ def _padded_layout_kernel(
     tl.store(destination_ptr + packed, p.to(tl.int64), mask=real & (p < size))
 
 
-def _padded_size(rows: int, experts: int) -> int:
+def padded_size(rows: int, experts: int) -> int:
     """Padded rows enough for any split of `rows` among `experts`: each pads at most 127 rows."""
     return -(-(rows + experts * (ALIGNMENT - 1)) // ALIGNMENT) * ALIGNMENT
 
@@ -118,7 +118,7 @@ class PaddedLayout:
         row_N = torch.arange(rows, device=ends_E.device, dtype=ends_E.dtype)
         expert_N = torch.searchsorted(ends_E, row_N, right=True)
         destination_N = (row_N + shift_E[expert_N]).long()
-        size = _padded_size(rows, experts)
+        size = padded_size(rows, experts)
         layout_P = torch.full((size,), -1, device=ends_E.device, dtype=torch.int32)
         layout_P[destination_N] = expert_N.int()
         return cls(destination_N, layout_P, padded_ends_E)
@@ -127,7 +127,7 @@ class PaddedLayout:
     def by_kernel(cls, ends_E: torch.Tensor, rows: int) -> PaddedLayout:
         """`of` in one launch of `_padded_layout_kernel`."""
         experts = ends_E.numel()
-        size = _padded_size(rows, experts)
+        size = padded_size(rows, experts)
         device = ends_E.device
         layout_P = torch.empty(size, device=device, dtype=torch.int32)
         destination_N = torch.empty(rows, device=device, dtype=torch.int64)

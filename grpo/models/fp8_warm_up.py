@@ -49,7 +49,6 @@ MAX_ROWS = 32768
 """The largest row count warmed up: the forward at every count up to it costs the GPU time of
 (count / 8) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
 ROW_CLASS = 16
-GROUPED_ALIGNMENT = 128  # fp8_grouped_deep_gemm.ALIGNMENT, without importing Triton here
 
 
 @dataclass(frozen=True)
@@ -69,15 +68,11 @@ def row_counts(rows: int) -> list[int]:
     return sorted({m for j in range(0, rows, ROW_CLASS) for m in (j + 1, j + ROW_CLASS) if m <= rows})
 
 
-def padded_size(pairs: int, experts: int) -> int:
-    """`fp8_grouped_deep_gemm._padded_size`: each expert's rows padded to a multiple of 128."""
-    a = GROUPED_ALIGNMENT
-    return -(-(pairs + experts * (a - 1)) // a) * a
-
-
 def layout_sizes(pairs: int, experts: int) -> list[int]:
     """Every padded layout size that up to `pairs` pairs among `experts` experts can take."""
-    return list(range(padded_size(1, experts), padded_size(pairs, experts) + 1, GROUPED_ALIGNMENT))
+    from grpo.models.fp8_grouped_deep_gemm import ALIGNMENT, padded_size
+
+    return list(range(padded_size(1, experts), padded_size(pairs, experts) + 1, ALIGNMENT))
 
 
 def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
@@ -166,7 +161,7 @@ def run_dense(job: Job, device: torch.device, dtype: torch.dtype) -> None:
 
 def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
     from grpo.models.fp8_deep_gemm import library
-    from grpo.models.fp8_grouped_deep_gemm import PaddedLayout, grouped_fp8_padded
+    from grpo.models.fp8_grouped_deep_gemm import ALIGNMENT, PaddedLayout, grouped_fp8_padded
 
     found = library(device)
     assert found is not None, "DeepGEMM does not load in the warm-up process"
@@ -176,7 +171,7 @@ def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
     x_PK = torch.randn(sizes[-1], job.in_features, device=device, dtype=dtype)
 
     def layout(size: int) -> PaddedLayout:
-        pairs = size - e * (GROUPED_ALIGNMENT - 1)  # the fewest pairs whose layout is this size
+        pairs = size - e * (ALIGNMENT - 1)  # the fewest pairs whose layout is this size
         ends_E = torch.arange(1, e + 1, device=device, dtype=torch.int64) * pairs // e
         return PaddedLayout.of(ends_E.to(torch.int32), pairs)
 
