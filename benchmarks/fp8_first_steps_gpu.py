@@ -116,7 +116,7 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
         "setting": setting,
         "compiled_dims": SETTINGS[setting][0],
         "nvrtc": SETTINGS[setting][1],
-        "warm_up": trainer.fp8_warm_up,
+        "warm_up": trainer.warm_up_report,
         "init_s": init_s,
         "deep_gemm_kernels_after_init": kernels_after_init,
         "first_pass_step_s": first,

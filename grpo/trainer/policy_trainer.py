@@ -249,19 +249,21 @@ class PolicyTrainer:
             # the optimizer puts each state tensor where its parameter is; torch's AdamW keeps its
             # step counts on the CPU (loaded onto the GPU, each step would read them back)
             self.optimizer.load_state_dict(torch.load(optimizer_file(resume_from, rank), map_location="cpu"))
-        self.fp8_warm_up = None
+        self.warm_up_report = None
         """What `fp8_warm_up.warm_up` reports, where it ran."""
-        if self.recipe.model.fp8 and train.fp8_warm_up:
+        # one rank compiles for all: the ranks share the host, and so DeepGEMM's cache, and no rank
+        # steps before every rank is built (`TrainerRanks`)
+        if self.recipe.model.fp8 and train.fp8_warm_up and rank == 0:
             tokens = largest_micro_batch(
                 train.micro_batch_size,
                 train.micro_batch_tokens,
                 context_length(model.config, self.recipe.rollout.engine_kwargs),
             )
-            self.fp8_warm_up = fp8_warm_up.warm_up(
+            self.warm_up_report = fp8_warm_up.warm_up(
                 model, tokens, self.accelerator.device, train.expert_parallel_size
             )
-            if self.fp8_warm_up is not None:
-                print("DeepGEMM's kernels compiled ahead:", self.fp8_warm_up, flush=True)
+            if self.warm_up_report is not None:
+                print("DeepGEMM's kernels compiled ahead:", self.warm_up_report, flush=True)
         self.model.train()
         self.weights = SharedWeightsWriter(tag=self.recipe.run.name, same_card=self.recipe.rollout.colocate)
 
