@@ -10,15 +10,21 @@ from torch import nn
 
 from grpo.models import fp8_deep_gemm, fp8_warm_up
 from grpo.models.fp8 import Fp8Linear
-from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, row_counts
+from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, row_counts, token_counts
 from grpo.models.moe import GroupedExperts, MoeLayer, Routing
 from grpo.trainer.policy_trainer import largest_micro_batch
 
 
-def test_row_counts_take_one_count_of_each_class_deep_gemm_tells_apart():
+def test_row_counts_pad_to_every_multiple_of_16_and_take_each_class_triton_specializes_on():
     assert row_counts(1) == [1]
     assert row_counts(16) == [1, 16]
-    assert row_counts(40) == [1, 16, 17, 32, 33]
+    assert row_counts(40) == [1, 16, 17, 32, 40]  # 40 pads to 48
+
+
+def test_token_counts_pad_to_every_multiple_of_512():
+    assert token_counts(100) == [100]
+    assert token_counts(512) == [512]
+    assert token_counts(1500) == [512, 1024, 1500]  # 1500 pads to 1536
 
 
 def test_layout_sizes_are_every_size_up_to_so_many_pairs_can_take():
@@ -28,27 +34,34 @@ def test_layout_sizes_are_every_size_up_to_so_many_pairs_can_take():
 
 
 def test_every_fp8_shape_and_its_transpose_is_a_job_and_the_layers_shapes_run_the_backward():
-    model = nn.Sequential(Fp8Linear(256, 128), Fp8Linear(128, 256), Fp8Linear(256, 384), nn.Linear(512, 640))
+    model = nn.Sequential(
+        Fp8Linear(1024, 512),
+        Fp8Linear(512, 1024),
+        Fp8Linear(1024, 1536),
+        Fp8Linear(1000, 500),  # padded to 1024 -> 512, the first layer's GEMM
+        nn.Linear(512, 640),
+    )
     model[1].fp8 = False  # runs in high precision: no FP8 GEMM
 
     assert jobs_for(model, 100) == [
-        Job(128, 256, 100, backward=True),
-        Job(256, 128, 100),  # the input gradient of 256 -> 128
-        Job(256, 384, 100),  # the input gradient of 256 -> 384
-        Job(384, 256, 100, backward=True),
+        Job(512, 1024, 100, backward=True),
+        Job(1024, 512, 100),  # the input gradient of 1024 -> 512
+        Job(1024, 1536, 100),  # the input gradient of 1024 -> 1536
+        Job(1536, 1024, 100, backward=True),
     ]
     assert {job.rows for job in jobs_for(model, 10**6)} == {fp8_warm_up.MAX_ROWS}
 
 
 def test_experts_through_deep_gemm_are_grouped_jobs_over_every_rank_s_pairs(monkeypatch):
-    layer = MoeLayer(256, 128, Routing(num_experts=4, top_k=2))  # gate_up 4 x 256 x 256, down 4 x 256 x 128
+    # gate_up 4 x 800 x 1024 and down 4 x 1024 x 400, padded to 4 x 1024 x 1024 and 4 x 1024 x 512
+    layer = MoeLayer(1024, 400, Routing(num_experts=4, top_k=2))
     layer.experts.fp8 = True
     monkeypatch.setattr(GroupedExperts, "deep_gemm", lambda self, x: "DeepGEMM")
 
     assert jobs_for(layer, 100, ranks=2) == [
-        Job(256, 128, 400, 4, backward=True),  # down: 100 tokens x top-2 x 2 ranks
-        Job(128, 256, 400, 4),  # down's input gradient
-        Job(256, 256, 400, 4, backward=True),  # gate_up, its own transpose
+        Job(1024, 512, 400, 4, backward=True),  # down: 100 tokens x top-2 x 2 ranks
+        Job(512, 1024, 400, 4),  # down's input gradient
+        Job(1024, 1024, 400, 4, backward=True),  # gate_up, its own transpose
     ]
     monkeypatch.setattr(GroupedExperts, "deep_gemm", lambda self, x: None)
     assert jobs_for(layer, 100) == []
@@ -66,7 +79,7 @@ def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch):
     with pytest.warns(
         UserWarning, match=r"a DeepGEMM warm-up process failed \(.+\); its kernels compile on first use"
     ):
-        report = fp8_warm_up.warm_up(Fp8Linear(256, 128), 100, no_such_gpu)
+        report = fp8_warm_up.warm_up(Fp8Linear(1024, 512), 100, no_such_gpu)
 
     assert report is not None
     assert (report["jobs"], report["processes"], report["failed"]) == (2, 2, 2)
@@ -85,37 +98,24 @@ def _deep_gemm_runs() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _deep_gemm_runs(), reason="needs a Hopper GPU where DeepGEMM runs")
 def test_after_the_warm_up_no_token_count_compiles_a_kernel():
-    """Shapes no other test uses (640 -> 384 and back), so that their kernels are new to the cache;
-    then forward and backward, the weight gradient stored and added, at counts of every class."""
+    """Shapes no other test uses (2560 -> 1536 and back, sides the quantizers do not pad), so that
+    their kernels are new to the cache; then forward and backward, the weight gradient stored and
+    added, at counts on each side of every padding edge (16 rows, 512 tokens) and at random ones."""
     from grpo.models.deep_gemm_mirror import cache_root
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
 
     def kernels() -> set[str]:
         return {path.name for path in (Path(cache_root()) / "cache").glob("kernel.*")}
 
-    model = nn.Sequential(Fp8Linear(640, 384), Fp8Linear(384, 640)).to("cuda", torch.bfloat16)
-    report = fp8_warm_up.warm_up(model, 600, torch.device("cuda"))
+    model = nn.Sequential(Fp8Linear(2560, 1536), Fp8Linear(1536, 2560)).to("cuda", torch.bfloat16)
+    report = fp8_warm_up.warm_up(model, 1100, torch.device("cuda"))
     assert report is not None and report["failed"] == 0
     warmed = kernels()
 
-    counts = [
-        1,
-        2,
-        15,
-        16,
-        17,
-        100,
-        255,
-        256,
-        257,
-        511,
-        512,
-        513,
-        600,
-        *random.Random(0).sample(range(1, 601), 20),
-    ]
+    edges = [1, 2, 15, 16, 17, 100, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1100]
+    counts = edges + random.Random(0).sample(range(1, 1101), 20)
     for m in counts:
-        x = torch.randn(m, 640, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(m, 2560, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()  # the weight gradients stored
         with accumulate_into_grad():

@@ -6,23 +6,26 @@ and took 240-258 s, against 2.1 s with them cached (`benchmarks/results/grpo_loo
 session 37). Which kernels a run needs follows from each GEMM's N and K, which the model fixes, and
 from its row count M, a micro-batch's tokens: DeepGEMM reads M at run time and picks the block
 shape, the TMA multicast and (with `fp8_deep_gemm.dense_sms`) the SM count from it, each choice a
-kernel of its own. `warm_up` runs every FP8 GEMM shape of the model at every row count that can
-choose differently, up to the run's largest micro-batch, one shape per process, so that the kernels
+kernel of its own. `warm_up` runs every FP8 GEMM shape of the model at every row count its GEMMs
+can see, up to the run's largest micro-batch, one shape per process, so that the kernels
 compile in parallel into DeepGEMM's cache on disk, where the trainer finds them. Processes may share
 that cache: DeepGEMM compiles each kernel in a folder of its own and renames it into place.
 
-Which row counts (`row_counts`): DeepGEMM 2.x reads M only as ceil(M / b) for block sides b that are
-multiples of 16, and in comparisons with multiples of 16 (its `get_best_config`); `dense_sms` reads
-ceil(M / 256). So the counts 16j+1 .. 16j+15 all choose alike, and 16j+16 may choose otherwise: one
-of each covers every choice. They also cover Triton's specializations of the quantizers, on a count
-being 1 or a multiple of 16. The routed experts' grouped GEMMs see a padded layout's size instead,
-a multiple of 128 (`fp8_grouped_deep_gemm.PaddedLayout`): each size up to the tokens' pairs.
+Which row counts: every one DeepGEMM can see, so that what it picks from them does not matter.
+The FP8 operands are padded before the GEMM: a dense GEMM's M (the tokens) to a multiple of 16
+(`fp8.CUBLAS_ROWS`), a weight gradient's K (the tokens again) to a multiple of 512
+(`fp8.CUBLAS_BLOCKS` x 128), and the routed experts' rows to a padded layout's size, a multiple of
+128 (`fp8_grouped_deep_gemm.PaddedLayout`). So `row_counts` takes every multiple of 16 up to the
+largest micro-batch, `token_counts` every multiple of 512, and `layout_sizes` every layout size up
+to the tokens' pairs. One K would not stand for all: DeepGEMM 2.5 weighs a weight gradient's K
+when it picks the block shape and the pipeline stages (`get_layout_info`, `get_pipeline_config`).
+`row_counts` also takes 1 and a count neither 1 nor a multiple of 16: Triton specializes the
+quantizers on each of these classes (`fp8_triton._int_class`).
 
 A job is one GEMM shape, run through the trainer's own code:
-- dense (`fp8.Fp8Linear`): the forward at each count. The input gradient's GEMM is the forward of the
-  transposed shape, a job of its own. Where a layer has this shape, one backward more, twice:
-  the weight gradient stored, then added into `.grad` (its K, the token count, is read at run time,
-  so one count serves all);
+- dense (`fp8.Fp8Linear`): the forward at each row count. The input gradient's GEMM is the forward of
+  the transposed shape, a job of its own. Where a layer has this shape, the backward at each token
+  count, twice: the weight gradient stored, then added into `.grad` (two epilogues, two kernels);
 - grouped (`fp8_grouped_deep_gemm`): the experts' forward at each layout size; the transposed shape is
   the input gradient's; once a backward at the largest size (the Triton weight gradient).
 
@@ -47,8 +50,7 @@ from torch import nn
 
 MAX_ROWS = 32768
 """The largest row count warmed up: the forward at every count up to it costs the GPU time of
-(count / 8) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
-ROW_CLASS = 16
+(count / 16) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,19 @@ class Job:
 
 
 def row_counts(rows: int) -> list[int]:
-    """One row count of each class that DeepGEMM tells apart, up to `rows`: 16j+1 and 16j+16."""
-    return sorted({m for j in range(0, rows, ROW_CLASS) for m in (j + 1, j + ROW_CLASS) if m <= rows})
+    """Row counts up to `rows` that, padded to a multiple of `fp8.CUBLAS_ROWS`, give every M a dense
+    GEMM sees; with 1 and one count of neither 1 nor a multiple of 16, for Triton's quantizers."""
+    from grpo.models.fp8 import CUBLAS_ROWS
+
+    other = CUBLAS_ROWS + 1
+    return sorted({1, rows, *range(CUBLAS_ROWS, rows + 1, CUBLAS_ROWS), *([other] if other <= rows else [])})
+
+
+def token_counts(rows: int) -> list[int]:
+    """Token counts up to `rows` that, padded to a multiple of 512, give every K a weight gradient sees."""
+    from grpo.models.fp8 import CUBLAS_BLOCKS, T
+
+    return sorted({rows, *range(CUBLAS_BLOCKS * T, rows + 1, CUBLAS_BLOCKS * T)})
 
 
 def layout_sizes(pairs: int, experts: int) -> list[int]:
@@ -76,13 +89,22 @@ def layout_sizes(pairs: int, experts: int) -> list[int]:
 
 
 def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
-    """The model's FP8 GEMM shapes, for micro-batches of up to `rows` tokens (`MAX_ROWS` at most).
-    `ranks`: the expert-parallel group's size, whose ranks' pairs may all reach one rank's experts."""
-    from grpo.models.fp8 import Fp8Linear
+    """The FP8 GEMM shapes DeepGEMM sees for the model (the weights' sides padded to a multiple of
+    512, as the quantizers pad them: two layers may share one), for micro-batches of up to `rows`
+    tokens (`MAX_ROWS` at most). `ranks`: the expert-parallel group's size, whose ranks' pairs may
+    all reach one rank's experts."""
+    from grpo.models.fp8 import CUBLAS_BLOCKS, Fp8Linear, T
     from grpo.models.moe import MoeLayer
 
+    def padded(side: int) -> int:
+        return -(-side // (CUBLAS_BLOCKS * T)) * CUBLAS_BLOCKS * T
+
     rows = min(rows, MAX_ROWS)
-    layers = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Fp8Linear) and m.fp8}
+    layers = {
+        (padded(m.out_features), padded(m.in_features))
+        for m in model.modules()
+        if isinstance(m, Fp8Linear) and m.fp8
+    }
     shapes = layers | {(k, n) for n, k in layers}
     jobs = [Job(n, k, rows, backward=(n, k) in layers) for n, k in sorted(shapes)]
     experts: dict[tuple[int, int, int], int] = {}
@@ -91,7 +113,8 @@ def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
             pairs = rows * moe.gate.routing.top_k * ranks
             for weight_ENK in (moe.experts.gate_up_proj, moe.experts.down_proj):
                 e, n, k = weight_ENK.shape
-                experts[(e, n, k)] = max(experts.get((e, n, k), 0), pairs)
+                shape = (e, padded(n), padded(k))
+                experts[shape] = max(experts.get(shape, 0), pairs)
     for (e, n, k), pairs in sorted(experts.items()):
         jobs.append(Job(n, k, pairs, e, backward=True))
         if (e, k, n) not in experts:
@@ -154,9 +177,10 @@ def run_dense(job: Job, device: torch.device, dtype: torch.dtype) -> None:
     if job.backward:
         w_NK.requires_grad_(True)
         grad_MN = torch.randn(job.rows, job.out_features, device=device, dtype=dtype)
-        for scope in (contextlib.nullcontext(), accumulate_into_grad()):  # stored, then added
-            with scope:
-                fp8_linear(x_MK, w_NK).backward(grad_MN)
+        for k in token_counts(job.rows):
+            for scope in (contextlib.nullcontext(), accumulate_into_grad()):  # stored, then added
+                with scope:
+                    fp8_linear(x_MK[:k], w_NK).backward(grad_MN[:k])
 
 
 def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
