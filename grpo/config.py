@@ -267,7 +267,7 @@ class TrainConfig(Section):
     GEMMs' kernels for every micro-batch size up to the largest (`micro_batch_tokens`, else
     `micro_batch_size` times the context; 32768 tokens at most) in processes side by side, instead
     of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default until
-    it has run on a GPU (written in session 38, when no GPU machine came)."""
+    it has run on a GPU (sessions 38 and 39 got no GPU machine)."""
     sync_interval: int = Field(1, ge=1)
     """Push weights to the vLLM engines every this many optimizer steps."""
     parity_tolerance: float | None = Field(None, gt=0.0)
