@@ -1,14 +1,17 @@
 """Which FP8 GEMMs `grpo.models.fp8_warm_up` compiles ahead, for which row counts, and what a failed
 process leaves. That the counts cover every kernel a run then asks for: the GPU test at the end."""
 
+import json
 import random
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from grpo.models import fp8_deep_gemm, fp8_warm_up
+from grpo.models import fp8, fp8_deep_gemm, fp8_warm_up
 from grpo.models.fp8 import Fp8Linear
 from grpo.models.fp8_warm_up import Job, jobs_for, layout_sizes, row_counts, token_counts
 from grpo.models.moe import GroupedExperts, MoeLayer, Routing
@@ -83,6 +86,34 @@ def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch):
 
     assert report is not None
     assert (report["jobs"], report["processes"], report["failed"]) == (2, 2, 2)
+
+
+def test_a_warm_up_process_runs_its_jobs_gemms_at_each_count(monkeypatch, capsys):
+    """The process's own code (`main`), on the CPU's path: a layer's forward at each row count, then
+    its backward at each token size, the weight gradient stored and then added."""
+    gemms = []  # (rows of the left operand, whether it reduces over tokens, the padded reduced side)
+    gemm = fp8.fp8_gemm
+
+    def recorded(a, a_scale, b, b_scale, dtype, reduces_over_tokens=False):
+        gemms.append((a.shape[0], reduces_over_tokens, a.shape[1]))
+        return gemm(a, a_scale, b, b_scale, dtype, reduces_over_tokens)
+
+    monkeypatch.setattr(fp8, "fp8_gemm", recorded)
+    job = Job(256, 128, 600, backward=True)
+    request = {"device": "cpu", "dtype": "torch.float32", "jobs": [asdict(job)]}
+    monkeypatch.setattr(sys, "argv", ["fp8_warm_up", json.dumps(request)])
+
+    fp8_warm_up.main()
+
+    forwards = [1, 16, 17, *range(32, 600, 16), 600]
+    assert gemms[: len(forwards)] == [(m, False, 128) for m in forwards]
+    backward = [  # forward, input gradient, weight gradient (K: the tokens, padded to 128 on the CPU)
+        step for k, padded in ((512, 512), (512, 512), (600, 640), (600, 640))
+        for step in ((k, False, 128), (k, False, 256), (256, True, padded))
+    ]  # fmt: skip
+    assert gemms[len(forwards) :] == backward
+    report = json.loads(capsys.readouterr().out)
+    assert report == {**asdict(job), "seconds": report["seconds"]}
 
 
 def test_the_largest_micro_batch_is_the_token_cap_or_one_row_past_it():

@@ -145,7 +145,7 @@ def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
         running = []
         for i, share in enumerate(shares):
-            request = {"device": index, "dtype": str(dtype), "jobs": [asdict(j) for j in share]}
+            request = {"device": f"cuda:{index}", "dtype": str(dtype), "jobs": [asdict(j) for j in share]}
             log = files.enter_context(open(os.path.join(logs, f"{i}.log"), "w+"))
             command = [sys.executable, "-m", __name__, json.dumps(request)]
             running.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
@@ -209,16 +209,20 @@ def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def main() -> None:
+    """A process's part: `argv[1]` is JSON of the device ("cuda:0"; "cpu" runs the same code on the
+    CPU's path, for its test), the dtype and the jobs. Prints a JSON line as each job is done."""
     request = json.loads(sys.argv[1])
-    device = torch.device("cuda", request["device"])
-    torch.cuda.set_device(device)
+    device = torch.device(request["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = getattr(torch, request["dtype"].removeprefix("torch."))
     torch.manual_seed(0)
     for fields in request["jobs"]:
         job = Job(**fields)
         start = time.perf_counter()
         (run_grouped if job.experts else run_dense)(job, device, dtype)
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         print(json.dumps({**fields, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
 
 
