@@ -265,7 +265,8 @@ class TrainConfig(Section):
     fp8_warm_up: bool = False
     """With `model.fp8` on a Hopper GPU where DeepGEMM runs: before the first step, compile the FP8
     GEMMs' kernels for every micro-batch size up to the largest (`micro_batch_tokens`, else
-    `micro_batch_size` times the context; 32768 tokens at most) in processes side by side, instead
+    `micro_batch_size` times the context; in `grpo sft`, `sft.batch_size` times the context; 32768
+    tokens at most) in processes side by side, instead
     of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default until
     it has run on a GPU (sessions 38 and 39 got no GPU machine)."""
     sync_interval: int = Field(1, ge=1)

@@ -16,7 +16,7 @@ import torch
 
 from grpo.config import Recipe, RecipeError, SftConfig, TrainConfig, check_model_outside_run, start_run_folder
 from grpo.data import TASK_PREFIX, ContextFit, Render, prompt_renderer, sequence_ids, train_prompts
-from grpo.models import activation_checkpointing
+from grpo.models import activation_checkpointing, fp8_warm_up
 from grpo.models.build import (
     check_model,
     context_length,
@@ -63,6 +63,7 @@ SFT_TRAIN_KEYS = (
     "routing_bias_gamma",
     "balance_loss_alpha",
     "gradient_checkpointing",
+    "fp8_warm_up",
 )
 """The `train` keys `grpo sft` reads; its steps, batch size and learning rate are `sft.*`."""
 
@@ -138,6 +139,10 @@ def sft(recipe: Recipe, log=print) -> dict:
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.model.fp8 and recipe.train.fp8_warm_up:  # a batch is one micro-batch, of padded rows
+        report = fp8_warm_up.warm_up(model, config.batch_size * fit.context, accelerator.device)
+        if report is not None:
+            log(f"sft: DeepGEMM's kernels compiled ahead: {report}")
     model.train()
     started, losses, loads = time.perf_counter(), [], []
     for step in range(1, config.steps + 1):

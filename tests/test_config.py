@@ -415,7 +415,7 @@ def test_an_sft_run_refuses_grpo_train_s_keys_instead_of_ignoring_them(tmp_path)
         2,
         "grpo sft: error: train.expert_parallel_size: grpo train's, not grpo sft's (grpo sft reads sft.* "
         "and train.threads, train.bf16_moments, train.routing_bias_gamma, train.balance_loss_alpha, "
-        "train.gradient_checkpointing)",
+        "train.gradient_checkpointing, train.fp8_warm_up)",
     )
     assert _files(run) == EARLIER_RUN
 
@@ -429,7 +429,13 @@ def test_grpo_sft_takes_its_own_train_keys_and_a_recipe_it_wrote_itself(tmp_path
         check_train_keys(recipe_from_dict(tree))
     with pytest.raises(RecipeError, match=r"^run\.tensorboard: grpo train's, not grpo sft's"):
         check_train_keys(recipe_from_dict({"model": {"path": "m"}, "run": {"tensorboard": True}}))
-    tree["train"] = {"threads": 2, "bf16_moments": True, "routing_bias_gamma": 0.001, "steps": 20}
+    tree["train"] = {
+        "threads": 2,
+        "bf16_moments": True,
+        "routing_bias_gamma": 0.001,
+        "fp8_warm_up": True,
+        "steps": 20,
+    }
     recipe = recipe_from_dict(tree)
     check_train_keys(recipe)  # steps: 20 is the default
     dump_recipe(recipe, tmp_path / "config.yaml")  # every key written, parity_tolerance filled in by dtype
