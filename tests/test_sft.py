@@ -42,3 +42,31 @@ def test_a_pair_fits_the_context_counting_one_bos():
     pair = {"prompt": "1+1=", "completion": "2"}
     assert ContextFit(bos_adding_tokenizer(), context=7, fields=("prompt", "completion"))(pair)
     assert not ContextFit(bos_adding_tokenizer(), context=6, fields=("prompt", "completion"))(pair)
+
+
+def test_grpo_sft_compiles_the_fp8_kernels_ahead_for_its_batch_where_asked(tmp_path, monkeypatch):
+    from grpo.config import recipe_from_dict
+    from grpo.models import fp8_warm_up
+    from grpo.sft import sft
+
+    asked = []
+
+    def warm_up(model, rows, device, ranks=1):
+        asked.append((rows, device.type))
+        return {"jobs": 0}
+
+    monkeypatch.setattr(fp8_warm_up, "warm_up", warm_up)
+    tree = {
+        "run": {"output_dir": str(tmp_path)},
+        "model": {"path": "tiny:deepseek_v3", "fp8": True},
+        "data": {"source": "task:arithmetic"},
+        "sft": {"steps": 1, "batch_size": 2},
+        "train": {"fp8_warm_up": True},
+    }
+    logs = []
+    sft(recipe_from_dict(tree), log=logs.append)
+    tree["train"]["fp8_warm_up"] = False
+    sft(recipe_from_dict(tree), log=logs.append)
+
+    assert asked == [(2 * 256, "cpu")]  # the batch's rows x the tiny model's 256 positions
+    assert logs.count("sft: DeepGEMM's kernels compiled ahead: {'jobs': 0}") == 1
