@@ -13,9 +13,9 @@ that cache: DeepGEMM compiles each kernel in a folder of its own and renames it 
 
 Which row counts: every one DeepGEMM can see, so that what it picks from them does not matter.
 The FP8 operands are padded before the GEMM: a dense GEMM's M (the tokens) to a multiple of 16
-(`fp8.CUBLAS_ROWS`), a weight gradient's K (the tokens again) to a multiple of 512
-(`fp8.CUBLAS_BLOCKS` x 128), and the routed experts' rows to a padded layout's size, a multiple of
-128 (`fp8_grouped_deep_gemm.PaddedLayout`). So `row_counts` takes every multiple of 16 up to the
+(`fp8.CUBLAS_ROWS`), a weight gradient's K (the tokens again) to a multiple of 512 (`SIDE_ALIGN`),
+and the routed experts' rows to a padded layout's size, a multiple of 128
+(`fp8_grouped_deep_gemm.PaddedLayout`). So `row_counts` takes every multiple of 16 up to the
 largest micro-batch, `token_counts` every multiple of 512, and `layout_sizes` every layout size up
 to the tokens' pairs. One K would not stand for all: DeepGEMM 2.5 weighs a weight gradient's K
 when it picks the block shape and the pipeline stages (`get_layout_info`, `get_pipeline_config`).
@@ -48,6 +48,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from grpo.models.fp8 import CUBLAS_BLOCKS, CUBLAS_ROWS, T
+
+SIDE_ALIGN = CUBLAS_BLOCKS * T
+"""The quantizers pad a weight's sides, and a weight gradient's tokens, to a multiple of this
+(`fp8_triton.ALIGN`); a dense GEMM's rows to a multiple of `CUBLAS_ROWS`."""
 MAX_ROWS = 32768
 """The largest row count warmed up: the forward at every count up to it costs the GPU time of
 (count / 16) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
@@ -66,19 +71,16 @@ class Job:
 
 
 def row_counts(rows: int) -> list[int]:
-    """Row counts up to `rows` that, padded to a multiple of `fp8.CUBLAS_ROWS`, give every M a dense
+    """Row counts up to `rows` that, padded to a multiple of `CUBLAS_ROWS`, give every M a dense
     GEMM sees; with 1 and one count of neither 1 nor a multiple of 16, for Triton's quantizers."""
-    from grpo.models.fp8 import CUBLAS_ROWS
-
     other = CUBLAS_ROWS + 1
     return sorted({1, rows, *range(CUBLAS_ROWS, rows + 1, CUBLAS_ROWS), *([other] if other <= rows else [])})
 
 
 def token_counts(rows: int) -> list[int]:
-    """Token counts up to `rows` that, padded to a multiple of 512, give every K a weight gradient sees."""
-    from grpo.models.fp8 import CUBLAS_BLOCKS, T
-
-    return sorted({rows, *range(CUBLAS_BLOCKS * T, rows + 1, CUBLAS_BLOCKS * T)})
+    """Token counts up to `rows` that, padded to a multiple of `SIDE_ALIGN`, give every K a weight
+    gradient sees."""
+    return sorted({rows, *range(SIDE_ALIGN, rows + 1, SIDE_ALIGN)})
 
 
 def layout_sizes(pairs: int, experts: int) -> list[int]:
@@ -90,14 +92,14 @@ def layout_sizes(pairs: int, experts: int) -> list[int]:
 
 def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
     """The FP8 GEMM shapes DeepGEMM sees for the model (the weights' sides padded to a multiple of
-    512, as the quantizers pad them: two layers may share one), for micro-batches of up to `rows`
-    tokens (`MAX_ROWS` at most). `ranks`: the expert-parallel group's size, whose ranks' pairs may
-    all reach one rank's experts."""
-    from grpo.models.fp8 import CUBLAS_BLOCKS, Fp8Linear, T
+    `SIDE_ALIGN`, as the quantizers pad them: two layers may share one), for micro-batches of up to
+    `rows` tokens (`MAX_ROWS` at most). `ranks`: the expert-parallel group's size, whose ranks' pairs
+    may all reach one rank's experts."""
+    from grpo.models.fp8 import Fp8Linear
     from grpo.models.moe import MoeLayer
 
     def padded(side: int) -> int:
-        return -(-side // (CUBLAS_BLOCKS * T)) * CUBLAS_BLOCKS * T
+        return -(-side // SIDE_ALIGN) * SIDE_ALIGN
 
     rows = min(rows, MAX_ROWS)
     layers = {
