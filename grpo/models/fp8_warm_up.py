@@ -140,8 +140,10 @@ def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -
     jobs.sort(key=lambda job: job.rows * job.out_features * job.in_features, reverse=True)
     shares = [jobs[i::processes] for i in range(processes)]
     dtype = next(model.parameters()).dtype  # the activations' too
-    # the processes import what this one does from where it does (a Ray actor's path included)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # the processes import what this one does from where it does (a Ray actor's path included);
+    # -P, since `-m` would put the working folder first (a source tree beside the install in use)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     index = torch.cuda.current_device() if device.index is None else device.index
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
@@ -149,7 +151,7 @@ def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -
         for i, share in enumerate(shares):
             request = {"device": f"cuda:{index}", "dtype": str(dtype), "jobs": [asdict(j) for j in share]}
             log = files.enter_context(open(os.path.join(logs, f"{i}.log"), "w+"))
-            command = [sys.executable, "-m", __name__, json.dumps(request)]
+            command = [sys.executable, *safe_path, "-m", __name__, json.dumps(request)]
             running.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
         failures = [_last_line(log) for process, log in running if process.wait() != 0]
     for failure in failures:
