@@ -1,5 +1,6 @@
-"""Which FP8 GEMMs `grpo.models.fp8_warm_up` compiles ahead, for which row counts, and what a failed
-process leaves. That the counts cover every kernel a run then asks for: the GPU test at the end."""
+"""Which FP8 GEMMs `grpo.models.fp8_warm_up` compiles ahead, for which row and token counts, what a
+process runs and what a failed one leaves. That the counts cover every kernel a run then asks for:
+the GPU test at the end."""
 
 import json
 import random
