@@ -88,6 +88,13 @@ CUBLAS_ROWS = 16
 CUBLAS_BLOCKS = 4
 """cuBLASLt's blockwise GEMM needs 16-byte aligned scale rows (a multiple of 4 K-blocks) and, here,
 a multiple of 16 rows of `a` (measured on H100: 22 K-blocks gave garbage)."""
+SIDE_ALIGN = CUBLAS_BLOCKS * T
+"""The fused quantizers (`fp8_triton`) pad a weight's sides, and a weight gradient's tokens, to a
+multiple of this; rows of an activation or gradient to a multiple of `CUBLAS_ROWS`."""
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _aligned_for_cublas(a_MK, a_scale_MJ, b_NK, b_scale_IJ):

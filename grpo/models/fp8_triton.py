@@ -27,19 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models.fp8 import CUBLAS_BLOCKS, CUBLAS_ROWS, E4M3, T
+from grpo.models.fp8 import CUBLAS_ROWS, E4M3, SIDE_ALIGN, T
+from grpo.models.fp8 import round_up as _up
 
 ROW_ALIGN = CUBLAS_ROWS
-ALIGN = CUBLAS_BLOCKS * T
+ALIGN = SIDE_ALIGN
 
 # how a copy is scaled: the direct copy by ROWS or BLOCKS, the transposed one by BLOCKS or COLUMNS
 # (of the input tile), or NONE made
 NONE, ROWS, BLOCKS, COLUMNS = 0, 1, 2, 3
 MAX_GRID_YZ = 65535
-
-
-def _up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @triton.jit

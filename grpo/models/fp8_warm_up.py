@@ -48,11 +48,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from grpo.models.fp8 import CUBLAS_BLOCKS, CUBLAS_ROWS, T
+from grpo.models.fp8 import CUBLAS_ROWS, SIDE_ALIGN, round_up
 
-SIDE_ALIGN = CUBLAS_BLOCKS * T
-"""The quantizers pad a weight's sides, and a weight gradient's tokens, to a multiple of this
-(`fp8_triton.ALIGN`); a dense GEMM's rows to a multiple of `CUBLAS_ROWS`."""
 MAX_ROWS = 32768
 """The largest row count warmed up: the forward at every count up to it costs the GPU time of
 (count / 16) GEMMs of half that size per shape. Larger micro-batches compile on first use."""
@@ -98,12 +95,9 @@ def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
     from grpo.models.fp8 import Fp8Linear
     from grpo.models.moe import MoeLayer
 
-    def padded(side: int) -> int:
-        return -(-side // SIDE_ALIGN) * SIDE_ALIGN
-
     rows = min(rows, MAX_ROWS)
     layers = {
-        (padded(m.out_features), padded(m.in_features))
+        (round_up(m.out_features, SIDE_ALIGN), round_up(m.in_features, SIDE_ALIGN))
         for m in model.modules()
         if isinstance(m, Fp8Linear) and m.fp8
     }
@@ -115,7 +109,7 @@ def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
             pairs = rows * moe.gate.routing.top_k * ranks
             for weight_ENK in (moe.experts.gate_up_proj, moe.experts.down_proj):
                 e, n, k = weight_ENK.shape
-                shape = (e, padded(n), padded(k))
+                shape = (e, round_up(n, SIDE_ALIGN), round_up(k, SIDE_ALIGN))
                 experts[shape] = max(experts.get(shape, 0), pairs)
     for (e, n, k), pairs in sorted(experts.items()):
         jobs.append(Job(n, k, pairs, e, backward=True))
