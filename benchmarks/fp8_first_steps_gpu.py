@@ -4,10 +4,13 @@ reading it at run time (`now`: `fp8_deep_gemm.TOKEN_REDUCTION_COMPILED_DIMS`, "n
 DeepGEMM compiling through NVRTC instead of nvcc (`now_nvrtc`: `DG_JIT_USE_NVRTC=1`; on CUDA 13 vLLM 0.26's
 DeepGEMM does not compile through NVRTC, and the setting measures the trainer on cuBLASLt: session 36,
 `results/fp8_linear_h200.txt`), and `now` with the trainer compiling the kernels ahead, in processes
-side by side (`warm_up`: `train.fp8_warm_up`, `grpo.models.fp8_warm_up`; off in the other settings).
+side by side (`warm_up`: `train.fp8_warm_up`, `grpo.models.fp8_warm_up`; off in the other settings),
+and `warm_up` again on the caches the `warm_up` setting filled (`warm_up_again`, run after it: what
+the warm-up costs every later run on one machine).
 
 Part 1, the trainer. Each setting runs in a process of its own with empty DeepGEMM and Triton caches
-(`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine. It builds the H100 recipes' ~0.4 B
+(`DG_JIT_CACHE_DIR`, `TRITON_CACHE_DIR`), as on a fresh machine (`warm_up_again`: the `warm_up`
+setting's). It builds the H100 recipes' ~0.4 B
 MoE at random initialization (`recipes/arithmetic_sft_h100.yaml`'s `tiny_overrides`) and trains it
 as `recipes/arithmetic_grpo_h100.yaml` says, with session 34's token cap
 (`train.micro_batch_tokens: 4096`, `micro_batch_size: 128`), on STEPS synthetic rollout batches of
@@ -23,7 +26,7 @@ operands from the fused quantizers), K compiled in or not, in alternating order:
 call (`torch.profiler`, mean of CALLS calls, each setting timed twice) and whether the two products
 are bitwise equal. Last line: one JSON object.
 
-    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3] [--settings before now now_nvrtc warm_up] [--no-gemm]
+    python3 benchmarks/fp8_first_steps_gpu.py [--steps 3] [--settings before now now_nvrtc warm_up warm_up_again] [--no-gemm]
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ SETTINGS = {
     "now": ("n", False, False),
     "now_nvrtc": ("n", True, False),
     "warm_up": ("n", False, True),
+    "warm_up_again": ("n", False, True),
 }
 """name -> (the sides compiled into a weight gradient's kernel, whether DeepGEMM compiles through NVRTC,
 whether the trainer compiles the kernels ahead)"""
@@ -127,9 +131,10 @@ def trainer_steps(setting: str, steps: int, cache: Path) -> dict:
 
 
 def in_fresh_process(setting: str, steps: int, scratch: Path) -> dict:
+    cached = setting.removesuffix("_again")  # whose caches: its own, empty, but for `warm_up_again`
     caches = {
-        "DG_JIT_CACHE_DIR": scratch / f"deep_gemm_{setting}",
-        "TRITON_CACHE_DIR": scratch / f"triton_{setting}",
+        "DG_JIT_CACHE_DIR": scratch / f"deep_gemm_{cached}",
+        "TRITON_CACHE_DIR": scratch / f"triton_{cached}",
     }
     env = dict(os.environ, **{name: str(folder) for name, folder in caches.items()})
     env["DG_JIT_USE_NVRTC"] = "1" if SETTINGS[setting][1] else "0"
