@@ -75,9 +75,16 @@ def test_the_warm_up_does_nothing_where_deep_gemm_does_not_run():
     assert fp8_warm_up.warm_up(Fp8Linear(256, 128), 100, torch.device("cpu")) is None
 
 
-def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch):
+def _as_on_a_gpu(monkeypatch, tmp_path, cpus=2):
+    """`warm_up` past its DeepGEMM check, with the kernel cache (and the marks) under `tmp_path`."""
+    monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fp8_deep_gemm, "library", lambda device: "DeepGEMM")
-    monkeypatch.setattr(fp8_warm_up.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(fp8_warm_up, "kernel_setting", lambda found, index: {"card": "H100"})
+    monkeypatch.setattr(fp8_warm_up.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+
+
+def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch, tmp_path):
+    _as_on_a_gpu(monkeypatch, tmp_path)
     no_such_gpu = torch.device("cuda", 99)  # each process fails as it sets it, here or on a GPU machine
 
     with pytest.warns(
@@ -87,11 +94,72 @@ def test_a_failed_warm_up_process_warns_and_is_counted(monkeypatch):
 
     assert report is not None
     assert (report["jobs"], report["processes"], report["failed"]) == (2, 2, 2)
+    assert not (tmp_path / "grpo_warm_up").exists()  # no job is marked as run
 
 
-def test_a_warm_up_process_runs_its_jobs_gemms_at_each_count(monkeypatch, capsys):
+def test_a_job_is_marked_per_card_dtype_and_shape_beside_the_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path))
+    jobs = [Job(512, 1024, 100, backward=True), Job(1024, 512, 100)]
+    h100 = fp8_warm_up.marks(jobs, torch.bfloat16, {"card": "H100"})
+
+    assert [mark.parent for mark in h100] == [tmp_path / "grpo_warm_up"] * 2
+    assert h100 == fp8_warm_up.marks(jobs, torch.bfloat16, {"card": "H100"})
+    assert len(set(h100)) == 2
+    others = [
+        fp8_warm_up.marks(jobs, torch.bfloat16, {"card": "H200"}),
+        fp8_warm_up.marks(jobs, torch.float16, {"card": "H100"}),
+        fp8_warm_up.marks(
+            [Job(512, 1024, 101, backward=True), Job(1024, 512, 101)], torch.bfloat16, {"card": "H100"}
+        ),
+    ]
+    assert all(set(h100).isdisjoint(marks) for marks in others)
+
+
+def test_the_warm_up_starts_processes_only_for_jobs_not_marked_as_run(monkeypatch, tmp_path):
+    _as_on_a_gpu(monkeypatch, tmp_path, cpus=4)
+    layer = Fp8Linear(1024, 512)  # jobs: 512 x 1024 with its backward, 1024 x 512
+    started = []
+
+    class Started:
+        def __init__(self, command, **kwargs):
+            started.append(json.loads(command[-1]))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(fp8_warm_up.subprocess, "Popen", Started)
+    mark, _ = fp8_warm_up.marks(jobs_for(layer, 100), torch.float32, {"card": "H100"})
+    mark.parent.mkdir()
+    mark.touch()
+
+    report = fp8_warm_up.warm_up(layer, 100, torch.device("cuda", 0))
+    assert report == {
+        "jobs": 2,
+        "marked_before": 1,
+        "processes": 1,
+        "failed": 0,
+        "seconds": report["seconds"],
+    }
+    assert [request["jobs"] for request in started] == [[asdict(Job(1024, 512, 100))]]
+
+    for request in started:  # as if each process had run its jobs
+        for done in request["marks"]:
+            Path(done).touch()
+    started.clear()
+    report = fp8_warm_up.warm_up(layer, 100, torch.device("cuda", 0))
+    assert report == {
+        "jobs": 2,
+        "marked_before": 2,
+        "processes": 0,
+        "failed": 0,
+        "seconds": report["seconds"],
+    }
+    assert started == []
+
+
+def test_a_warm_up_process_runs_its_jobs_gemms_at_each_count(monkeypatch, capsys, tmp_path):
     """The process's own code (`main`), on the CPU's path: a layer's forward at each row count, then
-    its backward at each token size, the weight gradient stored and then added."""
+    its backward at each token size, the weight gradient stored and then added; then the job's mark."""
     gemms = []  # (rows of the left operand, whether it reduces over tokens, the padded reduced side)
     gemm = fp8.fp8_gemm
 
@@ -101,7 +169,8 @@ def test_a_warm_up_process_runs_its_jobs_gemms_at_each_count(monkeypatch, capsys
 
     monkeypatch.setattr(fp8, "fp8_gemm", recorded)
     job = Job(256, 128, 600, backward=True)
-    request = {"device": "cpu", "dtype": "torch.float32", "jobs": [asdict(job)]}
+    mark = tmp_path / "grpo_warm_up" / "job"
+    request = {"device": "cpu", "dtype": "torch.float32", "jobs": [asdict(job)], "marks": [str(mark)]}
     monkeypatch.setattr(sys, "argv", ["fp8_warm_up", json.dumps(request)])
 
     fp8_warm_up.main()
@@ -115,6 +184,7 @@ def test_a_warm_up_process_runs_its_jobs_gemms_at_each_count(monkeypatch, capsys
     assert gemms[len(forwards) :] == backward
     report = json.loads(capsys.readouterr().out)
     assert report == {**asdict(job), "seconds": report["seconds"]}
+    assert mark.exists()
 
 
 def test_the_largest_micro_batch_is_the_token_cap_or_one_row_past_it():
@@ -132,7 +202,8 @@ def _deep_gemm_runs() -> bool:
 def test_after_the_warm_up_no_token_count_compiles_a_kernel():
     """Shapes no other test uses (2560 -> 1536 and back, sides the quantizers do not pad), so that
     their kernels are new to the cache; then forward and backward, the weight gradient stored and
-    added, at counts on each side of every padding edge (16 rows, 512 tokens) and at random ones."""
+    added, at counts on each side of every padding edge (16 rows, 512 tokens) and at random ones.
+    A second warm-up on the same cache starts no process."""
     from grpo.models.deep_gemm_mirror import cache_root
     from grpo.models.fused_grad_accumulation import accumulate_into_grad
 
@@ -155,3 +226,5 @@ def test_after_the_warm_up_no_token_count_compiles_a_kernel():
     torch.cuda.synchronize()
 
     assert kernels() == warmed
+    again = fp8_warm_up.warm_up(model, 1100, torch.device("cuda"))  # every job marked as run
+    assert again is not None and (again["marked_before"], again["processes"]) == (report["jobs"], 0)

@@ -29,13 +29,18 @@ A job is one GEMM shape, run through the trainer's own code:
 - grouped (`fp8_grouped_deep_gemm`): the experts' forward at each layout size; the transposed shape is
   the input gradient's; once a backward at the largest size (the Triton weight gradient).
 
-A process that fails leaves its kernels to compile on first use, as without the warm-up, and says so
+A process marks each job it has run with an empty file in the cache (`grpo_warm_up/<key>`), the key
+a hash of the job, the dtype, the card, DeepGEMM's version, its `DG_*` settings and this package's
+model code: a later run on the same cache starts no process for a marked job. A mark can outlive a
+kernel only where someone deletes part of the cache; the kernel then compiles on first use. A
+process that fails leaves its kernels to compile on first use, as without the warm-up, and says so
 in a warning. Run it where DeepGEMM runs (`fp8_deep_gemm.library`); elsewhere it does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -44,6 +49,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -118,42 +124,83 @@ def jobs_for(model: nn.Module, rows: int, ranks: int = 1) -> list[Job]:
     return jobs
 
 
+def marks(jobs: list[Job], dtype: torch.dtype, setting: dict) -> list[Path]:
+    """Where each job's mark goes once it has run: beside DeepGEMM's kernels, named by a hash of the
+    job and of all else its kernels follow from (`kernel_setting`, the dtype, the model code)."""
+    from grpo.models.deep_gemm_mirror import cache_root
+
+    code = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):  # the layers, quantizers, GEMM wrappers
+        code.update(source.read_bytes())
+    common = {**setting, "dtype": str(dtype), "code": code.hexdigest()}
+    folder = Path(cache_root()) / "grpo_warm_up"
+
+    def key(job: Job) -> str:
+        return hashlib.sha256(json.dumps({**common, **asdict(job)}, sort_keys=True).encode()).hexdigest()
+
+    return [folder / key(job) for job in jobs]
+
+
+def kernel_setting(deep_gemm, index: int) -> dict:
+    """What a GEMM's kernels follow from besides the job: the card, DeepGEMM's version and settings."""
+    return {
+        "card": torch.cuda.get_device_name(index),
+        "deep_gemm": getattr(deep_gemm, "__version__", "unknown"),
+        "env": {name: value for name, value in os.environ.items() if name.startswith("DG_")},
+    }
+
+
 def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -> dict | None:
     """Compile the kernels of `jobs_for(model, rows, ranks)` in processes side by side (as many as
-    jobs, at most one per CPU this process may use), and wait for them; None where DeepGEMM does not
-    run the FP8 GEMMs here. Returns the jobs, the processes, the seconds and the failed processes."""
+    jobs not marked as run on this cache, at most one per CPU this process may use), and wait for
+    them; None where DeepGEMM does not run the FP8 GEMMs here. Returns the jobs, those marked before,
+    the processes, the seconds and the failed processes."""
     from grpo.models import fp8_deep_gemm
 
-    if device.type != "cuda" or fp8_deep_gemm.library(device) is None:
+    found = None if device.type != "cuda" else fp8_deep_gemm.library(device)
+    if found is None:
         return None
     jobs = jobs_for(model, rows, ranks)
     if not jobs:
         return None
-    processes = min(len(jobs), len(os.sched_getaffinity(0)))
-    # the costliest first, dealt round: the shares end near together
-    jobs.sort(key=lambda job: job.rows * job.out_features * job.in_features, reverse=True)
-    shares = [jobs[i::processes] for i in range(processes)]
     dtype = next(model.parameters()).dtype  # the activations' too
+    index = torch.cuda.current_device() if device.index is None else device.index
+    start = time.perf_counter()
+    setting = kernel_setting(found, index)
+    todo = [(job, mark) for job, mark in zip(jobs, marks(jobs, dtype, setting)) if not mark.exists()]
+    report = {"jobs": len(jobs), "marked_before": len(jobs) - len(todo), "processes": 0, "failed": 0}
+    if todo:
+        report.update(_run_processes(todo, dtype, index))
+    return {**report, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _run_processes(todo: list[tuple[Job, Path]], dtype: torch.dtype, index: int) -> dict:
+    processes = min(len(todo), len(os.sched_getaffinity(0)))
+    # the costliest first, dealt round: the shares end near together
+    todo.sort(key=lambda done: done[0].rows * done[0].out_features * done[0].in_features, reverse=True)
+    shares = [todo[i::processes] for i in range(processes)]
     # the processes import what this one does from where it does (a Ray actor's path included);
     # -P, since `-m` would put the working folder first (a source tree beside the install in use)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    index = torch.cuda.current_device() if device.index is None else device.index
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
         running = []
         for i, share in enumerate(shares):
-            request = {"device": f"cuda:{index}", "dtype": str(dtype), "jobs": [asdict(j) for j in share]}
+            request = {
+                "device": f"cuda:{index}",
+                "dtype": str(dtype),
+                "jobs": [asdict(job) for job, _ in share],
+                "marks": [str(mark) for _, mark in share],
+            }
             log = files.enter_context(open(os.path.join(logs, f"{i}.log"), "w+"))
             command = [sys.executable, *safe_path, "-m", __name__, json.dumps(request)]
             running.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
         failures = [_last_line(log) for process, log in running if process.wait() != 0]
     for failure in failures:
         warnings.warn(
-            f"a DeepGEMM warm-up process failed ({failure}); its kernels compile on first use", stacklevel=2
+            f"a DeepGEMM warm-up process failed ({failure}); its kernels compile on first use", stacklevel=3
         )
-    seconds = round(time.perf_counter() - start, 1)
-    return {"jobs": len(jobs), "processes": processes, "seconds": seconds, "failed": len(failures)}
+    return {"processes": processes, "failed": len(failures)}
 
 
 def _last_line(log) -> str:
@@ -208,20 +255,23 @@ def run_grouped(job: Job, device: torch.device, dtype: torch.dtype) -> None:
 
 def main() -> None:
     """A process's part: `argv[1]` is JSON of the device ("cuda:0"; "cpu" runs the same code on the
-    CPU's path, for its test), the dtype and the jobs. Prints a JSON line as each job is done."""
+    CPU's path, for its test), the dtype, the jobs and their marks. Prints a JSON line as each job is
+    done, and leaves its mark."""
     request = json.loads(sys.argv[1])
     device = torch.device(request["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = getattr(torch, request["dtype"].removeprefix("torch."))
     torch.manual_seed(0)
-    for fields in request["jobs"]:
+    for fields, mark in zip(request["jobs"], request["marks"], strict=True):
         job = Job(**fields)
         start = time.perf_counter()
         (run_grouped if job.experts else run_dense)(job, device, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         print(json.dumps({**fields, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        Path(mark).parent.mkdir(parents=True, exist_ok=True)
+        Path(mark).touch()
 
 
 if __name__ == "__main__":
