@@ -30,11 +30,12 @@ A job is one GEMM shape, run through the trainer's own code:
   the input gradient's; once a backward at the largest size (the Triton weight gradient).
 
 A process marks each job it has run with an empty file in the cache (`grpo_warm_up/<key>`), the key
-a hash of the job, the dtype, the card, DeepGEMM's version, its `DG_*` settings and this package's
-model code: a later run on the same cache starts no process for a marked job. A mark can outlive a
-kernel only where someone deletes part of the cache; the kernel then compiles on first use. A
-process that fails leaves its kernels to compile on first use, as without the warm-up, and says so
-in a warning. Run it where DeepGEMM runs (`fp8_deep_gemm.library`); elsewhere it does nothing.
+a hash of the job, the dtype, the card, torch's and DeepGEMM's versions, DeepGEMM's `DG_*` settings
+and this package's model code: a later run on the same cache starts no process for a marked job. A
+mark can outlive a kernel only where someone deletes part of the cache; the kernel then compiles on
+first use. A process that fails leaves its kernels to compile on first use, as without the warm-up,
+and says so in a warning. Run it where DeepGEMM runs (`fp8_deep_gemm.library`); elsewhere it does
+nothing.
 """
 
 from __future__ import annotations
@@ -142,9 +143,11 @@ def marks(jobs: list[Job], dtype: torch.dtype, setting: dict) -> list[Path]:
 
 
 def kernel_setting(deep_gemm, index: int) -> dict:
-    """What a GEMM's kernels follow from besides the job: the card, DeepGEMM's version and settings."""
+    """What a GEMM's kernels follow from besides the job: the card, DeepGEMM's version and settings;
+    torch's, for a new image (its CUDA toolkit)."""
     return {
         "card": torch.cuda.get_device_name(index),
+        "torch": torch.__version__,
         "deep_gemm": getattr(deep_gemm, "__version__", "unknown"),
         "env": {name: value for name, value in os.environ.items() if name.startswith("DG_")},
     }
