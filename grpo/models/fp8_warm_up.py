@@ -51,6 +51,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -142,7 +143,7 @@ def marks(jobs: list[Job], dtype: torch.dtype, setting: dict) -> list[Path]:
     return [folder / key(job) for job in jobs]
 
 
-def kernel_setting(deep_gemm, index: int) -> dict:
+def kernel_setting(deep_gemm: ModuleType, index: int) -> dict:
     """What a GEMM's kernels follow from besides the job: the card, DeepGEMM's version and settings;
     torch's, for a new image (its CUDA toolkit)."""
     return {
@@ -180,7 +181,7 @@ def warm_up(model: nn.Module, rows: int, device: torch.device, ranks: int = 1) -
 def _run_processes(todo: list[tuple[Job, Path]], dtype: torch.dtype, index: int) -> dict:
     processes = min(len(todo), len(os.sched_getaffinity(0)))
     # the costliest first, dealt round: the shares end near together
-    todo.sort(key=lambda done: done[0].rows * done[0].out_features * done[0].in_features, reverse=True)
+    todo.sort(key=lambda pair: pair[0].rows * pair[0].out_features * pair[0].in_features, reverse=True)
     shares = [todo[i::processes] for i in range(processes)]
     # the processes import what this one does from where it does (a Ray actor's path included);
     # -P, since `-m` would put the working folder first (a source tree beside the install in use)
@@ -273,8 +274,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         print(json.dumps({**fields, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-        Path(mark).parent.mkdir(parents=True, exist_ok=True)
-        Path(mark).touch()
+        with contextlib.suppress(OSError):  # unmarked, the next run compiles it ahead again
+            Path(mark).parent.mkdir(parents=True, exist_ok=True)
+            Path(mark).touch()
 
 
 if __name__ == "__main__":
