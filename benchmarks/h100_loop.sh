@@ -133,7 +133,7 @@ for what in "$@"; do
   warm_up)  # the FP8 kernels compiled ahead (train.fp8_warm_up): its GPU test on an empty kernel cache,
     # then the trainer's first steps with and without it, each on empty caches
     stage warm_up_test env DG_JIT_CACHE_DIR=/tmp/dg_warm_up_test python3 -P -m pytest -q -m gpu tests/test_fp8_warm_up.py
-    stage first_steps_warm_up python3 benchmarks/fp8_first_steps_gpu.py --settings warm_up warm_up_again now --no-gemm ;;
+    stage first_steps_warm_up python3 benchmarks/fp8_first_steps_gpu.py --settings warm_up now warm_up_again --no-gemm ;;
   token_cap)  # after sft or sft_short: session 34's token-capped run (session 37, empty caches: step 1 trained 240-258 s);
     # FP8_WARM_UP=true compiles the FP8 kernels before step 1 (grpo.models.fp8_warm_up)
     stage token_cap grpo train recipes/arithmetic_grpo_h100.yaml --set run.name=tokcap \
