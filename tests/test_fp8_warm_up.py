@@ -133,13 +133,8 @@ def test_the_warm_up_starts_processes_only_for_jobs_not_marked_as_run(monkeypatc
     mark.touch()
 
     report = fp8_warm_up.warm_up(layer, 100, torch.device("cuda", 0))
-    assert report == {
-        "jobs": 2,
-        "marked_before": 1,
-        "processes": 1,
-        "failed": 0,
-        "seconds": report["seconds"],
-    }
+    assert report.pop("seconds") >= 0
+    assert report == {"jobs": 2, "marked_before": 1, "processes": 1, "failed": 0}
     assert [request["jobs"] for request in started] == [[asdict(Job(1024, 512, 100))]]
 
     for request in started:  # as if each process had run its jobs
@@ -147,13 +142,8 @@ def test_the_warm_up_starts_processes_only_for_jobs_not_marked_as_run(monkeypatc
             Path(done).touch()
     started.clear()
     report = fp8_warm_up.warm_up(layer, 100, torch.device("cuda", 0))
-    assert report == {
-        "jobs": 2,
-        "marked_before": 2,
-        "processes": 0,
-        "failed": 0,
-        "seconds": report["seconds"],
-    }
+    assert report.pop("seconds") >= 0
+    assert report == {"jobs": 2, "marked_before": 2, "processes": 0, "failed": 0}
     assert started == []
 
 
