@@ -27,11 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo.models.fp8 import CUBLAS_ROWS, E4M3, SIDE_ALIGN, T
-from grpo.models.fp8 import round_up as _up
+from grpo.models.fp8 import CUBLAS_ROWS, E4M3, SIDE_ALIGN, T, round_up
 
 ROW_ALIGN = CUBLAS_ROWS
-ALIGN = SIDE_ALIGN
 
 # how a copy is scaled: the direct copy by ROWS or BLOCKS, the transposed one by BLOCKS or COLUMNS
 # (of the input tile), or NONE made
@@ -202,16 +200,19 @@ def launch_settings(direct: int, transposed: int) -> tuple[int, int | None]:
 
 
 def _quantize(x, direct: int, transposed: int, direct_rows: int, power_of_two: bool, layout=None):
-    """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x ALIGN, `t` is `x.T`
-    padded to ALIGN x ALIGN (both None with NONE). Tile scales come as column-major views, block scales
-    contiguous. A 3-d `x` is a batch of matrices: each output then has the batch as its first axis.
-    With `layout` (int32, one entry per row of a 2-d `x`), rows whose entry is negative are quantized
-    as zeros: the padding rows of `fp8_grouped_deep_gemm`'s layout, whatever they hold."""
+    """Returns `(q, q_scale, t, t_scale)`: `q` is `x` padded to direct_rows x SIDE_ALIGN, `t` is
+    `x.T` padded to SIDE_ALIGN x SIDE_ALIGN (both None with NONE). Tile scales come as column-major
+    views, block scales contiguous. A 3-d `x` is a batch of matrices: each output then has the batch
+    as its first axis. With `layout` (int32, one entry per row of a 2-d `x`), rows whose entry is
+    negative are quantized as zeros: the padding rows of `fp8_grouped_deep_gemm`'s layout, whatever
+    they hold."""
     batch = (x.shape[0],) if x.dim() == 3 else ()  # a 2-d `x` is a batch of one, with no view made
     rows, cols = x.shape[-2:]
-    q_rows, q_cols = _up(rows, direct_rows), _up(cols, ALIGN)
-    t_rows, t_cols = (_up(cols, ALIGN), _up(rows, ALIGN)) if transposed != NONE else (0, 0)
-    tiles_r, tiles_c = max(_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T
+    q_rows, q_cols = round_up(rows, direct_rows), round_up(cols, SIDE_ALIGN)
+    t_rows, t_cols = (
+        (round_up(cols, SIDE_ALIGN), round_up(rows, SIDE_ALIGN)) if transposed != NONE else (0, 0)
+    )
+    tiles_r, tiles_c = max(round_up(q_rows, T), t_cols) // T, max(q_cols, t_rows) // T
     matrices = batch[0] if batch else 1
     # programs launch along axis 0 first: along a row of tiles (neighbours in memory) for activations
     # and gradients, 1-7% faster than down a column; down a column for weights, 23% faster (H200,
@@ -276,7 +277,7 @@ def quantize_output_grad(g_MN: torch.Tensor, power_of_two: bool = False, layout_
 def quantize_weight_blocks(w_NK: torch.Tensor, power_of_two: bool = False):
     """`w` alone in 128 x 128 blocks: `(q, scale)`; a 3-d `w` (a stack of experts' weights, or its
     transposed view) per matrix."""
-    q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, ALIGN, power_of_two)
+    q, q_scale, _, _ = _quantize(w_NK, BLOCKS, NONE, SIDE_ALIGN, power_of_two)
     return q, q_scale
 
 
