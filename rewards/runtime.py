@@ -136,6 +136,24 @@ class _Worker:
         self.conn.close()
 
 
+def _check_signature(entry: RewardEntry, signature: inspect.Signature) -> None:
+    """A ValueError unless a reward can be called as `fn(completion, sample, **entry.kwargs)`."""
+    kinds = [parameter.kind for parameter in signature.parameters.values()]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if sum(kind in positional for kind in kinds) < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        raise ValueError(
+            f"reward {entry.spec}: its signature is {signature}; "
+            "a reward is called as fn(completion, sample, **kwargs)"
+        )
+    try:
+        signature.bind("", {}, **entry.kwargs)
+    except TypeError as error:
+        takes = ", ".join(list(signature.parameters)[2:]) or "none"
+        raise ValueError(
+            f"reward {entry.spec}: kwargs {entry.kwargs}: {error} (its keyword arguments: {takes})"
+        ) from None
+
+
 def check_rewards(rewards: Sequence[RewardEntry]) -> list[Callable]:
     """The rewards' functions; a ValueError naming the first reward that does not resolve, does not
     take its `kwargs` (a typo there would make every call an error, so the run would train on no
@@ -147,14 +165,10 @@ def check_rewards(rewards: Sequence[RewardEntry]) -> list[Callable]:
         fn = resolve(entry.spec)
         try:
             signature = inspect.signature(fn)
-            signature.bind("", {}, **entry.kwargs)
         except ValueError:  # a callable whose signature Python cannot read; its calls will tell
-            pass
-        except TypeError as error:
-            takes = ", ".join(list(signature.parameters)[2:]) or "none"
-            raise ValueError(
-                f"reward {entry.spec}: kwargs {entry.kwargs}: {error} (its keyword arguments: {takes})"
-            ) from None
+            signature = None
+        if signature is not None:
+            _check_signature(entry, signature)
         problem = getattr(fn, "setup_problem", lambda: None)()
         if problem:
             raise ValueError(f"reward {entry.spec}: {problem}")

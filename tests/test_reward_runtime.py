@@ -86,7 +86,10 @@ def test_a_reward_file_that_fails_to_load_is_one_line_naming_the_error(tmp_path)
 def test_kwargs_a_reward_does_not_take_stop_the_run_rather_than_fail_every_call(tmp_path):
     from grpo.rewards.runtime import check_rewards
 
-    (tmp_path / "r.py").write_text("def needs_k(completion, sample, k):\n    return k\n")
+    (tmp_path / "r.py").write_text(
+        "def needs_k(completion, sample, k):\n    return k\n"
+        "def no_sample(completion, **kwargs):\n    return 1.0\n"
+    )
     for spec, kwargs, message in [
         (
             "overlong",
@@ -99,6 +102,12 @@ def test_kwargs_a_reward_does_not_take_stop_the_run_rather_than_fail_every_call(
             {},
             f"reward {tmp_path}/r.py:needs_k: kwargs {{}}: missing a required argument: 'k' "
             "(its keyword arguments: k)",
+        ),
+        (
+            f"{tmp_path}/r.py:no_sample",
+            {},
+            f"reward {tmp_path}/r.py:no_sample: its signature is (completion, **kwargs); "
+            "a reward is called as fn(completion, sample, **kwargs)",
         ),
     ]:
         with pytest.raises(ValueError) as error:
