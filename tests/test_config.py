@@ -206,6 +206,17 @@ def test_a_missing_relative_model_folder_is_named_with_where_it_was_looked_for(t
     assert str(error.value) == f"model.path: no folder runs/arithmetic-sft/final (relative to {tmp_path})"
 
 
+def test_a_misspelt_built_in_model_names_the_one_built_in():
+    from grpo.models.build import model_config
+
+    with pytest.raises(RecipeError) as error:
+        model_config("tiny:deepseek_v2")
+    assert (
+        str(error.value)
+        == "model.path: no built-in model tiny:deepseek_v2; the one built in is tiny:deepseek_v3"
+    )
+
+
 def test_tiny_overrides_only_apply_to_the_tiny_model():
     with pytest.raises(
         RecipeError, match=r"^recipe: model: tiny_overrides: only applies to path tiny:deepseek_v3$"

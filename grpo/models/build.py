@@ -59,6 +59,8 @@ def model_config(path: str, tiny_overrides: dict | None = None, key: str = "mode
         from grpo.models.tiny import build_tokenizer, tiny_deepseek_v3_config
 
         return tiny_deepseek_v3_config(len(build_tokenizer()), **(tiny_overrides or {}))
+    if path.startswith("tiny:"):
+        raise RecipeError(f"{key}: no built-in model {path}; the one built in is {TINY}")
     if Path(path).exists():
         if not (Path(path) / "config.json").is_file():
             # a run folder given for its model: grpo train's checkpoint, or grpo sft's
