@@ -206,6 +206,18 @@ def test_a_missing_relative_model_folder_is_named_with_where_it_was_looked_for(t
     assert str(error.value) == f"model.path: no folder runs/arithmetic-sft/final (relative to {tmp_path})"
 
 
+def test_a_folder_whose_config_is_not_a_transformers_config_is_named(tmp_path):
+    from grpo.models.build import model_config
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RecipeError) as error:
+        model_config(str(tmp_path), key="--model")
+    assert str(error.value) == (
+        f"--model: {tmp_path}/config.json: Unrecognized model in {tmp_path}. "
+        "Should have a `model_type` key in its config.json."
+    )
+
+
 def test_a_misspelt_built_in_model_names_the_one_built_in():
     from grpo.models.build import model_config
 

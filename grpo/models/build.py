@@ -67,7 +67,10 @@ def model_config(path: str, tiny_overrides: dict | None = None, key: str = "mode
             inside = [Path(path) / sub for sub in ("checkpoints/final", "final")]
             hint = next((f"; the run's model is {c}" for c in inside if (c / "config.json").is_file()), "")
             raise RecipeError(f"{key}: {path} has no config.json (not a Hugging Face folder{hint})")
-        return AutoConfig.from_pretrained(path)
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"{key}: {path}/config.json: {_first_line(error)}") from None
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:  # a hub id is NAME or ORG/NAME
         where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
         raise RecipeError(f"{key}: no folder {path}{where}")
@@ -75,8 +78,12 @@ def model_config(path: str, tiny_overrides: dict | None = None, key: str = "mode
         return AutoConfig.from_pretrained(path)  # a hub id: resolves from the local cache or the hub
     except (OSError, ValueError) as error:
         raise RecipeError(
-            f"{key}: {path} is neither a folder nor a loadable model id ({str(error).splitlines()[0][:120]})"
+            f"{key}: {path} is neither a folder nor a loadable model id ({_first_line(error)[:120]})"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def load_policy(path: str, dtype: str, converters: Sequence[Converter] = ()) -> torch.nn.Module:
