@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from grpo.config import RecipeError
-from grpo.jsonl import read_objects
+from grpo.jsonl import read_objects, utf8_text
 
 CONSOLE_KEYS = (
     ("reward/mean", "reward", "{:.3f}"),
@@ -80,9 +80,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"no metrics.jsonl in {run_dir}")
+    text = utf8_text(path)
+    complete, _, last = text.rpartition("\n")
+    if last.strip() and not _is_json(last):
+        # a step's record is written whole with its newline: without one, a line cut short by a run
+        # stopped mid-write, or one being written while a live run is read
+        text = complete
     return read_objects(
-        path, lambda record: "step" in record, "not a step's record (a JSON object with a 'step')"
+        path, lambda record: "step" in record, "not a step's record (a JSON object with a 'step')", text
     )
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def plot_run(run_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 import pytest
 
-from grpo.metrics import plot_run
+from grpo.metrics import plot_run, read_metrics
 
 
 def test_a_metrics_line_that_is_not_json_is_named_by_its_number(tmp_path):
@@ -8,6 +8,13 @@ def test_a_metrics_line_that_is_not_json_is_named_by_its_number(tmp_path):
     with pytest.raises(ValueError) as error:
         plot_run(tmp_path)
     assert str(error.value) == f"{tmp_path}/metrics.jsonl:2: not JSON (Unterminated string starting at)"
+
+
+def test_a_last_line_cut_short_without_its_newline_is_left_out(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kl": 0.1}\n{"step": 2, "kl": 0.2}\n{"step": 3, "k')
+    assert read_metrics(tmp_path) == [{"step": 1, "kl": 0.1}, {"step": 2, "kl": 0.2}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kl": 0.1}\n{"step": 2, "kl": 0.2}')
+    assert read_metrics(tmp_path) == [{"step": 1, "kl": 0.1}, {"step": 2, "kl": 0.2}]
 
 
 def test_a_metrics_line_without_a_step_is_named(tmp_path):
