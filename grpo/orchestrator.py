@@ -316,7 +316,8 @@ def grpo_step(session: Session, step: int) -> dict:
         **train_metrics,
         "response_tokens/mean": statistics.fmean(lengths),
         "response_tokens/max": max(lengths),
-        # cut by rollout.max_tokens rather than ended by the model (end-of-sequence, rollout.stop)
+        # cut by rollout.max_tokens or the context rather than ended by the model (end-of-sequence,
+        # rollout.stop)
         "response_tokens/truncated": statistics.fmean(
             c.finish_reason == "length" for group in sampled.groups for c in group
         ),
@@ -342,16 +343,18 @@ def start_session(
     rewards: RewardRuntime,
     prompts: PromptStream,
     parity_row: dict | None,
+    context: int,
     resume_from: str | None = None,
 ) -> Session:
     """Start the actors, then fix the parity sequence (a prompt, the first training row's where
-    `parity_row` is None, and the initial policy's greedy answer) and check that engines and trainer
-    start from the same weights."""
+    `parity_row` is None, and the initial policy's greedy answer, within the engines' `context`) and
+    check that engines and trainer start from the same weights."""
 
     actors = start_actors(recipe, model_path, tokenizer.pad_token_id or 0, resume_from)
     prompt = tokenizer((parity_row or prompts.take(1)[0])["prompt"])["input_ids"]
     greedy = SamplingSpec(n=1, max_tokens=recipe.rollout.max_tokens, temperature=0.0)
-    parity_ids = prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids
+    # vLLM ends an answer at the context, and scores a sequence only with a token of room after it
+    parity_ids = (prompt + rollout(actors.engines, [prompt], greedy)[0][0].token_ids)[: context - 1]
     logprobs, _ = parity(
         actors,
         parity_ids,
@@ -420,6 +423,7 @@ def train(
                 rewards,
                 prompts,
                 eval_rows[0] if eval_rows else None,
+                context,
                 str(point.checkpoint) if point else None,
             )
 

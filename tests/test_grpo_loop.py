@@ -181,6 +181,20 @@ def test_the_loop_starts_from_an_fp8_checkpoint(tmp_path):
         assert "quantization_config" not in config
 
 
+def test_answers_cut_by_the_engines_context_train_and_pass_the_parity_check(tmp_path):
+    """`rollout.max_tokens` past the room the context leaves: vLLM ends each answer at the context,
+    and the parity sequence (a prompt and its greedy answer, as long as the context) is cut to leave
+    the token of room vLLM needs to score it, where it once stopped the run before its first step."""
+    recipe = _recipe(tmp_path)
+    recipe.run.name = "to-the-context"
+    recipe.rollout.max_tokens, recipe.rollout.engine_kwargs = 64, {"max_model_len": 16}
+    recipe.train.steps, recipe.eval.prompts, recipe.eval.interval = 1, 0, 0
+    train(recipe, show_progress=False)
+    [record] = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["sync/parity_max_abs_diff"] < 1e-3
+    assert record["response_tokens/truncated"] > 0 and record["response_tokens/max"] < 16
+
+
 ODD_LENGTH_ON_EVEN_ROWS = (
     "def odd_length(completion, sample):\n"
     "    return float(len(completion) % 2) if int(sample['q'].split('+')[0]) % 2 == 0 else 0.0\n"
