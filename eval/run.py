@@ -207,7 +207,13 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
 
     from grpo.config import output_folder
     from grpo.data import prompt_renderer
-    from grpo.models.build import context_length, load_tokenizer, materialize, model_config
+    from grpo.models.build import (
+        check_max_model_len,
+        context_length,
+        load_tokenizer,
+        materialize,
+        model_config,
+    )
     from grpo.rollout.engines import rollout, start_engines, start_ray
     from grpo.rollout.vllm_engine import SamplingSpec
 
@@ -216,6 +222,7 @@ def evaluate_benchmark(args: EvalArgs) -> dict:
     benchmark = BENCHMARKS[args.benchmark]
     check_args(args, benchmark)
     config = model_config(args.model, key="--model")  # read, nothing written: bad input leaves no folder
+    check_max_model_len(config, args.engine_kwargs, "--engine-kwarg max_model_len")
     rows = load_rows(benchmark, args.data, args.split)[: args.limit]
     tokenizer = load_tokenizer(args.model)
     render = prompt_renderer(args.chat, args.system_prompt, tokenizer, "--chat")

@@ -20,7 +20,7 @@ from grpo.config import Recipe, check_model_outside_run, start_run_folder
 from grpo.data import ContextFit, eval_prompts, prompt_renderer, train_prompts
 from grpo.errors import ParityError
 from grpo.metrics import MetricsLog, check_tensorboard, console_line, plot_run
-from grpo.models.build import check_model, context_length, load_tokenizer, materialize
+from grpo.models.build import check_max_model_len, check_model, context_length, load_tokenizer, materialize
 from grpo.rewards.runtime import RewardEntry, RewardRuntime, Scored, check_rewards
 from grpo.rollout.engines import rollout, start_engines, start_ray
 from grpo.rollout.vllm_engine import SamplingSpec, check_engine_kwargs
@@ -388,6 +388,7 @@ def train(
     check_model_outside_run(recipe)
     config = check_model(recipe.model, recipe.train.expert_parallel_size, recipe.train.lora)
     tokenizer = load_tokenizer(recipe.model.path)
+    check_max_model_len(config, recipe.rollout.engine_kwargs, "rollout.engine_kwargs.max_model_len")
     context = context_length(config, recipe.rollout.engine_kwargs)
     train_fit, eval_fit = ContextFit(tokenizer, context), ContextFit(tokenizer, context)
     reward_entries = [RewardEntry(r.label, r.name, r.weight, r.kwargs) for r in recipe.rewards]

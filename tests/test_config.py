@@ -387,6 +387,32 @@ def test_chat_prompts_for_a_model_without_a_chat_template_stop_before_the_run_fo
     assert _files(run) == EARLIER_RUN
 
 
+def test_a_max_model_len_past_the_models_positions_stops_before_the_run_folder(tmp_path):
+    run = _earlier_run(tmp_path)
+    recipe = "model: {path: 'tiny:deepseek_v3'}\nrollout: {engine_kwargs: {max_model_len: 257}}\n"
+    result = _cli_run(tmp_path, "train", recipe)
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "grpo train: error: rollout.engine_kwargs.max_model_len: 257 is more than the model's 256 "
+        "positions (max_position_embeddings), which vLLM refuses; give at most that",
+    )
+    assert _files(run) == EARLIER_RUN
+
+
+def test_a_max_model_len_past_the_positions_is_left_to_vllm_where_its_limit_is_not_plain(monkeypatch):
+    from grpo.models.build import check_max_model_len, model_config
+
+    config = model_config("tiny:deepseek_v3")
+    check_max_model_len(config, {"max_model_len": 256}, "k")
+    with pytest.raises(RecipeError, match=r"^k: 257 is more than the model's 256 positions"):
+        check_max_model_len(config, {"max_model_len": 257}, "k")
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    check_max_model_len(config, {"max_model_len": 257}, "k")
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    check_max_model_len(config, {"max_model_len": 257}, "k")
+
+
 def test_a_train_run_whose_prompts_are_all_too_long_for_the_engines_leaves_an_earlier_run_as_it_was(
     tmp_path,
 ):

@@ -107,6 +107,11 @@ def test_a_top_p_outside_0_1_exits_2_before_anything_starts(tmp_path):
             "--engine-kwarg 'max_model_len': expected KEY=VALUE, e.g. max_model_len=4096",
         ),
         (
+            ["--engine-kwarg", "max_model_len=512"],
+            "--engine-kwarg max_model_len: 512 is more than the model's 256 positions "
+            "(max_position_embeddings), which vLLM refuses; give at most that",
+        ),
+        (
             ["--temperature", "0"],
             "--n 32 at --temperature 0 samples one greedy completion 32 times, so pass@k would equal "
             "pass@1; give --temperature above 0, or --n 1 --k 1",

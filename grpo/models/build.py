@@ -7,6 +7,7 @@ performance features plug in here without the trainer knowing about them.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -162,3 +163,24 @@ def context_length(config, engine_kwargs: dict) -> int:
     """The most tokens one sequence may hold: the vLLM engines' `max_model_len` where they are given
     one, else the model's positions (no limit where the config names none)."""
     return int(engine_kwargs.get("max_model_len") or getattr(config, "max_position_embeddings", 1 << 30))
+
+
+def check_max_model_len(config, engine_kwargs: dict, key: str) -> None:
+    """A RecipeError, named by `key`, for a `max_model_len` past the model's positions: vLLM refuses
+    it as its engine starts, with a traceback from inside the engine after the run folder is written.
+    Checked only where vLLM's limit is plain: `max_position_embeddings` with no RoPE scaling factor
+    (which vLLM multiplies in for some RoPE types) and no `model_max_length` in the config (which it
+    lets override); `VLLM_ALLOW_LONG_MAX_MODEL_LEN` lifts the limit, as in vLLM."""
+    asked, positions = engine_kwargs.get("max_model_len"), getattr(config, "max_position_embeddings", None)
+    if not isinstance(asked, int) or not isinstance(positions, int) or asked <= positions:
+        return
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scalings = [rope, *(value for value in rope.values() if isinstance(value, dict))]
+    if any("factor" in scaling for scaling in scalings) or getattr(config, "model_max_length", None):
+        return
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() not in ("0", "false", ""):
+        return
+    raise RecipeError(
+        f"{key}: {asked} is more than the model's {positions} positions (max_position_embeddings), "
+        "which vLLM refuses; give at most that"
+    )
