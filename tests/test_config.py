@@ -387,18 +387,6 @@ def test_chat_prompts_for_a_model_without_a_chat_template_stop_before_the_run_fo
     assert _files(run) == EARLIER_RUN
 
 
-def test_a_max_model_len_past_the_models_positions_stops_before_the_run_folder(tmp_path):
-    run = _earlier_run(tmp_path)
-    recipe = "model: {path: 'tiny:deepseek_v3'}\nrollout: {engine_kwargs: {max_model_len: 257}}\n"
-    result = _cli_run(tmp_path, "train", recipe)
-    assert (result.returncode, result.stderr.strip()) == (
-        2,
-        "grpo train: error: rollout.engine_kwargs.max_model_len: 257 is more than the model's 256 "
-        "positions (max_position_embeddings), which vLLM refuses; give at most that",
-    )
-    assert _files(run) == EARLIER_RUN
-
-
 def test_a_max_model_len_past_the_positions_is_left_to_vllm_where_its_limit_is_not_plain(monkeypatch):
     from grpo.models.build import check_max_model_len, model_config
 
@@ -444,15 +432,28 @@ def test_a_ray_cluster_to_join_that_is_not_there_is_named_and_an_earlier_run_kep
     assert _files(run) == EARLIER_RUN
 
 
-def test_a_misspelt_vllm_engine_argument_is_named_before_the_run_folder_is_touched(tmp_path):
+@pytest.mark.parametrize(
+    ("engine_kwargs", "message"),
+    [
+        (
+            "{gpu_memory_utilisation: 0.5}",
+            "rollout.engine_kwargs.gpu_memory_utilisation: not an argument of vllm.LLM "
+            "(did you mean gpu_memory_utilization?)",
+        ),
+        (
+            "{max_model_len: 257}",
+            "rollout.engine_kwargs.max_model_len: 257 is more than the model's 256 positions "
+            "(max_position_embeddings), which vLLM refuses; give at most that",
+        ),
+    ],
+)
+def test_an_engine_argument_vllm_would_refuse_is_named_before_the_run_folder_is_touched(
+    tmp_path, engine_kwargs, message
+):
     run = _earlier_run(tmp_path)
-    recipe = "model: {path: 'tiny:deepseek_v3'}\nrollout: {engine_kwargs: {gpu_memory_utilisation: 0.5}}\n"
+    recipe = f"model: {{path: 'tiny:deepseek_v3'}}\nrollout: {{engine_kwargs: {engine_kwargs}}}\n"
     result = _cli_run(tmp_path, "train", recipe)
-    assert (result.returncode, result.stderr.strip()) == (
-        2,
-        "grpo train: error: rollout.engine_kwargs.gpu_memory_utilisation: not an argument of vllm.LLM "
-        "(did you mean gpu_memory_utilization?)",
-    )
+    assert (result.returncode, result.stderr.strip()) == (2, f"grpo train: error: {message}")
     assert _files(run) == EARLIER_RUN
 
 
