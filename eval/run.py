@@ -120,8 +120,11 @@ def settings(args: EvalArgs) -> dict:
 
 def check_resumable(out: Path, now: dict) -> None:
     """A ValueError where `out` holds problems sampled under other settings: resuming would report
-    them, another model's say, as this evaluation's."""
-    path = out / "settings.json"
+    them, another model's say, as this evaluation's. A folder whose run stopped before its first
+    problem was written (an engine that did not start, say) holds none, and is taken as it is."""
+    path, problems = out / "settings.json", out / "problems.jsonl"
+    if not problems.is_file() or not problems.stat().st_size:
+        return
     if path.is_file():
         try:
             earlier = json.loads(path.read_text())
@@ -134,7 +137,7 @@ def check_resumable(out: Path, now: dict) -> None:
                 f"--out {out}: holds problems sampled with other settings ({'; '.join(differ)}); give "
                 "another --out, or move it away to start over"
             )
-    elif (out / "problems.jsonl").is_file():
+    else:
         raise ValueError(
             f"--out {out}: holds a problems.jsonl without the settings.json that says how it was "
             "sampled; give another --out, or move it away to start over"

@@ -253,6 +253,11 @@ def test_resuming_needs_the_settings_the_folder_was_sampled_with(tmp_path):
     first = settings(EvalArgs("math500", str(tmp_path / "m"), n=8))
     check_resumable(tmp_path, first)  # nothing there yet
     (tmp_path / "settings.json").write_text(json.dumps(first))
+    # a run that stopped before its first problem (its engine did not start, say) sampled nothing
+    check_resumable(tmp_path, settings(EvalArgs("math500", "org/other-model", n=4)))
+    (tmp_path / "problems.jsonl").write_text("")
+    check_resumable(tmp_path, settings(EvalArgs("math500", "org/other-model", n=4)))
+    (tmp_path / "problems.jsonl").write_text('{"id": "a"}\n')
     check_resumable(tmp_path, settings(EvalArgs("math500", f"{tmp_path}/../{tmp_path.name}/m", n=8, k=(1,))))
     with pytest.raises(ValueError) as error:
         check_resumable(tmp_path, settings(EvalArgs("math500", "org/other-model", n=4)))
@@ -268,7 +273,6 @@ def test_resuming_needs_the_settings_the_folder_was_sampled_with(tmp_path):
     with pytest.raises(ValueError, match=r"\(stop \[\], not \['```'\]\)"):
         check_resumable(tmp_path, settings(EvalArgs("math500", str(tmp_path / "m"), n=8, stop=["```"])))
     (tmp_path / "settings.json").unlink()
-    (tmp_path / "problems.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match="holds a problems.jsonl without the settings.json"):
         check_resumable(tmp_path, first)
 
