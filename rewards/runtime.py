@@ -222,7 +222,7 @@ class RewardRuntime:
         return [self._combine([by_key[key] for key in row]) for row in keys]
 
     def _combine(self, parts: list[Outcome]) -> Scored:
-        total = sum(w * o.value for w, o in zip(self.weights, parts) if o.value is not None)
+        total = sum((w * o.value for w, o in zip(self.weights, parts) if o.value is not None), 0.0)
         status = max((o.status for o in parts), key=STATUS_ORDER.index, default="n/a")
         return Scored(reward=total, status=status, components=dict(zip(self.names, parts)))
 

@@ -173,6 +173,10 @@ def test_a_value_that_is_not_a_finite_number_is_an_error_not_a_reward(tmp_path):
         "fine": (1.0, "ok", ""),
     }
     assert scored.reward == 1.0
+    with RewardRuntime(specs[:3], workers=1) as runtime:
+        [failed] = runtime.score(["x"], [{}])
+    # a float even where no reward gave a value (JSON records then read 0.0, not 0)
+    assert (repr(failed.reward), failed.status) == ("0.0", "error")
 
 
 def test_a_workers_start_up_is_not_charged_to_its_first_call(tmp_path):
