@@ -15,6 +15,8 @@ KIND_NAMES = {int: "an integer", float: "a number"}
 class _Parser(argparse.ArgumentParser):
     """argparse's errors in one line, as the commands' own: the usage block is one `-h` away."""
 
+    commands: dict[str, argparse.ArgumentParser]  # the top level's: each command's own parser
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
@@ -40,9 +42,10 @@ def _number(kind: type, low: float, *, above: bool = False, high: float | None =
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     parser = _Parser(prog="grpo", description="GRPO post-training for LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices
 
     train = commands.add_parser("train", help="run GRPO from a recipe")
     train.add_argument("recipe")
@@ -120,7 +123,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, whose -h lists what it takes, not grpo's
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from grpo.errors import ParityError
 
     try:

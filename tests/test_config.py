@@ -171,6 +171,17 @@ def _cli(*args):
     )
 
 
+def test_an_option_a_command_does_not_take_is_named_with_that_commands_help(capsys):
+    from grpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "recipe.yaml", "--resume"])
+    assert (exit_.value.code, capsys.readouterr().err) == (
+        2,
+        "grpo sft: error: unrecognized arguments: --resume (see grpo sft -h)\n",
+    )
+
+
 def test_the_cli_exits_2_with_one_line_on_a_bad_recipe_key(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: m}\nrollout: {group_size: 1}\n")
