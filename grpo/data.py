@@ -273,6 +273,12 @@ def eval_prompts(
 
 
 def _fitting(rows: list[dict], fits: Callable[[dict], bool], key: str) -> list[dict]:
+    """The rows to sample from: those that `fits` takes; a RecipeError for an empty prompt (vLLM
+    refuses one where the tokenizer adds no BOS, which would stop the run at the step that drew it)."""
+    if empty := next((row for row in rows if row["prompt"] == ""), None):
+        raise RecipeError(
+            f"{key}: a row's prompt is empty, so there is nothing to answer (a row of fields {_fields(empty)})"
+        )
     kept = [row for row in rows if fits(row)]
     if rows and not kept:
         raise RecipeError(

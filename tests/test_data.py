@@ -64,6 +64,19 @@ def test_rows_that_do_not_fit_are_left_out_of_training_and_held_out_prompts(tmp_
         train_prompts(config, seed=0, fits=lambda row: False)
 
 
+def test_a_row_with_an_empty_prompt_is_named_before_the_run(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"q": "1+1", "answer": "2"}\n{"q": "", "answer": "0"}\n')
+    rows = str(tmp_path / "rows.jsonl")
+    config = DataConfig(source=rows, eval_source=rows, prompt_template="{q}")
+    message = "a row's prompt is empty, so there is nothing to answer (a row of fields q, answer, prompt)"
+    with pytest.raises(RecipeError) as error:
+        train_prompts(config, seed=0)
+    assert str(error.value) == f"data.source: {message}"
+    with pytest.raises(RecipeError) as error:
+        eval_prompts(config, count=2, seed=0)
+    assert str(error.value) == f"data.eval_source: {message}"
+
+
 def test_a_row_fits_while_its_fields_leave_a_token_of_room_in_the_context():
     from grpo.data import ContextFit
     from grpo.models.tiny import build_tokenizer
