@@ -267,8 +267,9 @@ class TrainConfig(Section):
     GEMMs' kernels for every micro-batch size up to the largest (`micro_batch_tokens`, else
     `micro_batch_size` times the context; in `grpo sft`, `sft.batch_size` times the context; 32768
     tokens at most) in processes side by side, instead
-    of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default until
-    it has run on a GPU (sessions 38 and 39 got no GPU machine)."""
+    of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default: it
+    compiles every padded row size, which paid on an H100 with 16 CPUs (0.72x the time to the third
+    step) but not when held to 4 (1.22x); turn it on where about 8 CPUs or more compile side by side."""
     sync_interval: int = Field(1, ge=1)
     """Push weights to the vLLM engines every this many optimizer steps."""
     parity_tolerance: float | None = Field(None, gt=0.0)
