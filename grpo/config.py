@@ -269,7 +269,7 @@ class TrainConfig(Section):
     tokens at most) in processes side by side, instead
     of one after another during the first steps (`grpo.models.fp8_warm_up`). Off by default: it
     compiles every padded row size, which paid on an H100 with 16 CPUs (0.72x the time to the third
-    step) but not when held to 4 (1.22x); turn it on where about 8 CPUs or more compile side by side."""
+    step), was even at 8 and cost 1.22x at 4; turn it on where more than 8 CPUs compile side by side."""
     sync_interval: int = Field(1, ge=1)
     """Push weights to the vLLM engines every this many optimizer steps."""
     parity_tolerance: float | None = Field(None, gt=0.0)
